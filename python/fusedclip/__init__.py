@@ -1,0 +1,28 @@
+"""fusedclip: fused, sync-free gradient clipping; a drop-in for torch.nn.utils.clip_grad_norm_ and family."""
+
+from .backends import available_backends
+from .clip import (
+    clip_grad_norm_,
+    clip_grad_norm_per_tensor_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+    multi_tensor_norm,
+)
+from .clipper import GradClipper
+from .tensorflow import clip_by_global_norm, clip_by_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradClipper",
+    "available_backends",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_grad_norm_",
+    "clip_grad_norm_per_tensor_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "multi_tensor_norm",
+]

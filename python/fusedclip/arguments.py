@@ -1,0 +1,98 @@
+"""Validation of the public API's arguments: every bad input fails here, before any gradient is touched."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from collections.abc import Iterable
+from typing import Union
+
+import torch
+from torch import Tensor
+
+TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+
+
+def collect_tensors(tensors: TensorOrTensors | Iterable[Tensor | None], what: str = "tensors") -> list[Tensor]:
+    """A single tensor, a list or a generator of tensors -> list, with None entries dropped."""
+    if isinstance(tensors, Tensor):
+        items: list = [tensors]
+    else:
+        try:
+            items = list(tensors)
+        except TypeError:
+            raise TypeError(
+                f"{what} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
+            ) from None
+    out = []
+    for i, t in enumerate(items):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a Tensor; pass tensors (or None) only")
+        _check_dtype(t, f"{what}[{i}]")
+        out.append(t)
+    return out
+
+
+def collect_grads(parameters: TensorOrTensors) -> list[Tensor]:
+    """The .grad of every parameter that has one."""
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    grads = []
+    try:
+        items = list(parameters)
+    except TypeError:
+        raise TypeError(
+            f"parameters must be a Tensor or an iterable of Tensors, got {type(parameters).__name__}"
+        ) from None
+    for i, p in enumerate(items):
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"parameters[{i}] is a {type(p).__name__}, not a Tensor; pass model.parameters() or a list of tensors"
+            )
+        if p.grad is not None:
+            _check_dtype(p.grad, f"parameters[{i}].grad")
+            grads.append(p.grad)
+    return grads
+
+
+def _check_dtype(t: Tensor, name: str) -> None:
+    if not (t.is_floating_point() or t.is_complex()):
+        raise TypeError(f"{name} has dtype {t.dtype}; norms and clipping need a floating-point or complex tensor")
+
+
+def parse_norm_type(norm_type: float | int | str) -> float:
+    """torch's accepted norm types: any p > 0, inf, -inf, 0, or their string spellings ('inf', '-inf')."""
+    if isinstance(norm_type, bool):
+        raise ValueError(f"norm_type must be a number, 'inf' or '-inf', got {norm_type!r}")
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"norm_type must be a positive number, 0, inf or -inf (or 'inf'/'-inf'), got {norm_type!r}"
+        ) from None
+    if math.isnan(p) or (p < 0 and not math.isinf(p)):
+        raise ValueError(f"norm_type must be a positive number, 0, inf or -inf, got {norm_type!r}")
+    return p
+
+
+def check_nonnegative(value: float | int | Tensor, name: str) -> float:
+    """max_norm, clip_value, clip_norm: a finite-or-inf number >= 0. Tensors are read on the host."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v) or v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}; a negative or NaN {name} would flip or poison the gradients")
+    return v
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """True for torch.distributed DTensor; cheap when DTensor was never imported (no tensor can be one)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)

@@ -1,0 +1,152 @@
+"""The backend seam: one small interface, one module per backend, chosen here and nowhere else.
+
+A backend works on the gradients of one device. The API layer (fusedclip.dispatch) splits a call into such
+groups, sends tensors a backend does not accept to the torch backend, and combines the group totals.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKEND_NAMES = ("cuda", "triton", "torch")
+ENV_VAR = "FUSEDCLIP_BACKEND"
+
+# Auto choice for CUDA tensors, best first. Every other device type gets "torch".
+_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+_MODULES = {
+    "cuda": "fusedclip.backends.cuda_backend",
+    "triton": "fusedclip.backends.triton_backend",
+    "torch": "fusedclip.backends.torch_backend",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by a backend module's load() when it cannot run here; the message says why."""
+
+
+class Backend:
+    """What a backend implements. All tensors handed to one call live on one device and have numel > 0.
+
+    Norm results are in the accumulation dtype: float64 when any tensor is float64, else float32.
+    """
+
+    name: str = ""
+
+    def runs_on(self, device: torch.device) -> bool:
+        raise NotImplementedError
+
+    def accepts(self, t: Tensor) -> bool:
+        """Whether this backend's kernels take `t` (dense, supported dtype); others go to the torch backend."""
+        raise NotImplementedError
+
+    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """(total, per-tensor norms or None). The total follows torch's definition for every norm type:
+        for p = 0 it counts tensors with any non-zero entry."""
+        raise NotImplementedError
+
+    def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+        """(total, clip coefficient) as device scalars. Kernel backends fold the coefficient into their finalize."""
+        total, _ = self.norms(tensors, norm_type, per_tensor=False)
+        return total, clip_coef(total, max_norm)
+
+    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+        """g *= coef in place; coef is a device scalar of this device. May skip the pass when coef == 1."""
+        raise NotImplementedError
+
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+        """tensors[i] *= coefs[i] in place."""
+        raise NotImplementedError
+
+    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        """g = clamp(g, -clip_value, clip_value) in place."""
+        raise NotImplementedError
+
+
+def acc_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """Accumulation and result dtype: float64 if any input is float64 (or complex128), else float32."""
+    return torch.float64 if any(d in (torch.float64, torch.complex128) for d in dtypes) else torch.float32
+
+
+def clip_coef(total: Tensor, max_norm: float) -> Tensor:
+    """torch's clip coefficient: min(max_norm / (total + 1e-6), 1), NaN when total is NaN."""
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+_loaded: dict[str, Backend] = {}
+_reasons: dict[str, str] = {}
+
+
+def _load(name: str) -> Optional[Backend]:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _reasons:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+        backend = module.load()
+    except ModuleNotFoundError as e:
+        if e.name != _MODULES[name]:
+            _reasons[name] = f"import failed: {e}"
+        else:
+            _reasons[name] = "not part of this version of fusedclip"
+        return None
+    except BackendUnavailable as e:
+        _reasons[name] = str(e)
+        return None
+    except Exception as e:  # a broken install must never break `import fusedclip`
+        _reasons[name] = f"failed to load: {type(e).__name__}: {e}"
+        return None
+    _loaded[name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process, best first."""
+    return [n for n in BACKEND_NAMES if _load(n) is not None]
+
+
+def unavailable_reasons() -> dict[str, str]:
+    """For each backend that cannot run here, why not."""
+    for n in BACKEND_NAMES:
+        _load(n)
+    return dict(_reasons)
+
+
+def check_backend_name(name: Optional[str]) -> Optional[str]:
+    """None/'auto' -> the FUSEDCLIP_BACKEND default (or None for auto); unknown names -> ValueError."""
+    if name is None or name == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env in ("", "auto"):
+            return None
+        if env not in BACKEND_NAMES:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a backend; use one of {', '.join(BACKEND_NAMES)} or auto")
+        return env
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend={name!r} is not a backend; use one of {', '.join(BACKEND_NAMES)} or None (auto)")
+    return name
+
+
+def select(name: Optional[str], device: torch.device) -> Backend:
+    """The backend for tensors on `device`. `name` was checked by check_backend_name."""
+    if name is None:
+        order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
+        for n in order:
+            b = _load(n)
+            if b is not None and b.runs_on(device):
+                return b
+        raise RuntimeError(f"no fusedclip backend runs on {device}: {unavailable_reasons()}")
+    b = _load(name)
+    if b is None:
+        raise RuntimeError(
+            f"backend {name!r} is not available: {_reasons[name]}. Available: {', '.join(available_backends())}"
+        )
+    if not b.runs_on(device):
+        hint = " (set TRITON_INTERPRET=1 before importing triton to run Triton on CPU)" if name == "triton" else ""
+        raise ValueError(f"backend {name!r} cannot run tensors on {device}{hint}; use backend=None to choose automatically")
+    return b

@@ -1,0 +1,221 @@
+"""The torch-compatible API: drop-ins for torch.nn.utils' clip functions, plus fused per-tensor clipping."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .arguments import (
+    TensorOrTensors,
+    check_nonnegative,
+    collect_grads,
+    collect_tensors,
+    is_dtensor,
+    parse_norm_type,
+)
+from .backends import clip_coef
+
+Number = Union[float, int]
+
+
+def _has_dtensor(tensors: list[Tensor]) -> bool:
+    return any(is_dtensor(t) for t in tensors)
+
+
+@torch.no_grad()
+def multi_tensor_norm(
+    tensors: TensorOrTensors,
+    norm_type: Number | str = 2.0,
+    *,
+    per_tensor: bool = False,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Norm of all `tensors` viewed as one vector, in one reduction per device.
+
+    Parameters
+    ----------
+    tensors : Tensor or iterable of Tensors (None entries are skipped)
+    norm_type : p > 0, inf, -inf, 0, or 'inf' / '-inf'
+    per_tensor : also return a 1-D float32 tensor with each tensor's own norm (0 for zero-size tensors)
+    backend : "cuda", "triton", "torch" or None (auto; FUSEDCLIP_BACKEND sets the default)
+
+    Returns
+    -------
+    The total (float32, float64 if any input is float64, on the first tensor's device), or
+    ``(total, per_tensor_norms)``.
+    """
+    ts = collect_tensors(tensors)
+    p = parse_norm_type(norm_type)
+    if _has_dtensor(ts):
+        raise NotImplementedError("multi_tensor_norm does not take DTensor inputs yet; use get_total_norm")
+    plan = dispatch.make_plan(ts, backend)
+    total, norms = dispatch.total_norm(plan, p, per_tensor)
+    if not per_tensor:
+        return total
+    return total, norms.to(torch.float32)  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: Number | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Drop-in for torch.nn.utils.get_total_norm: the norm of `tensors` (not of their .grad).
+
+    Returns float32 (float64 if any input is float64) on the first tensor's device; 0 for no tensors.
+    `error_if_nonfinite=True` raises RuntimeError on a NaN/inf total (a host sync, as in torch).
+    """
+    ts = collect_tensors(tensors)
+    p = parse_norm_type(norm_type)
+    if _has_dtensor(ts):
+        return torch.nn.utils.get_total_norm(ts, p, error_if_nonfinite, foreach)
+    if not ts:
+        return torch.tensor(0.0)
+    total, _ = dispatch.total_norm(dispatch.make_plan(ts, backend, foreach), p)
+    if error_if_nonfinite:
+        dispatch.check_finite(total, p)
+    return total
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: Number,
+    total_norm: Union[Tensor, Number],
+    foreach: Optional[bool] = None,
+    *,
+    backend: Optional[str] = None,
+) -> None:
+    """Drop-in for torch.nn.utils.clip_grads_with_norm_: g *= min(max_norm / (total_norm + 1e-6), 1)."""
+    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    grads = collect_grads(params)
+    max_norm = check_nonnegative(max_norm, "max_norm")
+    if not isinstance(total_norm, Tensor):
+        total_norm = torch.tensor(float(total_norm))
+    if not grads:
+        return
+    if _has_dtensor(grads):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+        return
+    plan = dispatch.make_plan(grads, backend, foreach)
+    dispatch.scale_(plan, clip_coef(total_norm, max_norm))
+
+
+def clip_norm_of_grads_(
+    grads: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+    foreach: Optional[bool],
+    backend: Optional[str],
+) -> Tensor:
+    """clip_grad_norm_ on validated arguments (shared with GradClipper)."""
+    plan = dispatch.make_plan(grads, backend, foreach)
+    single = plan.single
+    if single is not None and not error_if_nonfinite:
+        # One device, one backend: total and coefficient come from the backend's own finalize.
+        total, coef = single.backend.norm_and_coef(single.tensors, norm_type, max_norm)
+        single.backend.scale_(single.tensors, coef)
+        return total
+    total, _ = dispatch.total_norm(plan, norm_type)
+    if error_if_nonfinite:
+        dispatch.check_finite(total, norm_type)
+    dispatch.scale_(plan, clip_coef(total, max_norm))
+    return total
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: Number,
+    norm_type: Number | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Drop-in for torch.nn.utils.clip_grad_norm_: clip the global norm of the gradients in place.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensors whose .grad is clipped (a generator is fine)
+    max_norm : the largest allowed total norm, >= 0
+    norm_type : p > 0, inf, -inf, 0, or 'inf' / '-inf'
+    error_if_nonfinite : raise RuntimeError (touching no gradient) when the total is NaN or inf
+    foreach : torch's switch, honoured by the torch backend; the kernel backends are always fused
+    backend : "cuda", "triton", "torch" or None (auto)
+
+    Returns
+    -------
+    Total norm before clipping: float32 (float64 if any gradient is float64), on the first gradient's device.
+    """
+    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    grads = collect_grads(params)
+    max_norm = check_nonnegative(max_norm, "max_norm")
+    p = parse_norm_type(norm_type)
+    if _has_dtensor(grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+    if not grads:
+        return torch.tensor(0.0)
+    return clip_norm_of_grads_(grads, max_norm, p, error_if_nonfinite, foreach, backend)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: Number,
+    foreach: Optional[bool] = None,
+    *,
+    backend: Optional[str] = None,
+) -> None:
+    """Drop-in for torch.nn.utils.clip_grad_value_: clamp every gradient to [-clip_value, clip_value]."""
+    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    grads = collect_grads(params)
+    clip_value = check_nonnegative(clip_value, "clip_value")
+    if _has_dtensor(grads):
+        torch.nn.utils.clip_grad_value_(params, clip_value, foreach)
+        return
+    for i, g in enumerate(grads):
+        if g.is_sparse and not g.is_coalesced():
+            raise ValueError(
+                f"gradient {i} is an uncoalesced sparse tensor: clamping its values would not bound the sum of "
+                "duplicates; coalesce it first (p.grad = p.grad.coalesce())"
+            )
+    plan = dispatch.make_plan(grads, backend, foreach)
+    for g in plan.groups:
+        g.backend.clamp_(g.tensors, clip_value)
+
+
+@torch.no_grad()
+def clip_grad_norm_per_tensor_(
+    parameters: TensorOrTensors,
+    max_norm: Number,
+    norm_type: Number | str = 2.0,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Clip each gradient to its own norm, in one fused call (Keras' `clipnorm`; the loop
+    ``for p in params: clip_grad_norm_(p, max_norm)``).
+
+    Returns the 1-D float32 tensor of per-tensor norms before clipping, one per gradient (0 for zero-size
+    ones), on the first gradient's device.
+    """
+    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    grads = collect_grads(params)
+    max_norm = check_nonnegative(max_norm, "max_norm")
+    p = parse_norm_type(norm_type)
+    if _has_dtensor(grads):
+        raise NotImplementedError("clip_grad_norm_per_tensor_ does not take DTensor gradients yet")
+    if not grads:
+        return torch.zeros(0, dtype=torch.float32)
+    plan = dispatch.make_plan(grads, backend)
+    _, norms = dispatch.total_norm(plan, p, per_tensor=True)
+    dispatch.scale_per_tensor_(plan, clip_coef(norms, max_norm))  # type: ignore[arg-type]
+    return norms.to(torch.float32)  # type: ignore[union-attr]

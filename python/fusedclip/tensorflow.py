@@ -1,0 +1,76 @@
+"""TensorFlow's clipping semantics, out of place, for code ported from TF/Keras."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .arguments import check_nonnegative, collect_tensors, is_dtensor
+from .backends import acc_dtype
+
+Number = Union[float, int]
+
+
+@torch.no_grad()
+def clip_by_global_norm(
+    tensors: Sequence[Optional[Tensor]],
+    clip_norm: Number,
+    use_norm: Optional[Union[Tensor, Number]] = None,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[list[Optional[Tensor]], Tensor]:
+    """tf.clip_by_global_norm: ``t * clip_norm / max(global_norm, clip_norm)`` for each tensor, out of place.
+
+    None entries pass through as None. `use_norm` skips the norm computation. When the global norm is not
+    finite every output is NaN, as in TF. Returns ``(clipped, global_norm)``; global_norm is float32
+    (float64 if any input is float64). The outputs carry no autograd history: this is for gradients.
+    """
+    if isinstance(tensors, Tensor):
+        raise TypeError("tensors must be a list of tensors (TF's t_list), not a single Tensor; wrap it in a list")
+    items = list(tensors)
+    present = collect_tensors(items, "tensors")
+    clip_norm = check_nonnegative(clip_norm, "clip_norm")
+    if any(is_dtensor(t) for t in present):
+        raise NotImplementedError("clip_by_global_norm does not take DTensor inputs yet")
+    plan = dispatch.make_plan(present, backend)
+    if use_norm is None:
+        global_norm, _ = dispatch.total_norm(plan, 2.0)
+    else:
+        global_norm = torch.as_tensor(use_norm, dtype=plan.dtype, device=plan.device)
+    # clip_norm * min(1 / norm, 1 / clip_norm), and NaN for a non-finite norm.
+    scale = clip_norm / torch.maximum(global_norm, torch.tensor(clip_norm, dtype=global_norm.dtype, device=global_norm.device))
+    scale = torch.where(torch.isfinite(global_norm), scale, torch.full_like(scale, float("nan")))
+    out: list[Optional[Tensor]] = []
+    for t in items:
+        if t is None:
+            out.append(None)
+        else:
+            out.append(t * scale.to(t.device))  # a 0-d scale keeps t's dtype
+    return out, global_norm
+
+
+def clip_by_norm(tensor: Tensor, clip_norm: Number, dim: Optional[Union[int, Sequence[int]]] = None) -> Tensor:
+    """tf.clip_by_norm: ``t * clip_norm / max(l2norm(t), clip_norm)``, out of place.
+
+    `dim` (TF's `axes`: an int or a tuple of ints) clips each slice over those dimensions separately;
+    None takes the whole tensor. The norm is accumulated in float32 (float64 for float64). Differentiable.
+    """
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"tensor must be a Tensor, got {type(tensor).__name__}")
+    collect_tensors(tensor, "tensor")
+    clip_norm = check_nonnegative(clip_norm, "clip_norm")
+    if dim is not None:
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        for d in dims:
+            if not isinstance(d, int) or not -tensor.dim() <= d < max(tensor.dim(), 1):
+                raise ValueError(f"dim={dim!r} is out of range for a tensor with {tensor.dim()} dimensions")
+    else:
+        dims = None
+    acc = acc_dtype([tensor.dtype])
+    norm = torch.linalg.vector_norm(tensor, 2, dim=dims, keepdim=True, dtype=None if tensor.is_complex() else acc)
+    scale = clip_norm / torch.clamp(norm, min=clip_norm)
+    return (tensor * scale).to(tensor.dtype)

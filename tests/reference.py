@@ -1,0 +1,90 @@
+"""Test oracles and inputs: float64 references computed from the stored values, the one per-dtype tolerance
+table, and random gradient factories (never zeros, odd sizes, mixed dtypes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Relative tolerance of a total against the float64 reference, by the total's accumulation dtype, and the
+# number of ulps (of the gradient's dtype) a clipped value may be from the float64 reference given that total.
+TOTAL_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+VALUE_ULPS = {torch.float32: 1, torch.float64: 1, torch.bfloat16: 1, torch.float16: 1}
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+NORM_TYPES = [2.0, 1.0, 3.0, 0.5, float("inf"), float("-inf"), 0.0]
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def random_tensor(shape, dtype=torch.float32, device="cpu", gen: torch.Generator | None = None, scale=1.0) -> Tensor:
+    """Normal values times `scale`, with no exact zeros (a zero would hide a missing element)."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    x = torch.where(x == 0, torch.full_like(x, scale), x)
+    return x.to(dtype=dtype, device=device)
+
+
+def random_grads(count: int, dtypes=(torch.float32,), device="cpu", seed=0, max_numel=300) -> list[Tensor]:
+    """`count` tensors of odd shapes (sizes 1..max_numel, some multi-dim), cycling through `dtypes`."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        n = int(torch.randint(1, max_numel + 1, (1,), generator=gen))
+        shape = (n,) if i % 3 else (max(1, n // 7), 7)
+        scale = float(torch.empty(1).uniform_(0.1, 4.0, generator=gen))
+        out.append(random_tensor(shape, dtypes[i % len(dtypes)], device, gen, scale))
+    return out
+
+
+def ref_tensor_norm(t: Tensor, p: float) -> float:
+    x = t.detach().to("cpu", torch.float64 if not t.is_complex() else torch.complex128).abs().reshape(-1)
+    if x.numel() == 0:
+        return 0.0
+    if p == math.inf:
+        return x.max().item()
+    if p == -math.inf:
+        return x.min().item()
+    if p == 0:
+        return float((x != 0).sum().item())
+    return (x.pow(p).sum() ** (1.0 / p)).item()
+
+
+def ref_total_norm(tensors: list[Tensor], p: float) -> float:
+    """torch's definition in float64: the p-norm of the per-tensor norms (for p = 0, the count of tensors with
+    any non-zero entry). Zero-size tensors contribute nothing."""
+    norms = [ref_tensor_norm(t, p) for t in tensors if t.numel() > 0]
+    if not norms:
+        return 0.0
+    n = torch.tensor(norms, dtype=torch.float64)
+    if p == 0:
+        return float((n != 0).sum().item())
+    return torch.linalg.vector_norm(n, p).item()
+
+
+def assert_total_close(got: Tensor, ref: float, acc: torch.dtype, what: str = "total") -> None:
+    assert got.dtype == acc, f"{what} dtype {got.dtype}, expected {acc}"
+    g = got.item()
+    if math.isnan(ref):
+        assert math.isnan(g), f"{what}: got {g}, expected NaN"
+        return
+    if math.isinf(ref):
+        assert g == ref, f"{what}: got {g}, expected {ref}"
+        return
+    tol = TOTAL_RTOL[acc] * abs(ref) + 1e-30
+    assert abs(g - ref) <= tol, f"{what}: got {g!r}, float64 reference {ref!r} (rel err {abs(g - ref) / max(abs(ref), 1e-30):.2e})"
+
+
+def assert_scaled(got: Tensor, original: Tensor, coef: float, what: str = "gradient") -> None:
+    """`got` equals original * coef (computed in float64, rounded to got's dtype) within VALUE_ULPS."""
+    expected = (original.detach().to("cpu", torch.float64) * coef).to(original.dtype).to(torch.float64)
+    actual = got.detach().to("cpu", torch.float64)
+    ulps = VALUE_ULPS[original.dtype] * ulp(original.dtype)
+    tol = expected.abs() * ulps + torch.finfo(original.dtype).tiny
+    bad = ~((actual - expected).abs() <= tol) & ~(actual.isnan() & expected.isnan())
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {got.numel()} values off by more than {VALUE_ULPS[original.dtype]} ulp; "
+        f"first expected {expected[bad][:3].tolist()}, got {actual[bad][:3].tolist()}"
+    )
