@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterable
 from typing import Union
 
-import torch
 from torch import Tensor
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -16,15 +15,7 @@ TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
 def collect_tensors(tensors: TensorOrTensors | Iterable[Tensor | None], what: str = "tensors") -> list[Tensor]:
     """A single tensor, a list or a generator of tensors -> list, with None entries dropped."""
-    if isinstance(tensors, Tensor):
-        items: list = [tensors]
-    else:
-        try:
-            items = list(tensors)
-        except TypeError:
-            raise TypeError(
-                f"{what} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
-            ) from None
+    items = as_list(tensors, what)
     out = []
     for i, t in enumerate(items):
         if t is None:
@@ -36,18 +27,20 @@ def collect_tensors(tensors: TensorOrTensors | Iterable[Tensor | None], what: st
     return out
 
 
-def collect_grads(parameters: TensorOrTensors) -> list[Tensor]:
-    """The .grad of every parameter that has one."""
+def as_list(parameters: TensorOrTensors, what: str = "parameters") -> list:
+    """A single tensor, a list or a generator -> list (a generator is consumed once, here)."""
     if isinstance(parameters, Tensor):
-        parameters = [parameters]
-    grads = []
+        return [parameters]
     try:
-        items = list(parameters)
+        return list(parameters)
     except TypeError:
-        raise TypeError(
-            f"parameters must be a Tensor or an iterable of Tensors, got {type(parameters).__name__}"
-        ) from None
-    for i, p in enumerate(items):
+        raise TypeError(f"{what} must be a Tensor or an iterable of Tensors, got {type(parameters).__name__}") from None
+
+
+def collect_grads(parameters: list) -> list[Tensor]:
+    """The .grad of every parameter that has one (parameters: the list from as_list)."""
+    grads = []
+    for i, p in enumerate(parameters):
         if not isinstance(p, Tensor):
             raise TypeError(
                 f"parameters[{i}] is a {type(p).__name__}, not a Tensor; pass model.parameters() or a list of tensors"

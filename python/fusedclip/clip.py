@@ -10,6 +10,7 @@ from torch import Tensor
 from . import dispatch
 from .arguments import (
     TensorOrTensors,
+    as_list,
     check_nonnegative,
     collect_grads,
     collect_tensors,
@@ -94,7 +95,7 @@ def clip_grads_with_norm_(
     backend: Optional[str] = None,
 ) -> None:
     """Drop-in for torch.nn.utils.clip_grads_with_norm_: g *= min(max_norm / (total_norm + 1e-6), 1)."""
-    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    params = as_list(parameters)
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     if not isinstance(total_norm, Tensor):
@@ -156,7 +157,7 @@ def clip_grad_norm_(
     -------
     Total norm before clipping: float32 (float64 if any gradient is float64), on the first gradient's device.
     """
-    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    params = as_list(parameters)
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)
@@ -176,7 +177,7 @@ def clip_grad_value_(
     backend: Optional[str] = None,
 ) -> None:
     """Drop-in for torch.nn.utils.clip_grad_value_: clamp every gradient to [-clip_value, clip_value]."""
-    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    params = as_list(parameters)
     grads = collect_grads(params)
     clip_value = check_nonnegative(clip_value, "clip_value")
     if _has_dtensor(grads):
@@ -207,7 +208,7 @@ def clip_grad_norm_per_tensor_(
     Returns the 1-D float32 tensor of per-tensor norms before clipping, one per gradient (0 for zero-size
     ones), on the first gradient's device.
     """
-    params = parameters if isinstance(parameters, Tensor) else list(parameters)
+    params = as_list(parameters)
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .arguments import TensorOrTensors, check_nonnegative, collect_grads, parse_norm_type
+from .arguments import TensorOrTensors, as_list, check_nonnegative, collect_grads, parse_norm_type
 from .backends import check_backend_name
 from .clip import clip_grad_norm_, clip_norm_of_grads_
 
@@ -32,7 +32,7 @@ class GradClipper:
         error_if_nonfinite: bool = False,
         backend: Optional[str] = None,
     ) -> None:
-        self.parameters: list[Tensor] = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        self.parameters: list[Tensor] = as_list(parameters)
         collect_grads(self.parameters)  # type checks now, not at the first step
         self.max_norm = check_nonnegative(max_norm, "max_norm")
         self.norm_type = parse_norm_type(norm_type)
@@ -48,7 +48,9 @@ class GradClipper:
             return torch.tensor(0.0)
         if any(type(g) is not Tensor for g in grads):
             # DTensor and other subclasses take the general path.
-            return clip_grad_norm_(self.parameters, self.max_norm, self.norm_type, self.error_if_nonfinite, backend=self.backend)
+            return clip_grad_norm_(
+                self.parameters, self.max_norm, self.norm_type, self.error_if_nonfinite, backend=self.backend
+            )
         return clip_norm_of_grads_(grads, self.max_norm, self.norm_type, self.error_if_nonfinite, None, self.backend)
 
     def __repr__(self) -> str:

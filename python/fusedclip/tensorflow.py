@@ -41,8 +41,10 @@ def clip_by_global_norm(
         global_norm, _ = dispatch.total_norm(plan, 2.0)
     else:
         global_norm = torch.as_tensor(use_norm, dtype=plan.dtype, device=plan.device)
-    # clip_norm * min(1 / norm, 1 / clip_norm), and NaN for a non-finite norm.
-    scale = clip_norm / torch.maximum(global_norm, torch.tensor(clip_norm, dtype=global_norm.dtype, device=global_norm.device))
+    # clip_norm * min(1 / norm, 1 / clip_norm), and NaN for a non-finite norm. A tensor division, so that
+    # norm <= clip_norm gives a scale of exactly 1.
+    limit = torch.tensor(clip_norm, dtype=global_norm.dtype, device=global_norm.device)
+    scale = limit / torch.maximum(global_norm, limit)
     scale = torch.where(torch.isfinite(global_norm), scale, torch.full_like(scale, float("nan")))
     out: list[Optional[Tensor]] = []
     for t in items:

@@ -148,5 +148,7 @@ def select(name: Optional[str], device: torch.device) -> Backend:
         )
     if not b.runs_on(device):
         hint = " (set TRITON_INTERPRET=1 before importing triton to run Triton on CPU)" if name == "triton" else ""
-        raise ValueError(f"backend {name!r} cannot run tensors on {device}{hint}; use backend=None to choose automatically")
+        raise ValueError(
+            f"backend {name!r} cannot run tensors on {device}{hint}; use backend=None to choose automatically"
+        )
     return b

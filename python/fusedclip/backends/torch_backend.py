@@ -84,15 +84,20 @@ class TorchBackend(Backend):
     def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
         if _on_host(coef) and bool(coef >= 1):  # False for NaN: NaN still propagates
             return
-        dense = [t for t in tensors if not t.is_sparse]
-        if self._use_foreach(dense):
-            torch._foreach_mul_(dense, coef)
-        else:
-            for t in dense:
-                t.mul_(coef)
+        # One foreach call per dtype, as torch does: a foreach op with a tensor scalar may round the
+        # scalar to the first tensor's dtype, which would scale float64 gradients by a float32 coefficient.
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for t in tensors:
             if t.is_sparse:
                 t._values().mul_(coef)
+            else:
+                by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            if self._use_foreach(group):
+                torch._foreach_mul_(group, coef)
+            else:
+                for t in group:
+                    t.mul_(coef)
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
         if _on_host(coefs):

@@ -1,0 +1,320 @@
+"""Every API function against float64 references and stock torch, on every available (backend, device)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedclip
+from reference import (
+    FLOAT_DTYPES,
+    NORM_TYPES,
+    assert_scaled,
+    assert_total_close,
+    random_grads,
+    random_tensor,
+    ref_tensor_norm,
+    ref_total_norm,
+)
+
+from fusedclip.backends import acc_dtype
+
+
+def params_with_grads(grads):
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.empty_like(g))
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def clone_all(ts):
+    return [t.clone() for t in ts]
+
+
+def ref_coef(total: float, max_norm: float) -> float:
+    if math.isnan(total):
+        return math.nan
+    return min(max_norm / (total + 1e-6), 1.0)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_total_norm_every_type_and_dtype(backend_device, norm_type, dtype):
+    backend, device = backend_device
+    grads = random_grads(9, (dtype,), device, seed=NORM_TYPES.index(norm_type) + 3)
+    total = fusedclip.get_total_norm(grads, norm_type, backend=backend)
+    assert total.device.type == device
+    assert_total_close(total, ref_total_norm(grads, norm_type), acc_dtype([dtype]))
+    stock = torch.nn.utils.get_total_norm([g.to(acc_dtype([dtype])) for g in grads], norm_type)
+    assert_total_close(total, stock.item(), acc_dtype([dtype]), "total vs stock torch on upcast values")
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 0.0, 2.5])
+def test_many_mixed_tensors_odd_sizes(backend_device, norm_type):
+    backend, device = backend_device
+    grads = random_grads(311, (torch.float32, torch.bfloat16, torch.float16, torch.float32), device, seed=11)
+    grads += [random_tensor((0,), torch.float32, device), random_tensor((1,), torch.bfloat16, device)]
+    total, per = fusedclip.multi_tensor_norm(grads, norm_type, per_tensor=True, backend=backend)
+    assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32)
+    assert per.dtype == torch.float32 and per.shape == (len(grads),) and per.device.type == device
+    ref = torch.tensor([ref_tensor_norm(g, norm_type) for g in grads], dtype=torch.float64)
+    torch.testing.assert_close(per.cpu().double(), ref, rtol=1e-5, atol=0)
+
+
+def test_float64_anywhere_gives_float64_total(backend_device):
+    backend, device = backend_device
+    grads = random_grads(5, (torch.float32, torch.float64, torch.bfloat16), device, seed=5)
+    total = fusedclip.get_total_norm(grads, backend=backend)
+    assert_total_close(total, ref_total_norm(grads, 2.0), torch.float64, all_fp64=False)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_clip_grad_norm_matches_reference_and_torch(backend_device, norm_type, dtype):
+    backend, device = backend_device
+    grads = random_grads(13, (dtype,), device, seed=21)
+    original = clone_all(grads)
+    stock_params = params_with_grads(clone_all(grads))
+    ref = ref_total_norm(original, norm_type)
+    max_norm = ref / 3.7  # genuinely clips
+    total = fusedclip.clip_grad_norm_(params_with_grads(grads), max_norm, norm_type, backend=backend)
+    assert_total_close(total, ref, acc_dtype([dtype]))
+    coef = ref_coef(total.item(), max_norm)
+    assert coef < 1
+    for i, (g, o) in enumerate(zip(grads, original)):
+        assert_scaled(g, o, coef, f"grad {i}")
+    stock_total = torch.nn.utils.clip_grad_norm_(stock_params, max_norm, norm_type)
+    rtol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)  # torch's bf16/fp16 total is coarse
+    assert math.isclose(total.item(), stock_total.item(), rel_tol=rtol)
+    for g, p in zip(grads, stock_params):
+        torch.testing.assert_close(g, p.grad, rtol=2 * torch.finfo(dtype).eps + rtol, atol=0)
+
+
+def test_clip_grad_norm_no_clip_leaves_bits(backend_device):
+    backend, device = backend_device
+    grads = random_grads(40, (torch.float32, torch.bfloat16), device, seed=8)
+    original = clone_all(grads)
+    total = fusedclip.clip_grad_norm_(params_with_grads(grads), 1e6, backend=backend)
+    assert_total_close(total, ref_total_norm(original, 2.0), torch.float32)
+    for g, o in zip(grads, original):
+        assert torch.equal(g, o)
+
+
+def test_mixed_dtypes_clip(backend_device):
+    backend, device = backend_device
+    grads = random_grads(37, (torch.float32, torch.bfloat16, torch.float16, torch.float64), device, seed=4)
+    original = clone_all(grads)
+    ref = ref_total_norm(original, 2.0)
+    total = fusedclip.clip_grad_norm_(params_with_grads(grads), ref / 10, backend=backend)
+    assert_total_close(total, ref, torch.float64, all_fp64=False)
+    coef = ref_coef(total.item(), ref / 10)
+    for i, (g, o) in enumerate(zip(grads, original)):
+        assert_scaled(g, o, coef, f"grad {i}")
+
+
+def test_non_contiguous_and_complex_fold_into_one_total(backend_device):
+    backend, device = backend_device
+    dense = random_grads(6, (torch.float32,), device, seed=2)
+    strided = random_tensor((9, 8), torch.float32, device)[:, ::2]
+    cplx = torch.complex(random_tensor((7,), device=device), random_tensor((7,), device=device))
+    grads = dense + [strided, cplx]
+    original = clone_all(grads)
+    ref = ref_total_norm(original, 2.0)
+    total = fusedclip.clip_grad_norm_(params_with_grads(grads), ref / 2, backend=backend)
+    assert_total_close(total, ref, torch.float32)
+    coef = ref_coef(total.item(), ref / 2)
+    for g, o in zip(grads[:-1], original[:-1]):
+        assert_scaled(g, o, coef)
+    torch.testing.assert_close(grads[-1], original[-1] * coef, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), float("-inf"), 0.0])
+def test_zero_size_tensors_contribute_nothing(backend_device, norm_type):
+    backend, device = backend_device
+    empty = [random_tensor((0,), device=device), random_tensor((0, 5), device=device)]
+    grads = [empty[0], *random_grads(3, device=device, seed=1), empty[1]]
+    total = fusedclip.get_total_norm(grads, norm_type, backend=backend)
+    assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32)
+    only_empty = fusedclip.get_total_norm([random_tensor((0,), device=device)], norm_type, backend=backend)
+    assert only_empty.item() == 0.0
+
+
+def test_p0_counts_tensors_with_a_nonzero_entry(backend_device):
+    backend, device = backend_device
+    grads = random_grads(5, device=device, seed=3)
+    grads.append(torch.zeros(4, device=device))  # one all-zero tensor: not counted (zeros on purpose here)
+    total, per = fusedclip.multi_tensor_norm(grads, 0, per_tensor=True, backend=backend)
+    assert total.item() == 5.0
+    assert per.tolist() == [float(g.numel()) for g in grads[:5]] + [0.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_non_finite_propagates_like_torch(backend_device, bad, norm_type):
+    backend, device = backend_device
+    grads = random_grads(7, (torch.float32,), device, seed=6)
+    grads[3].view(-1)[0] = bad
+    ours = clone_all(grads)
+    stock = params_with_grads(clone_all(grads))
+    total = fusedclip.clip_grad_norm_(params_with_grads(ours), 1.0, norm_type, backend=backend)
+    stock_total = torch.nn.utils.clip_grad_norm_(stock, 1.0, norm_type)
+    assert torch.equal(total.isnan(), stock_total.isnan()) and torch.equal(total.isinf(), stock_total.isinf())
+    for g, p in zip(ours, stock):
+        torch.testing.assert_close(g, p.grad, equal_nan=True)
+
+
+def test_error_if_nonfinite_raises_and_touches_nothing(backend_device):
+    backend, device = backend_device
+    grads = random_grads(4, device=device, seed=9)
+    grads[1].view(-1)[2] = float("nan")
+    original = clone_all(grads)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedclip.clip_grad_norm_(params_with_grads(grads), 0.1, error_if_nonfinite=True, backend=backend)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedclip.get_total_norm(grads, error_if_nonfinite=True, backend=backend)
+    for g, o in zip(grads, original):
+        assert torch.equal(g.isnan(), o.isnan()) and torch.equal(g.nan_to_num(), o.nan_to_num())
+
+
+def test_clip_grads_with_norm_uses_given_total(backend_device):
+    backend, device = backend_device
+    grads = random_grads(11, (torch.float32, torch.bfloat16), device, seed=12)
+    original = clone_all(grads)
+    total = fusedclip.get_total_norm(grads, backend=backend)
+    fusedclip.clip_grads_with_norm_(params_with_grads(grads), 0.5, total, backend=backend)
+    coef = ref_coef(total.item(), 0.5)
+    for g, o in zip(grads, original):
+        assert_scaled(g, o, coef)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_clip_grad_value(backend_device, dtype):
+    backend, device = backend_device
+    grads = random_grads(17, (dtype,), device, seed=13)
+    grads[0].view(-1)[0] = float("nan")
+    stock = params_with_grads(clone_all(grads))
+    fusedclip.clip_grad_value_(params_with_grads(grads), 0.7, backend=backend)
+    torch.nn.utils.clip_grad_value_(stock, 0.7)
+    for g, p in zip(grads, stock):
+        assert torch.equal(g.nan_to_num(), p.grad.nan_to_num()) and torch.equal(g.isnan(), p.grad.isnan())
+        assert g[~g.isnan()].abs().max() <= 0.7
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_grad_norm_per_tensor_equals_loop(backend_device, norm_type):
+    backend, device = backend_device
+    grads = random_grads(23, (torch.float32, torch.bfloat16, torch.float64), device, seed=14)
+    grads.insert(5, random_tensor((0,), device=device))
+    original = clone_all(grads)
+    max_norm = 3.0
+    norms = fusedclip.clip_grad_norm_per_tensor_(params_with_grads(grads), max_norm, norm_type, backend=backend)
+    assert norms.dtype == torch.float32 and norms.shape == (len(grads),)
+    for i, (g, o) in enumerate(zip(grads, original)):
+        ref = ref_tensor_norm(o, norm_type)
+        assert math.isclose(norms[i].item(), ref, rel_tol=1e-5, abs_tol=1e-30)
+        # float64 gradients are clipped by their float64 norm, which the float32 result does not show: allow
+        # for its summation order against the reference's.
+        used = ref if o.dtype == torch.float64 else norms[i].item()
+        assert_scaled(g, o, ref_coef(used, max_norm), f"grad {i}", ulps=16 if o.dtype == torch.float64 else None)
+
+
+def test_grad_clipper_follows_replaced_and_freed_grads(backend_device):
+    backend, device = backend_device
+    grads = random_grads(9, device=device, seed=15)
+    params = params_with_grads(grads)
+    clipper = fusedclip.GradClipper(params, 1.0, backend=backend)
+    for step in range(3):
+        fresh = [torch.randn_like(g) * (step + 1) for g in grads]
+        for p, g in zip(params, fresh):
+            p.grad = g.clone()
+        params[step].grad = None  # freed
+        present = [g for i, g in enumerate(fresh) if i != step]
+        ref = ref_total_norm(present, 2.0)
+        total = clipper()
+        assert_total_close(total, ref, torch.float32)
+        coef = ref_coef(total.item(), 1.0)
+        for i, p in enumerate(params):
+            if i != step:
+                assert_scaled(p.grad, fresh[i], coef)
+
+
+def test_clip_by_global_norm_tf_semantics(backend_device):
+    backend, device = backend_device
+    ts = random_grads(6, (torch.float32, torch.bfloat16), device, seed=16)
+    items = ts[:3] + [None] + ts[3:]
+    ref = ref_total_norm(ts, 2.0)
+    out, norm = fusedclip.clip_by_global_norm(items, ref / 4, backend=backend)
+    assert out[3] is None and len(out) == len(items)
+    assert_total_close(norm, ref, torch.float32)
+    for o, t in zip(out[:3] + out[4:], ts):
+        assert_scaled(o, t, (ref / 4) / max(norm.item(), ref / 4))
+    unchanged, _ = fusedclip.clip_by_global_norm(ts, ref * 2, backend=backend)
+    for o, t in zip(unchanged, ts):
+        assert torch.equal(o, t)
+    used, n = fusedclip.clip_by_global_norm(ts, 1.0, use_norm=2.0, backend=backend)
+    assert n.item() == 2.0
+    for o, t in zip(used, ts):
+        assert_scaled(o, t, 0.5)
+    ts[0].view(-1)[0] = float("inf")
+    nan_out, _ = fusedclip.clip_by_global_norm(ts, 1.0, backend=backend)
+    assert all(bool(o.isnan().all()) for o in nan_out)
+
+
+def test_clip_by_norm_tf_semantics():
+    x = random_tensor((4, 5, 3), torch.float32)
+    out = fusedclip.clip_by_norm(x, 1.0)
+    n = x.double().norm().item()
+    assert_scaled(out, x, 1.0 / max(n, 1.0))
+    per_row = fusedclip.clip_by_norm(x, 0.5, dim=(1, 2))
+    for i in range(4):
+        ni = x[i].double().norm().item()
+        assert_scaled(per_row[i], x[i], 0.5 / max(ni, 0.5))
+    last = fusedclip.clip_by_norm(x, 0.3, dim=-1)
+    ref = x.double() * 0.3 / x.double().norm(dim=-1, keepdim=True).clamp(min=0.3)
+    torch.testing.assert_close(last.double(), ref, rtol=2e-7, atol=0)
+    big = fusedclip.clip_by_norm(x, 1e9)
+    assert torch.equal(big, x)
+    y = x.clone().requires_grad_()
+    fusedclip.clip_by_norm(y, 0.1).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+def test_determinism(backend_device):
+    backend, device = backend_device
+    grads = random_grads(50, (torch.float32, torch.bfloat16), device, seed=17)
+    first = fusedclip.get_total_norm(grads, backend=backend)
+    for _ in range(3):
+        assert torch.equal(fusedclip.get_total_norm(grads, backend=backend), first)
+
+
+def test_sparse_gradients_on_torch_path():
+    emb = torch.nn.Embedding(20, 4, sparse=True)
+    emb(torch.tensor([1, 3, 3, 7])).pow(2).sum().backward()
+    dense = torch.nn.Parameter(torch.randn(3))
+    dense.grad = random_tensor((3,))
+    grad_dense = emb.weight.grad.to_dense()
+    ref = ref_total_norm([grad_dense, dense.grad], 2.0)
+    total = fusedclip.clip_grad_norm_([emb.weight, dense], ref / 2)
+    assert_total_close(total, ref, torch.float32)
+    torch.testing.assert_close(emb.weight.grad.to_dense(), grad_dense * ref_coef(total.item(), ref / 2))
+    with pytest.raises(ValueError, match="uncoalesced"):
+        fusedclip.clip_grad_value_([emb.weight], 0.1)
+    emb.weight.grad = emb.weight.grad.coalesce()
+    fusedclip.clip_grad_value_([emb.weight], 0.01)
+    assert emb.weight.grad.to_dense().abs().max() <= 0.01
+
+
+@pytest.mark.gpu
+def test_mixed_devices_combine_on_first_device():
+    grads = [random_tensor((33,), device="cuda"), random_tensor((17,)), random_tensor((5,), device="cuda")]
+    original = clone_all(grads)
+    ref = ref_total_norm(original, 2.0)
+    total = fusedclip.clip_grad_norm_(params_with_grads(grads), ref / 2)
+    assert total.device.type == "cuda"
+    assert_total_close(total, ref, torch.float32)
+    for g, o in zip(grads, original):
+        assert_scaled(g, o, ref_coef(total.item(), ref / 2))
