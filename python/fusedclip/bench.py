@@ -1,0 +1,310 @@
+"""`python -m fusedclip bench`: stock torch against every available fusedclip backend on a real model's shapes.
+
+Each implementation starts from the same gradients (copied from one master set outside the timed region) and
+is checked against a float64 reference before it is timed. Two cases:
+  clip    every timed call clips (max_norm follows the shrinking norm, so the coefficient stays below 1)
+  noclip  max_norm far above the norm: coefficient 1, where fusedclip's kernels skip the scale pass
+Bytes counted per call are what the clip must move: 3B when clipping (read, read + write), B when not.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import __version__, backends
+from .clip import clip_grad_norm_
+from .presets import PRESETS, Preset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DECAY = 0.97  # per timed call, in the clip case
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Impl:
+    name: str
+    fn: Callable[[list[Tensor], list[Tensor], float], Tensor]  # (params, grads, max_norm) -> total
+
+
+def implementations(device: torch.device, only: Optional[list[str]]) -> list[Impl]:
+    impls = [
+        Impl("torch foreach", lambda params, grads, m: torch.nn.utils.clip_grad_norm_(params, m, foreach=True)),
+        Impl("torch loop", lambda params, grads, m: torch.nn.utils.clip_grad_norm_(params, m, foreach=False)),
+    ]
+    for name in backends.available_backends():
+        if name == "triton" and device.type != "cuda" and not (only and f"fusedclip {name}" in only):
+            continue  # the Triton interpreter is a correctness tool, far too slow to time by default
+        if backends.select(name, device).runs_on(device):
+            impls.append(Impl(f"fusedclip {name}", lambda params, grads, m, n=name: clip_grad_norm_(params, m, backend=n)))
+    if only:
+        unknown = set(only) - {i.name for i in impls}
+        if unknown:
+            raise SystemExit(f"--impl: unknown or unavailable here: {sorted(unknown)}; have {[i.name for i in impls]}")
+        impls = [i for i in impls if i.name in only]
+    return impls
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def make_grads(preset: Preset, dtype: torch.dtype, device: torch.device, seed: int) -> list[Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype, device=device) for s in preset.shapes]
+
+
+def shell_params(grads: list[Tensor]) -> list[torch.nn.Parameter]:
+    """Parameters that carry `grads` without storing weights (stock torch needs parameters, not tensors)."""
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.empty(1, dtype=g.dtype, device=g.device).expand(g.shape), requires_grad=True)
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def reference_total(grads: list[Tensor]) -> float:
+    """float64 global L2 norm, one tensor at a time (no float64 copy of the whole set)."""
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting the read and the write."""
+    n = max(nbytes // 4, 1 << 20)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = [timed(lambda: dst.copy_(src), device) for _ in range(reps + 2)][2:]
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+class _L2Flush:
+    def __init__(self, device: torch.device) -> None:
+        self.buf = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call, end to end (host overhead included)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sync(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def check(impl: Impl, master: list[Tensor], work: list[Tensor], params: list, max_norm: float, ref: float) -> dict:
+    """One call from the master gradients, compared with float64: total and every clipped value."""
+    for w, m in zip(work, master):
+        w.copy_(m)
+    total = impl.fn(params, work, max_norm)
+    got = float(total)
+    total_err = abs(got - ref) / ref
+    coef = min(max_norm / (got + 1e-6), 1.0)
+    grad_err = 0.0
+    for w, m in zip(work, master):
+        expected = m.double() * coef
+        err = ((w.double() - expected).abs() / expected.abs().clamp(min=torch.finfo(m.dtype).tiny)).max()
+        grad_err = max(grad_err, float(err))
+    eps = torch.finfo(master[0].dtype).eps
+    total_tol = max(1e-5, 2 * torch.finfo(total.dtype).eps)
+    return {
+        "total": got,
+        "total_dtype": str(total.dtype).replace("torch.", ""),
+        "total_rel_err": total_err,
+        "grad_max_rel_err": grad_err,
+        "matched": total_err <= total_tol and grad_err <= 2 * eps + total_err,
+    }
+
+
+def run(
+    preset_name: str = "gpt2",
+    dtype_name: str = "float32",
+    device_name: Optional[str] = None,
+    max_norm: Optional[float] = None,
+    reps: int = 10,
+    warmup: int = 2,
+    cases: tuple[str, ...] = ("clip", "noclip"),
+    cold: bool = False,
+    only: Optional[list[str]] = None,
+    seed: int = 0,
+) -> dict:
+    preset = PRESETS[preset_name]
+    dtype = DTYPES[dtype_name]
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    nbytes = preset.params * dtype.itemsize
+    need = 2 * nbytes + (256 << 20)
+    if need > free_memory(device):
+        raise SystemExit(
+            f"preset {preset.name} in {dtype_name} needs about {need / 2**30:.1f} GiB on {device} (two gradient sets), "
+            f"only {free_memory(device) / 2**30:.1f} GiB free; pick a smaller --preset or --dtype"
+        )
+    impls = implementations(device, only)
+    progress(f"fusedclip bench: {preset.name} ({preset.tensors} tensors, {preset.params / 1e6:.1f}M params, "
+             f"{nbytes / 1e6:.0f} MB {dtype_name}) on {device}; {len(impls)} implementations, cases {', '.join(cases)}")
+    master = make_grads(preset, dtype, device, seed)
+    work = [torch.empty_like(m) for m in master]
+    params = shell_params(work)
+    progress("  float64 reference and copy bandwidth ...")
+    ref = reference_total(master)
+    bandwidth = copy_bandwidth(device, min(nbytes, 1 << 30), reps)
+    flush = _L2Flush(device) if cold else (lambda: None)
+
+    results = []
+    steps = len(cases) * len(impls)
+    step = 0
+    for case in cases:
+        base = ref * 0.5 if max_norm is None else max_norm
+        if case == "noclip":
+            base = ref * 1e6
+        moved = 3 * nbytes if case == "clip" else nbytes
+        for impl in impls:
+            step += 1
+            progress(f"  [{step}/{steps}] {case:6s} {impl.name} ...")
+            row = {"case": case, "impl": impl.name, **check(impl, master, work, params, base, ref)}
+            for w, m in zip(work, master):
+                w.copy_(m)
+            norm_now = ref
+            times, host = [], []
+            for k in range(warmup + reps):
+                m = base if (case == "noclip" or max_norm is not None) else norm_now * DECAY
+                flush()
+                sync(device)
+                t0 = time.perf_counter()
+                t = timed(lambda: impl.fn(params, work, m), device)
+                host.append(time.perf_counter() - t0)
+                if case == "clip" and max_norm is None:
+                    norm_now = m  # the clip left the norm at (just under) m
+                if k >= warmup:
+                    times.append(t)
+            med = statistics.median(times)
+            row.update(
+                median_ms=med * 1e3,
+                min_ms=min(times) * 1e3,
+                max_ms=max(times) * 1e3,
+                bytes_moved=moved,
+                GBps=moved / med / 1e9,
+                pct_of_copy_bandwidth=100 * moved / med / 1e9 / bandwidth,
+            )
+            results.append(row)
+        torch_time = next((r["median_ms"] for r in results if r["case"] == case and r["impl"] == "torch foreach"), None)
+        for r in results:
+            if r["case"] == case:
+                r["speedup_vs_torch_foreach"] = (torch_time / r["median_ms"]) if torch_time else None
+
+    return {
+        "schema": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "environment": environment(device),
+        "preset": {"name": preset.name, "description": preset.description, "tensors": preset.tensors,
+                   "params": preset.params, "dtype": dtype_name, "bytes": nbytes},
+        "settings": {"reps": reps, "warmup": warmup, "cold_l2": cold, "max_norm": max_norm, "decay": DECAY,
+                     "timing": "cuda events around the Python call" if device.type == "cuda" else "perf_counter",
+                     "statistic": "median"},
+        "copy_bandwidth_GBps": bandwidth,
+        "results": results,
+    }
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "fusedclip": __version__,
+        "backends": backends.available_backends(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device.type == "cuda":
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip().splitlines()[0]
+        except Exception:
+            env["driver"] = None
+    return env
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def format_table(record: dict) -> str:
+    head = ["case", "implementation", "median ms", "vs torch", "GB/s", "% copy bw", "total err", "ok"]
+    rows = []
+    for r in record["results"]:
+        ratio = r.get("speedup_vs_torch_foreach")
+        rows.append([
+            r["case"], r["impl"], f"{r['median_ms']:.3f}", f"{ratio:.2f}x" if ratio else "-",
+            f"{r['GBps']:.1f}", f"{r['pct_of_copy_bandwidth']:.0f}%", f"{r['total_rel_err']:.1e}",
+            "yes" if r["matched"] else "NO",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    p = record["preset"]
+    env = record["environment"]
+    title = (f"{p['name']}: {p['tensors']} tensors, {p['params'] / 1e6:.1f}M params, {p['dtype']}, "
+             f"{p['bytes'] / 1e6:.0f} MB on {env['device']} ({env['device_name']}); "
+             f"copy bandwidth {record['copy_bandwidth_GBps']:.1f} GB/s; torch {env['torch']}")
+    return title + "\n" + "\n".join(lines)
+
+
+def write_record(record: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)  # never leave a half-written record behind
