@@ -29,7 +29,9 @@ def _gpt2(n_layer: int, d: int, vocab: int, n_pos: int) -> list[tuple[int, ...]]
     return shapes + [(d,), (d,)]  # ln_f; lm_head is tied to wte
 
 
-def _llama(n_layer: int, d: int, ffn: int, vocab: int, n_kv_heads: int, head_dim: int, tied: bool) -> list[tuple[int, ...]]:
+def _llama(
+    n_layer: int, d: int, ffn: int, vocab: int, n_kv_heads: int, head_dim: int, tied: bool
+) -> list[tuple[int, ...]]:
     kv = n_kv_heads * head_dim
     shapes: list[tuple[int, ...]] = [(vocab, d)]
     for _ in range(n_layer):
@@ -66,5 +68,6 @@ PRESETS = {
         ),
         Preset("many-small", "deep narrow MLP: 2048 small tensors", tuple(_many_small(512))),
         Preset("huge", "one tensor of 2^29 + 7 elements", ((2**29 + 7,),)),
+        Preset("tiny", "GPT-2 layout at toy size (2 layers, d=64, vocab 1000): a smoke test", tuple(_gpt2(2, 64, 1000, 128))),
     ]
 }
