@@ -57,8 +57,9 @@ def test_bench_rejects_bad_arguments():
 
 
 def test_info_runs_as_a_module():
-    out = subprocess.run([sys.executable, "-m", "fusedclip", "info", "--json"], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fusedclip", "info", "--json"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     info = json.loads(out)
     assert "torch" in info["available_backends"]
     assert set(info["available_backends"]) | set(info["unavailable_backends"]) == {"cuda", "triton", "torch"}

@@ -16,20 +16,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     presets = ", ".join(f"{p.name} ({p.tensors} tensors, {p.params / 1e6:.0f}M)" for p in PRESETS.values())
-    b = sub.add_parser("bench", help="time stock torch against every available fusedclip backend",
-                       description=f"Presets: {presets}.")
+    b = sub.add_parser(
+        "bench", help="time stock torch against every available fusedclip backend", description=f"Presets: {presets}."
+    )
     b.add_argument("--preset", choices=sorted(PRESETS), default="gpt2")
     b.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    b.add_argument("--max-norm", type=float, default=None,
-                   help="fixed max_norm for every call (default: follow the norm down so every call clips)")
-    b.add_argument("--case", choices=["clip", "noclip", "both"], default="both",
-                   help="clip: coefficient < 1 on every call; noclip: coefficient 1")
+    b.add_argument(
+        "--max-norm",
+        type=float,
+        default=None,
+        help="fixed max_norm for every call (default: follow the norm down so every call clips)",
+    )
+    b.add_argument(
+        "--case",
+        choices=["clip", "noclip", "both"],
+        default="both",
+        help="clip: coefficient < 1 on every call; noclip: coefficient 1",
+    )
     b.add_argument("--reps", type=int, default=10, help="timed calls per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--cold", action="store_true", help="flush the L2 cache before every timed call (GPU)")
-    b.add_argument("--impl", action="append", default=None,
-                   help="only this implementation (repeatable), e.g. 'torch foreach' or 'fusedclip triton'")
+    b.add_argument(
+        "--impl",
+        action="append",
+        default=None,
+        help="only this implementation (repeatable), e.g. 'torch foreach' or 'fusedclip triton'",
+    )
     b.add_argument("--out", default=None, help="write the JSON record here")
     b.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
 
@@ -51,8 +64,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_norm is not None and not args.max_norm >= 0:
         parser.error("--max-norm must be >= 0")
     cases = ("clip", "noclip") if args.case == "both" else (args.case,)
-    record = run(args.preset, args.dtype, args.device, args.max_norm, args.reps, args.warmup, cases, args.cold,
-                 args.impl)
+    record = run(
+        args.preset, args.dtype, args.device, args.max_norm, args.reps, args.warmup, cases, args.cold, args.impl
+    )
     if args.out:
         write_record(record, args.out)
     print(json.dumps(record, indent=2) if args.json else format_table(record))

@@ -53,7 +53,9 @@ def implementations(device: torch.device, only: Optional[list[str]]) -> list[Imp
         if name == "triton" and device.type != "cuda" and not (only and f"fusedclip {name}" in only):
             continue  # the Triton interpreter is a correctness tool, far too slow to time by default
         if backends.select(name, device).runs_on(device):
-            impls.append(Impl(f"fusedclip {name}", lambda params, grads, m, n=name: clip_grad_norm_(params, m, backend=n)))
+            impls.append(
+                Impl(f"fusedclip {name}", lambda params, grads, m, n=name: clip_grad_norm_(params, m, backend=n))
+            )
     if only:
         unknown = set(only) - {i.name for i in impls}
         if unknown:
@@ -176,8 +178,10 @@ def run(
             f"only {free_memory(device) / 2**30:.1f} GiB free; pick a smaller --preset or --dtype"
         )
     impls = implementations(device, only)
-    progress(f"fusedclip bench: {preset.name} ({preset.tensors} tensors, {preset.params / 1e6:.1f}M params, "
-             f"{nbytes / 1e6:.0f} MB {dtype_name}) on {device}; {len(impls)} implementations, cases {', '.join(cases)}")
+    progress(
+        f"fusedclip bench: {preset.name} ({preset.tensors} tensors, {preset.params / 1e6:.1f}M params, "
+        f"{nbytes / 1e6:.0f} MB {dtype_name}) on {device}; {len(impls)} implementations, cases {', '.join(cases)}"
+    )
     master = make_grads(preset, dtype, device, seed)
     work = [torch.empty_like(m) for m in master]
     params = shell_params(work)
@@ -233,11 +237,23 @@ def run(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "environment": environment(device),
-        "preset": {"name": preset.name, "description": preset.description, "tensors": preset.tensors,
-                   "params": preset.params, "dtype": dtype_name, "bytes": nbytes},
-        "settings": {"reps": reps, "warmup": warmup, "cold_l2": cold, "max_norm": max_norm, "decay": DECAY,
-                     "timing": "cuda events around the Python call" if device.type == "cuda" else "perf_counter",
-                     "statistic": "median"},
+        "preset": {
+            "name": preset.name,
+            "description": preset.description,
+            "tensors": preset.tensors,
+            "params": preset.params,
+            "dtype": dtype_name,
+            "bytes": nbytes,
+        },
+        "settings": {
+            "reps": reps,
+            "warmup": warmup,
+            "cold_l2": cold,
+            "max_norm": max_norm,
+            "decay": DECAY,
+            "timing": "cuda events around the Python call" if device.type == "cuda" else "perf_counter",
+            "statistic": "median",
+        },
         "copy_bandwidth_GBps": bandwidth,
         "results": results,
     }
@@ -246,7 +262,9 @@ def run(
 def environment(device: torch.device) -> dict:
     env = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -262,10 +280,16 @@ def environment(device: torch.device) -> dict:
         env["triton"] = None
     if device.type == "cuda":
         try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
-            ).stdout.strip().splitlines()[0]
+            env["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
         except Exception:
             env["driver"] = None
     return env
@@ -273,8 +297,13 @@ def environment(device: torch.device) -> dict:
 
 def _git_commit() -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except Exception:
         return None
@@ -285,20 +314,29 @@ def format_table(record: dict) -> str:
     rows = []
     for r in record["results"]:
         ratio = r.get("speedup_vs_torch_foreach")
-        rows.append([
-            r["case"], r["impl"], f"{r['median_ms']:.3f}", f"{ratio:.2f}x" if ratio else "-",
-            f"{r['GBps']:.1f}", f"{r['pct_of_copy_bandwidth']:.0f}%", f"{r['total_rel_err']:.1e}",
-            "yes" if r["matched"] else "NO",
-        ])
+        rows.append(
+            [
+                r["case"],
+                r["impl"],
+                f"{r['median_ms']:.3f}",
+                f"{ratio:.2f}x" if ratio else "-",
+                f"{r['GBps']:.1f}",
+                f"{r['pct_of_copy_bandwidth']:.0f}%",
+                f"{r['total_rel_err']:.1e}",
+                "yes" if r["matched"] else "NO",
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
     p = record["preset"]
     env = record["environment"]
-    title = (f"{p['name']}: {p['tensors']} tensors, {p['params'] / 1e6:.1f}M params, {p['dtype']}, "
-             f"{p['bytes'] / 1e6:.0f} MB on {env['device']} ({env['device_name']}); "
-             f"copy bandwidth {record['copy_bandwidth_GBps']:.1f} GB/s; torch {env['torch']}")
+    title = (
+        f"{p['name']}: {p['tensors']} tensors, {p['params'] / 1e6:.1f}M params, {p['dtype']}, "
+        f"{p['bytes'] / 1e6:.0f} MB on {env['device']} ({env['device_name']}); "
+        f"copy bandwidth {record['copy_bandwidth_GBps']:.1f} GB/s; torch {env['torch']}"
+    )
     return title + "\n" + "\n".join(lines)
 
 

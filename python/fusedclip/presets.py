@@ -68,6 +68,10 @@ PRESETS = {
         ),
         Preset("many-small", "deep narrow MLP: 2048 small tensors", tuple(_many_small(512))),
         Preset("huge", "one tensor of 2^29 + 7 elements", ((2**29 + 7,),)),
-        Preset("tiny", "GPT-2 layout at toy size (2 layers, d=64, vocab 1000): a smoke test", tuple(_gpt2(2, 64, 1000, 128))),
+        Preset(
+            "tiny",
+            "GPT-2 layout at toy size (2 layers, d=64, vocab 1000): a smoke test",
+            tuple(_gpt2(2, 64, 1000, 128)),
+        ),
     ]
 }
