@@ -82,7 +82,8 @@ class TorchBackend(Backend):
         return total, (norms if per_tensor else None)
 
     def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
-        if _on_host(coef) and bool(coef >= 1):  # False for NaN: NaN still propagates
+        # Only an exact 1 may be skipped: AMP folds inv_scale into coef, which can then exceed 1.
+        if _on_host(coef) and bool(coef == 1):  # False for NaN: NaN still propagates
             return
         dense = [t for t in tensors if not t.is_sparse]
         if self._use_foreach(dense):
