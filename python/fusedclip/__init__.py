@@ -1,5 +1,6 @@
 """fusedclip: fused, sync-free gradient clipping; a drop-in for torch.nn.utils.clip_grad_norm_ and family."""
 
+from .amp import unscale_and_clip_grad_norm_
 from .backends import available_backends
 from .clip import (
     clip_grad_norm_,
@@ -10,19 +11,27 @@ from .clip import (
     multi_tensor_norm,
 )
 from .clipper import GradClipper
+from .optim import clip_and_step
+from .patching import TorchPatch, is_patched, patch_torch, unpatch_torch
 from .tensorflow import clip_by_global_norm, clip_by_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GradClipper",
+    "TorchPatch",
     "available_backends",
     "clip_by_global_norm",
+    "clip_and_step",
     "clip_by_norm",
     "clip_grad_norm_",
     "clip_grad_norm_per_tensor_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "is_patched",
     "multi_tensor_norm",
+    "patch_torch",
+    "unpatch_torch",
+    "unscale_and_clip_grad_norm_",
 ]

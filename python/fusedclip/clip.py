@@ -21,6 +21,13 @@ from .backends import clip_coef
 
 Number = Union[float, int]
 
+# torch's own functions, taken before fusedclip.patch_torch() can replace them: the DTensor fallbacks call
+# these, and calling the patched names from there would recurse.
+_torch_get_total_norm = torch.nn.utils.get_total_norm
+_torch_clip_grads_with_norm_ = torch.nn.utils.clip_grads_with_norm_
+_torch_clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
+_torch_clip_grad_value_ = torch.nn.utils.clip_grad_value_
+
 
 def _has_dtensor(tensors: list[Tensor]) -> bool:
     return any(is_dtensor(t) for t in tensors)
@@ -76,7 +83,7 @@ def get_total_norm(
     ts = collect_tensors(tensors)
     p = parse_norm_type(norm_type)
     if _has_dtensor(ts):
-        return torch.nn.utils.get_total_norm(ts, p, error_if_nonfinite, foreach)
+        return _torch_get_total_norm(ts, p, error_if_nonfinite, foreach)
     if not ts:
         return torch.tensor(0.0)
     total, _ = dispatch.total_norm(dispatch.make_plan(ts, backend, foreach), p)
@@ -103,7 +110,7 @@ def clip_grads_with_norm_(
     if not grads:
         return
     if _has_dtensor(grads):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+        _torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
         return
     plan = dispatch.make_plan(grads, backend, foreach)
     dispatch.scale_(plan, clip_coef(total_norm, max_norm))
@@ -162,7 +169,7 @@ def clip_grad_norm_(
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)
     if _has_dtensor(grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+        return _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
     if not grads:
         return torch.tensor(0.0)
     return clip_norm_of_grads_(grads, max_norm, p, error_if_nonfinite, foreach, backend)
@@ -181,7 +188,7 @@ def clip_grad_value_(
     grads = collect_grads(params)
     clip_value = check_nonnegative(clip_value, "clip_value")
     if _has_dtensor(grads):
-        torch.nn.utils.clip_grad_value_(params, clip_value, foreach)
+        _torch_clip_grad_value_(params, clip_value, foreach)
         return
     for i, g in enumerate(grads):
         if g.is_sparse and not g.is_coalesced():

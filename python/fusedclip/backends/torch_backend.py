@@ -114,7 +114,8 @@ class TorchBackend(Backend):
         return total, (norms if per_tensor else None)
 
     def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
-        if _on_host(coef) and bool(coef >= 1):  # False for NaN: NaN still propagates
+        # Only an exact 1 may be skipped: AMP folds inv_scale into coef, which can then exceed 1.
+        if _on_host(coef) and bool(coef == 1):  # False for NaN: NaN still propagates
             return
         # One foreach call per dtype, as torch does: a foreach op with a tensor scalar may round the
         # scalar to the first tensor's dtype, which would scale float64 gradients by a float32 coefficient.
