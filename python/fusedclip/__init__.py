@@ -1,5 +1,6 @@
 """fusedclip: fused, sync-free gradient clipping; a drop-in for torch.nn.utils.clip_grad_norm_ and family."""
 
+from .adaptive import AutoClip, ZClip, adaptive_clip_grad_
 from .backends import available_backends
 from .clip import (
     clip_grad_norm_,
@@ -15,7 +16,10 @@ from .tensorflow import clip_by_global_norm, clip_by_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoClip",
     "GradClipper",
+    "ZClip",
+    "adaptive_clip_grad_",
     "available_backends",
     "clip_by_global_norm",
     "clip_by_norm",
