@@ -79,14 +79,14 @@ class Backend:
         """1-D tensor of every unit's norm, in the accumulation dtype of `tensors`."""
         acc = acc_dtype(t.dtype for t in tensors)
         parts: list[Optional[Tensor]] = [None] * len(tensors)
-        whole = [i for i, d in enumerate(reduce_dims) if d is None]
+        whole = [i for i, d in enumerate(reduce_dims) if d is None and self.accepts(tensors[i])]
         if whole:
-            # Whole-tensor units are the backend's own per-tensor norms: one call for all of them.
+            # Whole-tensor units are the backend's own per-tensor norms: one call for all it accepts.
             _, norms = self.norms([tensors[i] for i in whole], norm_type, per_tensor=True)
             for i, n in zip(whole, norms.to(acc).split(1)):  # type: ignore[union-attr]
                 parts[i] = n
         for i, d in enumerate(reduce_dims):
-            if d is not None:
+            if parts[i] is None:
                 t = tensors[i]
                 low = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else None
                 parts[i] = torch.linalg.vector_norm(t, norm_type, dim=d, dtype=low).reshape(-1).to(acc)
