@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import dispatch
 from .arguments import check_nonnegative, collect_grads, is_dtensor, parse_norm_type
-from .backends import acc_dtype, check_backend_name, clip_coef
+from .backends import check_backend_name, clip_coef
 from .clip import clip_norm_of_grads_
 
 ModelOrParameters = Union[torch.nn.Module, Tensor, Iterable[Tensor]]
@@ -179,7 +179,9 @@ def _grads_and_device(model_or_parameters: ModelOrParameters, where: str) -> tup
     return grads, (grads[0].device if grads else params[0].device)
 
 
-def _plain_total(grads: list[Tensor], device: torch.device, backend: Optional[str]) -> tuple[Tensor, Optional[dispatch.Plan]]:
+def _plain_total(
+    grads: list[Tensor], device: torch.device, backend: Optional[str]
+) -> tuple[Tensor, Optional[dispatch.Plan]]:
     """Global 2-norm of `grads` (0 on `device` when there are none) and the plan to scale them with."""
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device), None
@@ -240,7 +242,9 @@ class ZClip:
         self.mode = mode.lower()
         if self.mode == "zscore":
             if not isinstance(clip_option, str) or clip_option.lower() not in ("adaptive_scaling", "mean"):
-                raise ValueError(f"clip_option must be 'adaptive_scaling' or 'mean' in zscore mode, got {clip_option!r}")
+                raise ValueError(
+                    f"clip_option must be 'adaptive_scaling' or 'mean' in zscore mode, got {clip_option!r}"
+                )
             self.clip_option: Optional[str] = clip_option.lower()
         else:
             self.clip_option = None  # unused in percentile mode, as in the reference
@@ -461,7 +465,8 @@ class AutoClip:
         ordered = torch.sort(norms[:n]).values
         self.threshold = _linear_percentile(ordered, n, self.percentile)
         if plan is not None:
-            dispatch.scale_(plan, clip_coef(total.to(self.threshold.dtype), self.threshold).to(total.dtype))  # type: ignore[arg-type]
+            coef = clip_coef(total.to(self.threshold.dtype), self.threshold)  # type: ignore[arg-type]
+            dispatch.scale_(plan, coef.to(total.dtype))
         return total
 
     @property
@@ -501,7 +506,8 @@ class AutoClip:
         self.threshold = None
 
     def __repr__(self) -> str:
-        return f"AutoClip(percentile={self.percentile}, history={self.history}, recorded={min(self._count, self.history)})"
+        kept = min(self._count, self.history)
+        return f"AutoClip(percentile={self.percentile}, history={self.history}, recorded={kept})"
 
 
 __all__ = ["AutoClip", "ZClip", "adaptive_clip_grad_"]
