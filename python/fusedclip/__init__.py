@@ -1,5 +1,6 @@
 """fusedclip: fused, sync-free gradient clipping; a drop-in for torch.nn.utils.clip_grad_norm_ and family."""
 
+from .adaptive import AutoClip, ZClip, adaptive_clip_grad_
 from .amp import unscale_and_clip_grad_norm_
 from .backends import available_backends
 from .clip import (
@@ -18,8 +19,11 @@ from .tensorflow import clip_by_global_norm, clip_by_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoClip",
     "GradClipper",
     "TorchPatch",
+    "ZClip",
+    "adaptive_clip_grad_",
     "available_backends",
     "clip_by_global_norm",
     "clip_and_step",

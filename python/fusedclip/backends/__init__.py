@@ -67,10 +67,61 @@ class Backend:
         """g = clamp(g, -clip_value, clip_value) in place."""
         raise NotImplementedError
 
+    # Unit-wise norms and scaling (AGC). A unit of tensor i is what remains when `reduce_dims[i]` are reduced
+    # (None: the whole tensor is one unit); units are numbered in row-major order of the kept dims, tensor 0's
+    # first. The defaults below are correct for any tensor torch can reduce; a kernel backend may override them
+    # with one reduce and one scale launch. The tensors may include some this backend does not `accept`
+    # (parameters travel with their gradients): an override must handle those or hand them to the default.
+
+    def unit_norms(
+        self, tensors: list[Tensor], reduce_dims: list[Optional[tuple[int, ...]]], norm_type: float
+    ) -> Tensor:
+        """1-D tensor of every unit's norm, in the accumulation dtype of `tensors`."""
+        acc = acc_dtype(t.dtype for t in tensors)
+        parts: list[Optional[Tensor]] = [None] * len(tensors)
+        whole = [i for i, d in enumerate(reduce_dims) if d is None and self.accepts(tensors[i])]
+        if whole:
+            # Whole-tensor units are the backend's own per-tensor norms: one call for all it accepts.
+            _, norms = self.norms([tensors[i] for i in whole], norm_type, per_tensor=True)
+            for i, n in zip(whole, norms.to(acc).split(1)):  # type: ignore[union-attr]
+                parts[i] = n
+        for i, d in enumerate(reduce_dims):
+            if parts[i] is None:
+                t = tensors[i]
+                low = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else None
+                parts[i] = torch.linalg.vector_norm(t, norm_type, dim=d, dtype=low).reshape(-1).to(acc)
+        return torch.cat(parts)  # type: ignore[arg-type]
+
+    def scale_units_(self, tensors: list[Tensor], reduce_dims: list[Optional[tuple[int, ...]]], coefs: Tensor) -> None:
+        """Multiply every unit of `tensors` in place by its entry of `coefs` (laid out as unit_norms returns)."""
+        counts = [unit_count(t, d) for t, d in zip(tensors, reduce_dims)]
+        factors = [
+            c.reshape(unit_shape(t, d)) for t, d, c in zip(tensors, reduce_dims, coefs.split(counts))
+        ]
+        if all(t.layout == torch.strided for t in tensors):
+            torch._foreach_mul_(tensors, factors)
+        else:
+            for t, f in zip(tensors, factors):
+                t.mul_(f)
+
 
 def acc_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     """Accumulation and result dtype: float64 if any input is float64 (or complex128), else float32."""
     return torch.float64 if any(d in (torch.float64, torch.complex128) for d in dtypes) else torch.float32
+
+
+def unit_shape(t: Tensor, reduce_dims: Optional[tuple[int, ...]]) -> tuple[int, ...]:
+    """Shape of `t`'s unit norms kept broadcastable against `t` (size 1 on reduced dims; () for whole)."""
+    if reduce_dims is None:
+        return ()
+    return tuple(1 if i in reduce_dims else s for i, s in enumerate(t.shape))
+
+
+def unit_count(t: Tensor, reduce_dims: Optional[tuple[int, ...]]) -> int:
+    n = 1
+    for s in unit_shape(t, reduce_dims):
+        n *= s
+    return n
 
 
 def clip_coef(total: Tensor, max_norm: float) -> Tensor:
