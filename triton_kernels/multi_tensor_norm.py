@@ -70,7 +70,8 @@ def _reduce_kernel(
         elif NORM == NORM_ZERO:
             acc += (x != 0).to(ACC)  # NaN counts as non-zero, as in torch
         elif NORM == NORM_P:
-            acc += tl.exp2(p * tl.log2(x))  # 0 for x == 0 (p > 0); NaN and inf propagate
+            # |x|^p as exp2(p log2|x|); x == 0 kept out of log2 (gives 0). NaN and inf propagate.
+            acc += tl.where(x == 0, 0.0, tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x))))
         elif NORM == NORM_INF:
             acc = tl.maximum(acc, x)
             nan |= (x != x).to(tl.int32)
@@ -148,7 +149,8 @@ def _finalize_kernel(
             else:
                 tl.store(norms_ptr + ids, tl.sqrt(vals), mask=tmask)
         elif NORM == NORM_P:
-            tl.store(norms_ptr + ids, tl.exp2(tl.log2(vals) / p), mask=tmask)
+            root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals)) / p)
+            tl.store(norms_ptr + ids, tl.where(vals == 0, 0.0, root).to(ACC), mask=tmask)
         else:
             tl.store(norms_ptr + ids, vals, mask=tmask)
     # Last program in: every tensor value is written; reduce them in a fixed order.
@@ -185,13 +187,16 @@ def _finalize_kernel(
             else:
                 total = tl.sqrt(total)
         elif NORM == NORM_P:
-            total = tl.exp2(tl.log2(total) / p)
+            total = tl.where(total == 0, 0.0, tl.exp2(tl.log2(tl.where(total == 0, 1.0, total)) / p)).to(ACC)
         tl.store(total_ptr, total)
         if HAS_COEF:
             # torch: clamp(max_norm / (total + 1e-6), max=1), evaluated as torch does: reciprocal, then times.
             max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
             eps = tl.full([], 1e-6, tl.float64).to(ACC)
-            coef = tl.math.div_rn(tl.full([], 1.0, ACC), total + eps) * max_norm
+            if ACC == tl.float32:
+                coef = tl.math.div_rn(tl.full([], 1.0, ACC), total + eps) * max_norm  # IEEE division
+            else:
+                coef = (1.0 / (total + eps)) * max_norm
             coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN
             tl.store(coef_ptr, coef.to(ACC))
         tl.atomic_xchg(ticket_ptr, 0)  # ready for the next call (and for CUDA-graph replay)
