@@ -79,10 +79,15 @@ class TritonBackend(Backend):
         )
 
     def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+        if torch.compiler.is_compiling():
+            total, norms = torch.ops.fusedclip.triton_norms(tensors, float(norm_type))
+            return total, (norms if per_tensor else None)
         total, norms, _ = self._norms(tensors, norm_type, per_tensor, None)
         return total, norms
 
     def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            return torch.ops.fusedclip.triton_norm_and_coef(tensors, float(norm_type), float(max_norm))
         total, _, coef = self._norms(tensors, norm_type, False, max_norm)
         return total, coef  # type: ignore[return-value]
 
@@ -99,12 +104,21 @@ class TritonBackend(Backend):
         )
 
     def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.triton_scale_(tensors, coef, False)
+            return
         self._scale(tensors, coef, per_tensor=False)
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.triton_scale_(tensors, coefs, True)
+            return
         self._scale(tensors, coefs, per_tensor=True)
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.triton_clamp_(tensors, float(clip_value))
+            return
         from fusedclip.triton_kernels.clamp import clamp_
 
         plan = self.cache.get(tensors)
@@ -112,6 +126,71 @@ class TritonBackend(Backend):
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
             clip_value, block=self.block,
         )
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------------
+# The kernels take their tensors as addresses in a table built with data_ptr(), which torch.compile cannot
+# trace (fake tensors have no storage), so torch.library.triton_op cannot see into them. Each backend op is
+# registered instead as an opaque custom op with a fake implementation: a compiled step calls it as one node,
+# with no graph break, and it runs the same kernels (plan cache included) at run time. The backend's methods
+# call these ops only while torch.compile traces; eager calls skip the op layer's overhead.
+
+_default: Optional[TritonBackend] = None
+
+
+def _backend() -> TritonBackend:
+    global _default
+    if _default is None:
+        _default = TritonBackend()
+    return _default
+
+
+def _acc_like(tensors: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.custom_op("fusedclip::triton_norms", mutates_args=())
+def _norms_op(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    total, norms, _ = _backend()._norms(tensors, norm_type, True, None)
+    return total, norms  # type: ignore[return-value]
+
+
+@_norms_op.register_fake
+def _(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    acc, dev = _acc_like(tensors), tensors[0].device
+    return torch.empty((), dtype=acc, device=dev), torch.empty(len(tensors), dtype=acc, device=dev)
+
+
+@torch.library.custom_op("fusedclip::triton_norm_and_coef", mutates_args=())
+def _norm_and_coef_op(tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    total, _, coef = _backend()._norms(tensors, norm_type, False, max_norm)
+    return total, coef  # type: ignore[return-value]
+
+
+@_norm_and_coef_op.register_fake
+def _(tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    acc, dev = _acc_like(tensors), tensors[0].device
+    return torch.empty((), dtype=acc, device=dev), torch.empty((), dtype=acc, device=dev)
+
+
+@torch.library.custom_op("fusedclip::triton_scale_", mutates_args=("tensors",))
+def _scale_op(tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+    _backend()._scale(tensors, coef, per_tensor)
+
+
+@_scale_op.register_fake
+def _(tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+    return None
+
+
+@torch.library.custom_op("fusedclip::triton_clamp_", mutates_args=("tensors",))
+def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
+    _backend().clamp_(tensors, clip_value)
+
+
+@_clamp_op.register_fake
+def _(tensors: list[Tensor], clip_value: float) -> None:
+    return None
 
 
 def _kernels_interpreted() -> bool:
@@ -133,4 +212,4 @@ def load() -> TritonBackend:
         import fusedclip.triton_kernels.clamp  # noqa: F401
     except Exception as e:
         raise BackendUnavailable(f"the Triton kernels failed to load: {type(e).__name__}: {e}") from e
-    return TritonBackend()
+    return _backend()
