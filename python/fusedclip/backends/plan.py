@@ -11,6 +11,7 @@ Tables (all on the plan's device):
   chunk_tensor int32 [C]: the tensor each chunk belongs to (chunks are in tensor order)
   chunk_start  int64 [C]: the chunk's first element within its tensor
   tensor_chunks int32 [T + 1]: tensor t owns chunks tensor_chunks[t] .. tensor_chunks[t + 1] - 1
+  ticket       int32 [1]: zero between calls; a kernel's "last program done" counter, reset by that program
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class DevicePlan:
     chunk_tensor: Tensor
     chunk_start: Tensor
     tensor_chunks: Tensor
+    ticket: Tensor
 
 
 def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
@@ -73,6 +75,7 @@ def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
         chunk_tensor=chunk_tensor.to(torch.int32).to(device),
         chunk_start=chunk_start.to(device),
         tensor_chunks=tensor_chunks.to(torch.int32).to(device),
+        ticket=torch.zeros(1, dtype=torch.int32, device=device),
     )
 
 

@@ -1,0 +1,215 @@
+"""The Triton backend: fused multi-tensor kernels from fusedclip.triton_kernels over the shared device plan.
+
+Per call: one reduce launch over every tensor of the device (any count, mixed dtypes), one finalize launch that
+writes per-tensor norms, the total and the clip coefficient on the device, and one scale launch that returns at
+once when the coefficient is 1. Nothing waits on the host.
+
+On CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported): that is how
+CI exercises the real kernels without a GPU. Under the interpreter CUDA tensors are not taken (the interpreter
+cannot follow device addresses).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import Backend, BackendUnavailable
+from .plan import CACHE_SIZE, DevicePlan, PlanCache, flat_ok
+
+# Chunk = elements one program covers; block = elements per vector step. The interpreter runs programs one by
+# one in Python at a cost per operation, not per element: small chunks (chunk boundaries within reach of small
+# test tensors) of a single step each.
+GPU_CHUNK, GPU_BLOCK = 65536, 2048
+INTERPRETER_CHUNK, INTERPRETER_BLOCK = 512, 512
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(Backend):
+    """Triton kernels over a cached device plan.
+
+    Parameters
+    ----------
+    chunk_size : elements per program (tests use tiny chunks to cover chunk boundaries under the interpreter)
+    block : elements per vector step, a power of two
+    cache_size : how many distinct gradient lists keep a device plan (least recently used first out)
+    """
+
+    name = "triton"
+
+    def __init__(self, chunk_size: Optional[int] = None, block: Optional[int] = None, cache_size: int = CACHE_SIZE):
+        interp = _interpreting()
+        self.chunk_size = int(chunk_size or (INTERPRETER_CHUNK if interp else GPU_CHUNK))
+        self.block = int(block or (INTERPRETER_BLOCK if interp else GPU_BLOCK))
+        if self.chunk_size < 1 or self.block < 1 or self.block & (self.block - 1):
+            raise ValueError(f"chunk_size must be >= 1 and block a power of two, got {self.chunk_size}, {self.block}")
+        self.block = min(self.block, 1 << max(0, (self.chunk_size - 1).bit_length()))  # no wider than a chunk
+        self.cache = PlanCache(self.chunk_size, cache_size)
+        self.interpreted = _kernels_interpreted()
+
+    def runs_on(self, device: torch.device) -> bool:
+        if device.type == "cuda":
+            return not self.interpreted and torch.cuda.is_available()
+        if device.type == "cpu":
+            return self.interpreted and _interpreting()
+        return False
+
+    def accepts(self, t: Tensor) -> bool:
+        return flat_ok(t)
+
+    def plan(self, tensors: list[Tensor]) -> DevicePlan:
+        return self.cache.get(tensors)
+
+    def _norms(
+        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, max_norm: Optional[float]
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        from fusedclip.triton_kernels.multi_tensor_norm import multi_tensor_norm
+
+        plan = self.cache.get(tensors)
+        return multi_tensor_norm(
+            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket,
+            plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type,
+            per_tensor=per_tensor, max_norm=max_norm, block=self.block,
+        )
+
+    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+        if torch.compiler.is_compiling():
+            total, norms = torch.ops.fusedclip.triton_norms(tensors, float(norm_type))
+            return total, (norms if per_tensor else None)
+        total, norms, _ = self._norms(tensors, norm_type, per_tensor, None)
+        return total, norms
+
+    def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            return torch.ops.fusedclip.triton_norm_and_coef(tensors, float(norm_type), float(max_norm))
+        total, _, coef = self._norms(tensors, norm_type, False, max_norm)
+        return total, coef  # type: ignore[return-value]
+
+    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+        from fusedclip.triton_kernels.scale import scale_
+
+        if coef.dtype not in (torch.float32, torch.float64):
+            coef = coef.float()  # e.g. a bf16 total_norm from stock torch
+        coef = coef.to(tensors[0].device).reshape(-1).contiguous()
+        plan = self.cache.get(tensors)
+        scale_(
+            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
+            coef, per_tensor=per_tensor, block=self.block,
+        )
+
+    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.triton_scale_(tensors, coef, False)
+            return
+        self._scale(tensors, coef, per_tensor=False)
+
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.triton_scale_(tensors, coefs, True)
+            return
+        self._scale(tensors, coefs, per_tensor=True)
+
+    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.triton_clamp_(tensors, float(clip_value))
+            return
+        from fusedclip.triton_kernels.clamp import clamp_
+
+        plan = self.cache.get(tensors)
+        clamp_(
+            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
+            clip_value, block=self.block,
+        )
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------------
+# The kernels take their tensors as addresses in a table built with data_ptr(), which torch.compile cannot
+# trace (fake tensors have no storage), so torch.library.triton_op cannot see into them. Each backend op is
+# registered instead as an opaque custom op with a fake implementation: a compiled step calls it as one node,
+# with no graph break, and it runs the same kernels (plan cache included) at run time. The backend's methods
+# call these ops only while torch.compile traces; eager calls skip the op layer's overhead.
+
+_default: Optional[TritonBackend] = None
+
+
+def _backend() -> TritonBackend:
+    global _default
+    if _default is None:
+        _default = TritonBackend()
+    return _default
+
+
+def _acc_like(tensors: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.custom_op("fusedclip::triton_norms", mutates_args=())
+def _norms_op(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    total, norms, _ = _backend()._norms(tensors, norm_type, True, None)
+    return total, norms  # type: ignore[return-value]
+
+
+@_norms_op.register_fake
+def _(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    acc, dev = _acc_like(tensors), tensors[0].device
+    return torch.empty((), dtype=acc, device=dev), torch.empty(len(tensors), dtype=acc, device=dev)
+
+
+@torch.library.custom_op("fusedclip::triton_norm_and_coef", mutates_args=())
+def _norm_and_coef_op(tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    total, _, coef = _backend()._norms(tensors, norm_type, False, max_norm)
+    return total, coef  # type: ignore[return-value]
+
+
+@_norm_and_coef_op.register_fake
+def _(tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    acc, dev = _acc_like(tensors), tensors[0].device
+    return torch.empty((), dtype=acc, device=dev), torch.empty((), dtype=acc, device=dev)
+
+
+@torch.library.custom_op("fusedclip::triton_scale_", mutates_args=("tensors",))
+def _scale_op(tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+    _backend()._scale(tensors, coef, per_tensor)
+
+
+@_scale_op.register_fake
+def _(tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+    return None
+
+
+@torch.library.custom_op("fusedclip::triton_clamp_", mutates_args=("tensors",))
+def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
+    _backend().clamp_(tensors, clip_value)
+
+
+@_clamp_op.register_fake
+def _(tensors: list[Tensor], clip_value: float) -> None:
+    return None
+
+
+def _kernels_interpreted() -> bool:
+    """Whether triton built our kernels for its CPU interpreter (decided when triton first saw them)."""
+    from fusedclip.triton_kernels import multi_tensor_norm
+
+    return type(multi_tensor_norm._reduce_kernel).__name__ == "InterpretedFunction"
+
+
+def load() -> TritonBackend:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising something else
+        raise BackendUnavailable(f"triton cannot be imported: {type(e).__name__}: {e}") from e
+    try:
+        import fusedclip.triton_kernels.multi_tensor_norm  # noqa: F401
+        import fusedclip.triton_kernels.scale  # noqa: F401
+        import fusedclip.triton_kernels.clamp  # noqa: F401
+    except Exception as e:
+        raise BackendUnavailable(f"the Triton kernels failed to load: {type(e).__name__}: {e}") from e
+    return _backend()

@@ -1,0 +1,425 @@
+"""The Triton backend's kernels, run for real: on CPU under TRITON_INTERPRET=1 (set by conftest), on CUDA when
+there is a GPU. Tiny chunks put chunk boundaries within reach of small tensors and keep the interpreter fast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedclip
+from fusedclip import backends
+from reference import (
+    FLOAT_DTYPES,
+    NORM_TYPES,
+    assert_scaled,
+    assert_total_close,
+    random_grads,
+    random_tensor,
+    ref_tensor_norm,
+    ref_total_norm,
+)
+
+triton_backend = pytest.importorskip("fusedclip.backends.triton_backend")
+if "triton" not in fusedclip.available_backends():
+    pytest.skip(f"triton backend unavailable: {backends.unavailable_reasons().get('triton')}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CHUNK = 16
+ODD_SIZES = [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 7]
+
+
+@pytest.fixture
+def tb() -> triton_backend.TritonBackend:
+    """A backend of its own with tiny chunks (a fresh plan cache per test)."""
+    return triton_backend.TritonBackend(chunk_size=CHUNK, block=8)
+
+
+def grads_of_sizes(sizes, dtypes, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    return [random_tensor((n,), dtypes[i % len(dtypes)], device, gen, scale=1.0 + i) for i, n in enumerate(sizes)]
+
+
+def acc_of(tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def make_params(grads):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params
+
+
+class KernelCounter:
+    """Counts launches of our kernels (the CPU stand-in for the profiler count on GPU)."""
+
+    def __init__(self, monkeypatch):
+        from fusedclip.triton_kernels import clamp, multi_tensor_norm, scale
+
+        self.launches: list[str] = []
+        for module, name in [
+            (multi_tensor_norm, "_reduce_kernel"),
+            (multi_tensor_norm, "_finalize_kernel"),
+            (scale, "_scale_kernel"),
+            (clamp, "_clamp_kernel"),
+        ]:
+            monkeypatch.setattr(module, name, self._wrap(getattr(module, name), name))
+
+    def _wrap(self, kernel, name):
+        counter = self
+
+        class Wrapped:
+            def __getitem__(self, grid):
+                counter.launches.append(name)
+                return kernel[grid]
+
+        return Wrapped()
+
+
+# ---- backend seam -----------------------------------------------------------------------------------------------
+
+
+def test_registered_and_runs_here():
+    b = backends.select("triton", torch.device(DEVICE))
+    assert b.name == "triton"
+    assert b.runs_on(torch.device(DEVICE))
+    assert not b.runs_on(torch.device("meta"))
+
+
+def test_accepts_only_flat_tensors(tb):
+    assert tb.accepts(torch.ones(3, 4, device=DEVICE))
+    for dtype in FLOAT_DTYPES:
+        assert tb.accepts(torch.ones(5, dtype=dtype, device=DEVICE))
+    assert not tb.accepts(torch.ones(3, 4, device=DEVICE).t())
+    assert not tb.accepts(torch.ones(4, dtype=torch.complex64, device=DEVICE))
+    assert not tb.accepts(torch.ones(4, dtype=torch.int32, device=DEVICE))
+    assert not tb.accepts(torch.ones(4, device=DEVICE).to_sparse())
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="power of two"):
+        triton_backend.TritonBackend(chunk_size=16, block=12)
+
+
+# ---- norms --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_norms_every_type_and_dtype(tb, dtype, p):
+    grads = grads_of_sizes(ODD_SIZES, [dtype], seed=int(abs(p) * 10) % 97 if math.isfinite(p) else 5)
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    acc = acc_of(grads)
+    assert total.device.type == DEVICE and norms.shape == (len(grads),)
+    assert_total_close(total, ref_total_norm(grads, p), acc)
+    for i, g in enumerate(grads):
+        assert_total_close(norms[i], ref_tensor_norm(g, p), acc, what=f"norm of tensor {i} (numel {g.numel()})")
+    # norm_and_coef gives the same total
+    total2, coef = tb.norm_and_coef(grads, p, 1.0)
+    assert torch.equal(total, total2)
+    assert coef.dtype == acc
+
+
+def test_many_tensors_mixed_dtypes_one_reduce_launch(tb, monkeypatch):
+    grads = random_grads(310, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64), device=DEVICE,
+                         seed=3, max_numel=40)
+    counter = KernelCounter(monkeypatch)
+    total, norms = tb.norms(grads, 2.0, per_tensor=True)
+    assert counter.launches == ["_reduce_kernel", "_finalize_kernel"]
+    assert_total_close(total, ref_total_norm(grads, 2.0), torch.float64)
+    ref_norms = torch.tensor([ref_tensor_norm(g, 2.0) for g in grads], dtype=torch.float64)
+    torch.testing.assert_close(norms.cpu(), ref_norms, rtol=1e-5, atol=0)
+
+
+def test_clip_grad_norm_is_three_launches(monkeypatch):
+    grads = random_grads(50, dtypes=(torch.float32, torch.bfloat16), device=DEVICE, seed=4)
+    counter = KernelCounter(monkeypatch)
+    fusedclip.clip_grad_norm_(make_params(grads), 0.5, backend="triton")
+    assert counter.launches == ["_reduce_kernel", "_finalize_kernel", "_scale_kernel"]
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, float("inf"), float("-inf"), 0.0])
+def test_mixed_float32_float64_accumulates_in_float64(tb, p):
+    grads = grads_of_sizes([5, 33, 2, 17], [torch.float32, torch.float64, torch.bfloat16], seed=9)
+    total, _ = tb.norms(grads, p, per_tensor=False)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float64)
+
+
+def test_large_values_do_not_overflow_fp16_total(tb):
+    grads = grads_of_sizes([100, 50], [torch.float16], seed=2)
+    grads = [g * 3000 for g in grads]  # torch's fp16 total would overflow to inf
+    total, _ = tb.norms(grads, 2.0, per_tensor=False)
+    assert math.isfinite(total.item())
+    assert_total_close(total, ref_total_norm(grads, 2.0), torch.float32)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf"])
+def test_non_finite_propagates_like_torch(tb, p, poison):
+    grads = grads_of_sizes([20, 1, 37, 9], [torch.float32], seed=11)
+    grads[2][CHUNK + 3] = float(poison)  # second chunk of a tensor, not its first element
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    ref = ref_total_norm(grads, p)
+    assert_total_close(total, ref, torch.float32)
+    assert_total_close(norms[2], ref_tensor_norm(grads[2], p), torch.float32)
+    stock = torch.nn.utils.get_total_norm([g.clone() for g in grads], p)
+    if math.isnan(ref):
+        assert math.isnan(stock.item())
+    else:
+        assert stock.item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_nan_gradient_gives_nan_everywhere_when_clipping():
+    grads = random_grads(6, device=DEVICE, seed=12)
+    grads[4][0] = float("nan")
+    ours, theirs = make_params([g.clone() for g in grads]), make_params([g.clone() for g in grads])
+    t1 = fusedclip.clip_grad_norm_(ours, 1.0, backend="triton")
+    t2 = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert math.isnan(t1.item()) and math.isnan(t2.item())
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad.isnan(), b.grad.isnan())
+
+
+def test_deterministic_bitwise(tb):
+    grads = random_grads(40, dtypes=(torch.float32, torch.bfloat16), device=DEVICE, seed=13, max_numel=120)
+    for p in (2.0, 3.0, float("inf")):
+        first, norms = tb.norms(grads, p, per_tensor=True)
+        for _ in range(3):
+            again, norms2 = tb.norms(grads, p, per_tensor=True)
+            assert torch.equal(first, again) and torch.equal(norms, norms2)
+
+
+# ---- clipping through the public API ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_clip_grad_norm_matches_reference(dtype):
+    grads = random_grads(25, dtypes=(dtype,), device=DEVICE, seed=14, max_numel=700)  # several default chunks
+    original = [g.clone() for g in grads]
+    max_norm = 0.1
+    total = fusedclip.clip_grad_norm_(make_params(grads), max_norm, backend="triton")
+    ref = ref_total_norm(original, 2.0)
+    acc = acc_of(original)
+    assert_total_close(total, ref, acc)
+    coef = backends.clip_coef(total, max_norm).item()  # torch's formula, in the total's dtype
+    for g, o in zip(grads, original):
+        assert_scaled(g, o, coef)
+
+
+def test_clip_matches_stock_torch_float32():
+    grads = random_grads(30, device=DEVICE, seed=15)
+    ours, theirs = make_params([g.clone() for g in grads]), make_params([g.clone() for g in grads])
+    t1 = fusedclip.clip_grad_norm_(ours, 0.7, norm_type=3.0, backend="triton")
+    t2 = torch.nn.utils.clip_grad_norm_(theirs, 0.7, norm_type=3.0)
+    torch.testing.assert_close(t1, t2, rtol=1e-5, atol=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-6, atol=0)
+
+
+def test_float64_coefficient_keeps_float64_max_norm(tb):
+    grads = grads_of_sizes([40, 3], [torch.float64], seed=16)
+    total, coef = tb.norm_and_coef(grads, 2.0, 0.1)
+    expected = torch.clamp(0.1 / (total + 1e-6), max=1.0)  # torch's own formula, in float64
+    assert coef.dtype == torch.float64 and coef.item() == pytest.approx(expected.item(), rel=1e-15)
+
+
+def test_coef_one_touches_no_gradient_memory(tb, monkeypatch):
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if DEVICE != "cpu":
+        pytest.skip("counts interpreter stores")
+    grads = grads_of_sizes([30, 5, 17], [torch.float32, torch.bfloat16, torch.float64], seed=17)
+    bits = [g.clone() for g in grads]
+    stores = []
+    real = interpreter.interpreter_builder.create_masked_store
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_masked_store",
+                        lambda *a, **k: (stores.append(1), real(*a, **k))[1])
+    total, coef = tb.norm_and_coef(grads, 2.0, 1e9)
+    assert coef.item() == 1.0
+    stores.clear()
+    tb.scale_(grads, coef)
+    assert stores == []
+    for g, b in zip(grads, bits):
+        assert torch.equal(g.view(torch.uint8), b.view(torch.uint8))
+    tb.scale_(grads, torch.tensor(0.5, device=DEVICE))  # the counter does see a real pass
+    assert len(stores) >= len(grads)
+    for g, b in zip(grads, bits):
+        assert_scaled(g, b, 0.5)
+
+
+def test_noncontiguous_and_zero_size_fold_into_one_total():
+    gen = torch.Generator().manual_seed(18)
+    grads = [
+        random_tensor((9, 5), torch.float32, DEVICE, gen).t(),  # not contiguous: torch backend
+        random_tensor((0,), torch.float32, DEVICE, gen),
+        random_tensor((600,), torch.bfloat16, DEVICE, gen),
+        random_tensor((3,), torch.float64, DEVICE, gen),
+    ]
+    original = [g.clone() for g in grads]
+    for p in (2.0, float("inf"), 0.0):
+        total, norms = fusedclip.multi_tensor_norm(grads, p, per_tensor=True, backend="triton")
+        # The fallback group accumulates its fp32 tensor in fp32 (dispatch's per-group rule): fp32 tolerance.
+        assert total.dtype == torch.float64
+        assert total.item() == pytest.approx(ref_total_norm(original, p), rel=1e-5)
+        assert norms[1].item() == 0.0
+        assert norms[0].item() == pytest.approx(ref_tensor_norm(original[0], p), rel=1e-5)
+    total = fusedclip.clip_grad_norm_(make_params(grads), 0.5, backend="triton")
+    coef = backends.clip_coef(total, 0.5).item()
+    for g, o in zip(grads, original):
+        if g.numel():
+            assert_scaled(g, o, coef)
+
+
+def test_clip_grad_norm_per_tensor(tb):
+    grads = random_grads(12, dtypes=(torch.float32, torch.float16), device=DEVICE, seed=19, max_numel=60)
+    original = [g.clone() for g in grads]
+    norms = fusedclip.clip_grad_norm_per_tensor_(make_params(grads), 2.0, backend="triton")
+    for g, o, n in zip(grads, original, norms):
+        ref = ref_tensor_norm(o, 2.0)
+        assert n.item() == pytest.approx(ref, rel=1e-5)
+        assert_scaled(g, o, backends.clip_coef(n, 2.0).item())
+    assert any(ref_tensor_norm(o, 2.0) < 2.0 for o in original)  # some untouched, some clipped
+    assert any(ref_tensor_norm(o, 2.0) > 2.0 for o in original)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_clamp_matches_torch(dtype):
+    grads = grads_of_sizes([31, 1, 17], [dtype], seed=20)
+    grads[0][5] = float("nan")
+    expected = [g.clamp(-0.3, 0.3) for g in grads]
+    fusedclip.clip_grad_value_(make_params(grads), 0.3, backend="triton")
+    for g, e in zip(grads, expected):
+        assert torch.equal(g.isnan(), e.isnan())
+        assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(e))
+
+
+# ---- plan cache ---------------------------------------------------------------------------------------------------
+
+
+def test_plan_cache_hit_and_rebuild_on_replaced_grad(tb):
+    grads = random_grads(8, device=DEVICE, seed=21)
+    params = make_params(grads)
+    tb.norms([p.grad for p in params], 2.0, False)
+    tb.norms([p.grad for p in params], 2.0, False)
+    assert tb.cache.builds == 1
+    params[3].grad = params[3].grad * 10  # a new tensor: must never be read through the old address
+    total, _ = tb.norms([p.grad for p in params], 2.0, False)
+    assert tb.cache.builds == 2
+    assert_total_close(total, ref_total_norm([p.grad for p in params], 2.0), torch.float32)
+
+
+def test_plan_cache_is_bounded():
+    tb = triton_backend.TritonBackend(chunk_size=CHUNK, block=8, cache_size=4)
+    keep = []
+    for i in range(12):
+        grads = random_grads(2, device=DEVICE, seed=100 + i, max_numel=10)
+        keep.append(grads)  # distinct live lists: all distinct keys
+        tb.norms(grads, 2.0, False)
+        assert len(tb.cache) <= 4
+    assert tb.cache.builds == 12
+
+
+# ---- GPU only ----------------------------------------------------------------------------------------------------
+
+
+def _cuda_grads(count=200, dtype=torch.float32, seed=30):
+    return random_grads(count, dtypes=(dtype,), device="cuda", seed=seed, max_numel=5000)
+
+
+@pytest.mark.gpu
+def test_gpu_launch_count_at_most_three():
+    from torch.profiler import ProfilerActivity, profile
+
+    params = make_params(_cuda_grads(500, torch.bfloat16))
+    fusedclip.clip_grad_norm_(params, 0.1, backend="triton")  # compile and build the plan first
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) <= 3, [e.name for e in kernels]
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    params = make_params(_cuda_grads())
+    fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+        fusedclip.clip_grad_norm_(params, 1e9, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_replay():
+    grads = _cuda_grads(50)
+    params = make_params(grads)
+    fusedclip.clip_grad_norm_(params, 0.1, backend="triton")  # warm: compile, plan
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    for seed in (31, 32):
+        fresh = _cuda_grads(50, seed=seed)
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_total_close(total, ref_total_norm(fresh, 2.0), torch.float32)
+        coef = backends.clip_coef(total, 0.1).item()
+        for g, f in zip(grads, fresh):
+            assert_scaled(g, f, coef)
+
+
+def _compiled_clip_step(device: str, compile_backend: str) -> None:
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(device)
+    model(torch.randn(8, 16, device=device)).square().mean().backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    fusedclip.available_backends()  # backends load outside the trace: dynamo cannot trace their import
+
+    @torch.compile(fullgraph=True, backend=compile_backend)
+    def step():
+        return fusedclip.clip_grad_norm_(model.parameters(), 0.01, backend="triton")
+
+    total = step()
+    assert_total_close(total, ref_total_norm(raw, 2.0), torch.float32)
+    coef = backends.clip_coef(total, 0.01).item()
+    for p, r in zip(model.parameters(), raw):
+        assert_scaled(p.grad, r, coef)
+
+
+def test_torch_compile_fullgraph_cpu():
+    if DEVICE != "cpu":
+        pytest.skip("the CPU variant; see test_gpu_torch_compile_fullgraph")
+    _compiled_clip_step("cpu", "aot_eager")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    _compiled_clip_step("cuda", "inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_tensor_over_two_to_the_31_elements():
+    n = 2**31 + 4097
+    if torch.cuda.get_device_properties(0).total_memory < 3 * n * 2:
+        pytest.skip("needs about 13 GB of GPU memory")
+    g = torch.full((n,), 0.5, dtype=torch.bfloat16, device="cuda")
+    g[-3:] = 2.0  # past 2^31: a 32-bit offset would miss these
+    total, coef = backends.select("triton", g.device).norm_and_coef([g], float("inf"), 1.0)
+    assert total.item() == 2.0
+    total, _ = backends.select("triton", g.device).norms([g], 2.0, False)
+    ref = math.sqrt((n - 3) * 0.25 + 3 * 4.0)
+    assert total.item() == pytest.approx(ref, rel=1e-5)
+    backends.select("triton", g.device).scale_([g], torch.tensor(0.5, device="cuda"))
+    assert g[-1].item() == 1.0 and g[0].item() == 0.25

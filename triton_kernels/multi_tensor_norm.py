@@ -1,0 +1,250 @@
+"""One reduction over every tensor of a device, then a finalize that writes per-tensor norms, the total and
+the clip coefficient as device scalars.
+
+Launch 1 (`_reduce_kernel`, one program per chunk): the chunk's partial, sum |x|^p (or max / min / non-zero
+count) accumulated in float32 (float64 when ACC is float64), into `partials[chunk]`.
+Launch 2 (`_finalize_kernel`, one program per BLOCK_T tensors): each tensor's chunk partials reduced in a fixed
+order into `tensor_vals[t]`; the last program to take a ticket reduces `tensor_vals` in a fixed order into the
+total and the coefficient, then resets the ticket. No float atomics: the same input gives the same bits.
+
+NaN propagates as in torch: sums carry it naturally; max/min use a separate "any NaN" flag because tl.max and
+tl.maximum may drop a NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .addressing import BF16, F16, F32, NORM_INF, NORM_L2, NORM_NEG_INF, NORM_P, NORM_ZERO, f64_bits, norm_kind
+
+
+@triton.jit(do_not_specialize=["p_bits"])
+def _reduce_kernel(
+    meta_ptr,
+    chunk_tensor_ptr,
+    chunk_start_ptr,
+    partial_ptr,
+    num_tensors,
+    p_bits,
+    NORM: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
+    start = tl.load(chunk_start_ptr + c)
+    addr = tl.load(meta_ptr + t)
+    end = tl.minimum(start + CHUNK, tl.load(meta_ptr + num_tensors + t))
+    code = tl.load(meta_ptr + 2 * num_tensors + t)
+    if NORM == NORM_P:
+        p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    else:
+        p = 0.0
+    if NORM == NORM_NEG_INF:
+        acc = tl.full([BLOCK], float("inf"), ACC)
+    else:
+        acc = tl.full([BLOCK], 0, ACC)
+    nan = tl.full([BLOCK], 0, tl.int32)
+    off = start
+    while off < end:  # a while loop: the interpreter cannot range() over loaded bounds
+        idx = off + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < end
+        # The branch is uniform per program; every arm yields the same type, so one loop serves all dtypes.
+        if code == F32:
+            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + idx, mask=mask, other=0.0).to(ACC)
+        elif code == F16:
+            x = tl.load(addr.to(tl.pointer_type(tl.float16)) + idx, mask=mask, other=0.0).to(ACC)
+        elif code == BF16:
+            x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + idx, mask=mask, other=0.0).to(ACC)
+        else:
+            x = tl.load(addr.to(tl.pointer_type(tl.float64)) + idx, mask=mask, other=0.0).to(ACC)
+        x = tl.abs(x)
+        if NORM == NORM_L2:
+            acc += x * x
+        elif NORM == NORM_ZERO:
+            acc += (x != 0).to(ACC)  # NaN counts as non-zero, as in torch
+        elif NORM == NORM_P:
+            # |x|^p as exp2(p log2|x|); x == 0 kept out of log2 (gives 0). NaN and inf propagate.
+            acc += tl.where(x == 0, 0.0, tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x))))
+        elif NORM == NORM_INF:
+            acc = tl.maximum(acc, x)
+            nan |= (x != x).to(tl.int32)
+        elif NORM == NORM_NEG_INF:
+            acc = tl.minimum(acc, tl.where(mask, x, float("inf")))
+            nan |= (x != x).to(tl.int32)
+        else:  # L1
+            acc += x
+        off += BLOCK
+    if NORM == NORM_INF:
+        part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(acc, 0))
+    elif NORM == NORM_NEG_INF:
+        part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.min(acc, 0))
+    else:
+        part = tl.sum(acc, 0)
+    tl.store(partial_ptr + c, part.to(ACC))
+
+
+@triton.jit(do_not_specialize=["p_bits", "max_norm_bits"])
+def _finalize_kernel(
+    partial_ptr,
+    tensor_chunks_ptr,
+    tensor_val_ptr,
+    norms_ptr,
+    total_ptr,
+    coef_ptr,
+    ticket_ptr,
+    num_tensors,
+    p_bits,
+    max_norm_bits,
+    NORM: tl.constexpr,
+    NEUTRAL: tl.constexpr,
+    PER_TENSOR: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ids < num_tensors
+    first = tl.load(tensor_chunks_ptr + ids, mask=tmask, other=0)
+    count = tl.load(tensor_chunks_ptr + ids + 1, mask=tmask, other=0) - first
+    # Each tensor's chunk partials, BLOCK_J at a time: a fixed order whatever the grid.
+    acc = tl.full([BLOCK_T, BLOCK_J], NEUTRAL, ACC)
+    nan = tl.full([BLOCK_T, BLOCK_J], 0, tl.int32)
+    most = tl.max(count, 0)
+    j = 0
+    while j < most:
+        jj = j + tl.arange(0, BLOCK_J)
+        m = tmask[:, None] & (jj[None, :] < count[:, None])
+        v = tl.load(partial_ptr + first[:, None].to(tl.int64) + jj[None, :], mask=m, other=NEUTRAL)
+        if NORM == NORM_INF:
+            acc = tl.maximum(acc, v)
+            nan |= (v != v).to(tl.int32)
+        elif NORM == NORM_NEG_INF:
+            acc = tl.minimum(acc, v)
+            nan |= (v != v).to(tl.int32)
+        else:
+            acc += v
+        j += BLOCK_J
+    if NORM == NORM_INF:
+        vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.max(acc, 1))
+    elif NORM == NORM_NEG_INF:
+        vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.min(acc, 1))
+    else:
+        vals = tl.sum(acc, 1)
+    vals = vals.to(ACC)
+    tl.store(tensor_val_ptr + ids, vals, mask=tmask)
+    if PER_TENSOR:
+        if NORM == NORM_L2:
+            if ACC == tl.float32:
+                tl.store(norms_ptr + ids, tl.sqrt_rn(vals), mask=tmask)  # tl.sqrt may be approximate
+            else:
+                tl.store(norms_ptr + ids, tl.sqrt(vals), mask=tmask)
+        elif NORM == NORM_P:
+            root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals)) / p)
+            tl.store(norms_ptr + ids, tl.where(vals == 0, 0.0, root).to(ACC), mask=tmask)
+        else:
+            tl.store(norms_ptr + ids, vals, mask=tmask)
+    # Last program in: every tensor value is written; reduce them in a fixed order.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        tacc = tl.full([BLOCK_R], NEUTRAL, ACC)
+        tnan = tl.full([BLOCK_R], 0, tl.int32)
+        i = 0
+        while i < num_tensors:
+            r = i + tl.arange(0, BLOCK_R)
+            v = tl.load(tensor_val_ptr + r, mask=r < num_tensors, other=NEUTRAL, cache_modifier=".cg")
+            if NORM == NORM_INF:
+                tacc = tl.maximum(tacc, v)
+                tnan |= (v != v).to(tl.int32)
+            elif NORM == NORM_NEG_INF:
+                tacc = tl.minimum(tacc, v)
+                tnan |= (v != v).to(tl.int32)
+            elif NORM == NORM_ZERO:
+                tacc += (v != 0).to(ACC)  # torch: the number of tensors with a non-zero entry
+            else:
+                tacc += v
+            i += BLOCK_R
+        if NORM == NORM_INF:
+            total = tl.where(tl.max(tnan, 0) > 0, float("nan"), tl.max(tacc, 0))
+        elif NORM == NORM_NEG_INF:
+            total = tl.where(tl.max(tnan, 0) > 0, float("nan"), tl.min(tacc, 0))
+        else:
+            total = tl.sum(tacc, 0)
+        total = total.to(ACC)
+        if NORM == NORM_L2:
+            if ACC == tl.float32:
+                total = tl.sqrt_rn(total)
+            else:
+                total = tl.sqrt(total)
+        elif NORM == NORM_P:
+            total = tl.where(total == 0, 0.0, tl.exp2(tl.log2(tl.where(total == 0, 1.0, total)) / p)).to(ACC)
+        tl.store(total_ptr, total)
+        if HAS_COEF:
+            # torch: clamp(max_norm / (total + 1e-6), max=1), evaluated as torch does: reciprocal, then times.
+            max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+            eps = tl.full([], 1e-6, tl.float64).to(ACC)
+            if ACC == tl.float32:
+                coef = tl.math.div_rn(tl.full([], 1.0, ACC), total + eps) * max_norm  # IEEE division
+            else:
+                coef = (1.0 / (total + eps)) * max_norm
+            coef = tl.where(coef > 1.0, 1.0, coef)  # NaN stays NaN
+            tl.store(coef_ptr, coef.to(ACC))
+        tl.atomic_xchg(ticket_ptr, 0)  # ready for the next call (and for CUDA-graph replay)
+
+
+def multi_tensor_norm(
+    meta: Tensor,
+    chunk_tensor: Tensor,
+    chunk_start: Tensor,
+    tensor_chunks: Tensor,
+    ticket: Tensor,
+    num_tensors: int,
+    num_chunks: int,
+    chunk_size: int,
+    acc_dtype: torch.dtype,
+    norm_type: float,
+    per_tensor: bool = False,
+    max_norm: Optional[float] = None,
+    block: int = 1024,
+    block_t: int = 64,
+    block_j: int = 16,
+    block_r: int = 1024,
+    num_warps: int = 4,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(total, per-tensor norms or None, clip coefficient or None), as device tensors of `acc_dtype`.
+
+    Two launches. The tables are those of fusedclip.backends.plan (meta int64 [3, T]: address, numel, dtype
+    code; chunk_tensor/chunk_start per chunk; tensor_chunks [T + 1]); `ticket` is an int32 [1] that is zero
+    between calls. The caller keeps the tensors the table points at alive until the kernels have run.
+    """
+    device = meta.device
+    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    kind = norm_kind(norm_type)
+    neutral = float("inf") if kind == 3 else 0.0  # identity of the combine: min for -inf, else max or sum
+    pb = f64_bits(norm_type if kind == 5 else 1.0)
+    partials = torch.empty(num_chunks, dtype=acc_dtype, device=device)
+    tensor_vals = torch.empty(num_tensors, dtype=acc_dtype, device=device)
+    total = torch.empty((), dtype=acc_dtype, device=device)
+    norms = torch.empty(num_tensors, dtype=acc_dtype, device=device) if per_tensor else tensor_vals
+    coef = torch.empty((), dtype=acc_dtype, device=device) if max_norm is not None else total
+    _reduce_kernel[(num_chunks,)](
+        meta, chunk_tensor, chunk_start, partials, num_tensors, pb,
+        NORM=kind, CHUNK=chunk_size, BLOCK=block, ACC=acc, num_warps=num_warps,
+    )
+    _finalize_kernel[(triton.cdiv(num_tensors, block_t),)](
+        partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors, pb,
+        f64_bits(max_norm if max_norm is not None else 0.0),
+        NORM=kind, NEUTRAL=neutral, PER_TENSOR=per_tensor, HAS_COEF=max_norm is not None,
+        BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_R=block_r, ACC=acc, num_warps=4,
+    )
+    return total, (norms if per_tensor else None), (coef if max_norm is not None else None)
