@@ -8,20 +8,31 @@
 
 #include "fusedclip_kernels.h"
 
+// The build passes the arch list as one bare token (setup.py: '8.0;9.0+PTX' -> 8.0_9.0+PTX).
 #ifndef FUSEDCLIP_CUDA_ARCHS
-#define FUSEDCLIP_CUDA_ARCHS "unknown"
+#define FUSEDCLIP_CUDA_ARCHS unknown
 #endif
+#define FUSEDCLIP_STR2(x) #x
+#define FUSEDCLIP_STR(x) FUSEDCLIP_STR2(x)
 
 namespace py = pybind11;
 
 namespace {
+
+std::string arch_list() {
+  std::string s = FUSEDCLIP_STR(FUSEDCLIP_CUDA_ARCHS);
+  for (char& c : s) {
+    if (c == '_') c = ';';
+  }
+  return s;
+}
 
 std::string version_string(int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); }
 
 py::dict build_info() {
   py::dict d;
   d["cuda_version"] = version_string(fusedclip::compiled_cuda_version());
-  d["cuda_archs"] = std::string(FUSEDCLIP_CUDA_ARCHS);
+  d["cuda_archs"] = arch_list();
   py::dict params;
   params["threads_per_block"] = fusedclip::kThreads;
   params["blocks_per_sm"] = fusedclip::kBlocksPerSM;

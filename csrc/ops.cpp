@@ -153,6 +153,8 @@ void clamp_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& 
 // Tables: meta int64 [3, T], chunk_tensor int32 [C], chunk_start int64 [C], tensor_chunks int32 [T + 1].
 // Results are float32, float64 when any grad is float64.
 TORCH_LIBRARY(fusedclip, m) {
+  // The fake (meta) kernels for torch.compile are registered in Python, in this module.
+  m.set_python_module("fusedclip.backends.cuda_backend");
   m.def(
       "norm(Tensor[] grads, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, Tensor tensor_chunks, "
       "int chunk_size, float norm_type, bool per_tensor) -> (Tensor, Tensor)");
