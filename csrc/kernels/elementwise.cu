@@ -1,0 +1,119 @@
+// In-place scale (one coefficient or one per tensor) and value clamp over the tensor table, one launch each.
+// Elements are computed in float (double for float64), as torch does, and rounded back once.
+#include <cstring>
+
+#include "common.cuh"
+
+namespace fusedclip {
+namespace detail {
+namespace {
+
+struct MulBy {
+  float cf;
+  double cd;
+  __device__ __forceinline__ float operator()(float x) const { return x * cf; }
+  __device__ __forceinline__ double operator()(double x) const { return x * cd; }
+};
+
+struct ClampTo {
+  float lof, hif;
+  double lod, hid;
+  // NaN fails both comparisons and is kept, as in torch.clamp.
+  __device__ __forceinline__ float operator()(float x) const { return x < lof ? lof : (x > hif ? hif : x); }
+  __device__ __forceinline__ double operator()(double x) const { return x < lod ? lod : (x > hid ? hid : x); }
+};
+
+template <typename T, typename F> __device__ __forceinline__ void apply_pack(Pack<T>& pk, const F& f) {
+  using M = typename OpMath<T>::type;
+#pragma unroll
+  for (int j = 0; j < Pack<T>::kN; ++j) pk.v[j] = from_op<T>(f(static_cast<M>(to_float(pk.v[j]))));
+}
+
+// This thread's share of one chunk, rewritten in place.
+template <typename T, typename F> __device__ void apply_chunk(const ChunkView& v, const F& f) {
+  using M = typename OpMath<T>::type;
+  T* base = static_cast<T*>(v.base) + v.start;
+  int64_t tail = 0;
+  if (aligned16(base)) {
+    constexpr int N = Pack<T>::kN;
+    const int64_t nvec = v.count / N;
+    Pack<T>* vp = reinterpret_cast<Pack<T>*>(base);
+    int64_t i = threadIdx.x;
+    for (; i + kThreads < nvec; i += 2 * kThreads) {  // two loads in flight before the stores
+      Pack<T> a = vp[i];
+      Pack<T> b = vp[i + kThreads];
+      apply_pack(a, f);
+      apply_pack(b, f);
+      vp[i] = a;
+      vp[i + kThreads] = b;
+    }
+    for (; i < nvec; i += kThreads) {
+      Pack<T> a = vp[i];
+      apply_pack(a, f);
+      vp[i] = a;
+    }
+    tail = nvec * N;
+  }
+  for (int64_t i = tail + threadIdx.x; i < v.count; i += kThreads) base[i] = from_op<T>(f(static_cast<M>(to_float(base[i]))));
+}
+
+template <typename F> __device__ __forceinline__ void apply_any(const ChunkView& v, const F& f) {
+  switch (v.dtype) {
+    case kFloat32: apply_chunk<float>(v, f); break;
+    case kFloat16: apply_chunk<__half>(v, f); break;
+    case kBFloat16: apply_chunk<__nv_bfloat16>(v, f); break;
+    case kFloat64: apply_chunk<double>(v, f); break;
+    default: break;
+  }
+}
+
+template <typename C>
+__global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable tt, const C* coef, bool per_tensor) {
+  if (!per_tensor) {
+    const C c = coef[0];
+    if (c == static_cast<C>(1)) return;  // nothing to clip: touch no gradient (NaN != 1 goes on)
+    const MulBy f{static_cast<float>(c), static_cast<double>(c)};
+    for (int64_t k = blockIdx.x; k < tt.num_chunks; k += gridDim.x) apply_any(chunk_view(tt, k), f);
+    return;
+  }
+  for (int64_t k = blockIdx.x; k < tt.num_chunks; k += gridDim.x) {
+    const ChunkView v = chunk_view(tt, k);
+    const C c = coef[v.tensor];
+    if (c == static_cast<C>(1)) continue;
+    apply_any(v, MulBy{static_cast<float>(c), static_cast<double>(c)});
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) clamp_kernel(TensorTable tt, ClampTo f) {
+  for (int64_t k = blockIdx.x; k < tt.num_chunks; k += gridDim.x) apply_any(chunk_view(tt, k), f);
+}
+
+bool table_ok(const TensorTable& t) {
+  return t.meta != nullptr && t.chunk_tensor != nullptr && t.chunk_start != nullptr && t.num_tensors > 0 &&
+         t.num_chunks > 0 && t.chunk_size > 0 && t.chunk_size % kChunkAlign == 0;
+}
+
+}  // namespace
+}  // namespace detail
+
+cudaError_t launch_scale(const TensorTable& table, const void* coef, bool coef_f64, bool per_tensor, int sm_count,
+                         cudaStream_t stream) {
+  if (!detail::table_ok(table) || coef == nullptr) return cudaErrorInvalidValue;
+  const dim3 blocks(static_cast<unsigned int>(grid_size(table.num_chunks, sm_count)));
+  if (coef_f64) {
+    detail::scale_kernel<double><<<blocks, kThreads, 0, stream>>>(table, static_cast<const double*>(coef), per_tensor);
+  } else {
+    detail::scale_kernel<float><<<blocks, kThreads, 0, stream>>>(table, static_cast<const float*>(coef), per_tensor);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_clamp(const TensorTable& table, double clip_value, int sm_count, cudaStream_t stream) {
+  if (!detail::table_ok(table) || !(clip_value >= 0.0)) return cudaErrorInvalidValue;
+  const dim3 blocks(static_cast<unsigned int>(grid_size(table.num_chunks, sm_count)));
+  const detail::ClampTo f{static_cast<float>(-clip_value), static_cast<float>(clip_value), -clip_value, clip_value};
+  detail::clamp_kernel<<<blocks, kThreads, 0, stream>>>(table, f);
+  return cudaGetLastError();
+}
+
+}  // namespace fusedclip

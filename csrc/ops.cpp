@@ -1,0 +1,181 @@
+// Torch ops over the pure-CUDA kernels in kernels/. Registered as torch.ops.fusedclip.*; the gradients are
+// passed as a tensor list (so the dispatcher and torch.compile see what is read and mutated) and the kernels
+// reach them through the device table built by python/fusedclip/backends/plan.py.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "fusedclip_kernels.h"
+
+namespace fusedclip {
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fusedclip: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_grads(at::TensorList grads, const at::Tensor& meta) {
+  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == 3 &&
+                  meta.is_contiguous(),
+              "fusedclip: meta must be a contiguous int64 [3, T] CUDA tensor");
+  TORCH_CHECK(!grads.empty(), "fusedclip: grads must not be empty");
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == meta.size(1), "fusedclip: ", grads.size(),
+              " grads for a table of ", meta.size(1), " tensors");
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.device() == meta.device(), "fusedclip: every grad must be on ", meta.device(), ", got ",
+                g.device());
+  }
+}
+
+TensorTable make_table(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                       const at::Tensor& chunk_start, const at::Tensor* tensor_chunks, int64_t chunk_size) {
+  check_grads(grads, meta);
+  TORCH_CHECK(chunk_tensor.device() == meta.device() && chunk_tensor.scalar_type() == at::kInt &&
+                  chunk_tensor.dim() == 1 && chunk_tensor.is_contiguous(),
+              "fusedclip: chunk_tensor must be a contiguous int32 [C] tensor on ", meta.device());
+  TORCH_CHECK(chunk_start.device() == meta.device() && chunk_start.scalar_type() == at::kLong &&
+                  chunk_start.dim() == 1 && chunk_start.numel() == chunk_tensor.numel() && chunk_start.is_contiguous(),
+              "fusedclip: chunk_start must be a contiguous int64 [C] tensor on ", meta.device());
+  TORCH_CHECK(chunk_tensor.numel() > 0, "fusedclip: the chunk table is empty");
+  TORCH_CHECK(chunk_size > 0 && chunk_size % kChunkAlign == 0, "fusedclip: chunk_size must be a positive multiple of ",
+              kChunkAlign, ", got ", chunk_size);
+  TensorTable t;
+  t.meta = meta.data_ptr<int64_t>();
+  t.chunk_tensor = chunk_tensor.data_ptr<int32_t>();
+  t.chunk_start = chunk_start.data_ptr<int64_t>();
+  if (tensor_chunks != nullptr) {
+    TORCH_CHECK(tensor_chunks->device() == meta.device() && tensor_chunks->scalar_type() == at::kInt &&
+                    tensor_chunks->dim() == 1 && tensor_chunks->numel() == meta.size(1) + 1 &&
+                    tensor_chunks->is_contiguous(),
+                "fusedclip: tensor_chunks must be a contiguous int32 [T + 1] tensor on ", meta.device());
+    t.tensor_chunks = tensor_chunks->data_ptr<int32_t>();
+  }
+  t.num_tensors = meta.size(1);
+  t.num_chunks = chunk_tensor.numel();
+  t.chunk_size = chunk_size;
+  return t;
+}
+
+int sm_count(const at::Device& device) {
+  return at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
+}
+
+bool any_float64(at::TensorList grads) {
+  for (const auto& g : grads) {
+    if (g.scalar_type() == at::kDouble) return true;
+  }
+  return false;
+}
+
+// (total, per-tensor norms or an empty tensor, coef or an undefined tensor)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(at::TensorList grads, const at::Tensor& meta,
+                                                        const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
+                                                        const at::Tensor& tensor_chunks, int64_t chunk_size,
+                                                        double norm_type, bool per_tensor, bool want_coef,
+                                                        double max_norm) {
+  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, &tensor_chunks, chunk_size);
+  TORCH_CHECK(!std::isnan(norm_type), "fusedclip: norm_type is NaN");
+  const c10::cuda::CUDAGuard guard(meta.device());
+  const bool f64 = any_float64(grads);
+  const auto opts = meta.options().dtype(f64 ? at::kDouble : at::kFloat);
+  at::Tensor total = at::empty({}, opts);
+  at::Tensor norms = at::empty({per_tensor ? table.num_tensors : 0}, opts);
+  at::Tensor coef = want_coef ? at::empty({}, opts) : at::Tensor();
+  const int sms = sm_count(meta.device());
+  const size_t ws_bytes = norm_workspace_bytes(table.num_chunks, sms, f64);
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, meta.options().dtype(at::kByte));
+  check_cuda(launch_norm(table, norm_type, f64, total.data_ptr(), per_tensor ? norms.data_ptr() : nullptr,
+                         want_coef ? coef.data_ptr() : nullptr, max_norm, workspace.data_ptr(), ws_bytes, sms,
+                         at::cuda::getCurrentCUDAStream()),
+             "norm launch");
+  return {total, norms, coef};
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_cuda(at::TensorList grads, const at::Tensor& meta,
+                                             const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
+                                             const at::Tensor& tensor_chunks, int64_t chunk_size, double norm_type,
+                                             bool per_tensor) {
+  auto r = run_norm(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, per_tensor, false, 0.0);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_and_coef_cuda(at::TensorList grads, const at::Tensor& meta,
+                                                      const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
+                                                      const at::Tensor& tensor_chunks, int64_t chunk_size,
+                                                      double norm_type, double max_norm) {
+  TORCH_CHECK(max_norm >= 0.0, "fusedclip: max_norm must be >= 0, got ", max_norm);
+  auto r = run_norm(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, false, true, max_norm);
+  return {std::get<0>(r), std::get<2>(r)};
+}
+
+void run_scale(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+               const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coef, bool per_tensor) {
+  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size);
+  TORCH_CHECK(coef.device() == meta.device(), "fusedclip: the clip coefficient must be on ", meta.device(), ", got ",
+              coef.device());
+  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
+              "fusedclip: the clip coefficient must be float32 or float64, got ", coef.scalar_type());
+  TORCH_CHECK(coef.numel() == (per_tensor ? table.num_tensors : 1), "fusedclip: expected ",
+              (per_tensor ? table.num_tensors : 1), " clip coefficient(s), got ", coef.numel());
+  const c10::cuda::CUDAGuard guard(meta.device());
+  const at::Tensor c = coef.contiguous();
+  check_cuda(launch_scale(table, c.data_ptr(), c.scalar_type() == at::kDouble, per_tensor, sm_count(meta.device()),
+                          at::cuda::getCurrentCUDAStream()),
+             "scale launch");
+}
+
+void scale_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coef) {
+  run_scale(grads, meta, chunk_tensor, chunk_start, chunk_size, coef, false);
+}
+
+void scale_per_tensor_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                           const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coefs) {
+  run_scale(grads, meta, chunk_tensor, chunk_start, chunk_size, coefs, true);
+}
+
+void clamp_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                const at::Tensor& chunk_start, int64_t chunk_size, double clip_value) {
+  TORCH_CHECK(clip_value >= 0.0, "fusedclip: clip_value must be >= 0, got ", clip_value);
+  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size);
+  const c10::cuda::CUDAGuard guard(meta.device());
+  check_cuda(launch_clamp(table, clip_value, sm_count(meta.device()), at::cuda::getCurrentCUDAStream()),
+             "clamp launch");
+}
+
+}  // namespace
+}  // namespace fusedclip
+
+// Tables: meta int64 [3, T], chunk_tensor int32 [C], chunk_start int64 [C], tensor_chunks int32 [T + 1].
+// Results are float32, float64 when any grad is float64.
+TORCH_LIBRARY(fusedclip, m) {
+  // The fake (meta) kernels for torch.compile are registered in Python, in this module.
+  m.set_python_module("fusedclip.backends.cuda_backend");
+  m.def(
+      "norm(Tensor[] grads, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, Tensor tensor_chunks, "
+      "int chunk_size, float norm_type, bool per_tensor) -> (Tensor, Tensor)");
+  m.def(
+      "norm_and_coef(Tensor[] grads, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, Tensor tensor_chunks, "
+      "int chunk_size, float norm_type, float max_norm) -> (Tensor, Tensor)");
+  m.def(
+      "scale(Tensor(a!)[] grads, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "Tensor coef) -> ()");
+  m.def(
+      "scale_per_tensor(Tensor(a!)[] grads, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "Tensor coefs) -> ()");
+  m.def(
+      "clamp(Tensor(a!)[] grads, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "float clip_value) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
+  m.impl("norm", &fusedclip::norm_cuda);
+  m.impl("norm_and_coef", &fusedclip::norm_and_coef_cuda);
+  m.impl("scale", &fusedclip::scale_cuda);
+  m.impl("scale_per_tensor", &fusedclip::scale_per_tensor_cuda);
+  m.impl("clamp", &fusedclip::clamp_cuda);
+}

@@ -1,0 +1,156 @@
+"""The C++/CUDA backend: torch.ops.fusedclip.* from the optional extension fusedclip._C, over the shared plan.
+
+Same contract as the Triton backend: one launch for the norm of any number of tensors (total, per-tensor norms
+and clip coefficient finalized on the device), one for the scale (which returns at once when coef == 1), one
+for the clamp. Built by setup.py when torch has CUDA and nvcc is found; without it, load() says why and the
+other backends carry on.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import Backend, BackendUnavailable, acc_dtype
+from .plan import PlanCache, flat_ok
+
+# Elements per chunk: a multiple of the kernels' kChunkAlign (16) so every chunk start stays 16-byte aligned.
+CHUNK_SIZE = 65536
+
+_ext = None
+_ext_error: Optional[str] = None
+_fakes_registered = False
+
+
+def _import_ext():
+    """fusedclip._C, importing it once; raises BackendUnavailable with the reason it cannot be had."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            ext = importlib.import_module("fusedclip._C")
+        except ModuleNotFoundError as e:
+            if e.name == "fusedclip._C":
+                _ext_error = (
+                    "the CUDA extension fusedclip._C is not built (it is built by `pip install --no-build-isolation .` "
+                    "when torch has CUDA and nvcc is found; FUSEDCLIP_FORCE_CUDA=1 forces it)"
+                )
+            else:
+                _ext_error = f"fusedclip._C failed to import: {e}"
+        except (ImportError, OSError) as e:  # a stale build against another torch: undefined symbols
+            _ext_error = f"fusedclip._C failed to load ({type(e).__name__}: {e}); rebuild it against this torch"
+        else:
+            _ext = ext
+    if _ext is None:
+        raise BackendUnavailable(_ext_error or "fusedclip._C is not available")
+    return _ext
+
+
+def build_info() -> Optional[dict]:
+    """Build information of the CUDA extension (CUDA version, compiled archs, kernel parameters, and which
+    binary the current device loads), or None when the extension is not built or does not load."""
+    try:
+        ext = _import_ext()
+    except BackendUnavailable:
+        return None
+    return dict(ext.build_info())
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels so torch.compile can trace the ops without running them."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+
+    @torch.library.register_fake("fusedclip::norm")
+    def _norm_fake(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, per_tensor):
+        acc = acc_dtype(g.dtype for g in grads)
+        return meta.new_empty((), dtype=acc), meta.new_empty((len(grads) if per_tensor else 0,), dtype=acc)
+
+    @torch.library.register_fake("fusedclip::norm_and_coef")
+    def _norm_and_coef_fake(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, max_norm):
+        acc = acc_dtype(g.dtype for g in grads)
+        return meta.new_empty((), dtype=acc), meta.new_empty((), dtype=acc)
+
+    @torch.library.register_fake("fusedclip::scale")
+    def _scale_fake(grads, meta, chunk_tensor, chunk_start, chunk_size, coef):
+        return None
+
+    @torch.library.register_fake("fusedclip::scale_per_tensor")
+    def _scale_per_tensor_fake(grads, meta, chunk_tensor, chunk_start, chunk_size, coefs):
+        return None
+
+    @torch.library.register_fake("fusedclip::clamp")
+    def _clamp_fake(grads, meta, chunk_tensor, chunk_start, chunk_size, clip_value):
+        return None
+
+    _fakes_registered = True
+
+
+def _coef_arg(coef: Tensor, device: torch.device) -> Tensor:
+    """The kernels read float32 or float64 coefficients on the gradients' device."""
+    if coef.dtype not in (torch.float32, torch.float64):
+        coef = coef.float()
+    return coef.to(device)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self.plans = PlanCache(CHUNK_SIZE)
+
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def accepts(self, t: Tensor) -> bool:
+        return flat_ok(t)
+
+    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+        p = self.plans.get(tensors)
+        total, norms = torch.ops.fusedclip.norm(
+            tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type), per_tensor
+        )
+        return total, (norms if per_tensor else None)
+
+    def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+        p = self.plans.get(tensors)
+        return torch.ops.fusedclip.norm_and_coef(
+            tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type),
+            float(max_norm),
+        )
+
+    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+        p = self.plans.get(tensors)
+        torch.ops.fusedclip.scale(
+            tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, _coef_arg(coef, p.device).reshape(())
+        )
+
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+        p = self.plans.get(tensors)
+        torch.ops.fusedclip.scale_per_tensor(
+            tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, _coef_arg(coefs, p.device).contiguous()
+        )
+
+    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        p = self.plans.get(tensors)
+        torch.ops.fusedclip.clamp(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, float(clip_value))
+
+
+_instance: Optional[CudaBackend] = None
+
+
+def load() -> CudaBackend:
+    """The backend, or BackendUnavailable saying why not (extension not built or not loadable, no CUDA device)."""
+    global _instance
+    if _instance is None:
+        _import_ext()
+        if not hasattr(torch.ops.fusedclip, "norm"):
+            raise BackendUnavailable("fusedclip._C loaded but registered no torch.ops.fusedclip ops")
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("fusedclip._C is built, but no CUDA device is visible")
+        _register_fakes()
+        _instance = CudaBackend()
+    return _instance
