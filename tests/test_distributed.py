@@ -217,7 +217,8 @@ def _placements_worker(rank: int, world: int) -> None:
 
     mesh = init_device_mesh("cpu", (world,))
     full = random_grads(4, seed=7, max_numel=40)
-    mine = random_grads(4, seed=20 + rank, max_numel=40)  # a Partial(sum) gradient's local values differ per rank
+    # A Partial gradient's local values differ per rank (same shapes).
+    mine = [t * (1.0 + 0.7 * rank) - 0.3 * rank for t in random_grads(4, seed=8, max_numel=40)]
     dts = [
         DTensor.from_local(full[0], mesh, [Replicate()], run_check=False),
         DTensor.from_local(full[1].chunk(world)[rank].contiguous(), mesh, [Shard(0)], run_check=False),
@@ -258,13 +259,13 @@ def _placements_worker(rank: int, world: int) -> None:
     # A non-finite gradient on one rank only: every rank sees the same non-finite total.
     for bad in (math.nan, math.inf):
         for p in (2.0, 1.0, math.inf, -math.inf):
-            local = [x.clone() for x in full]
+            local = [x.reshape(-1).tensor_split(world)[rank].clone() for x in full + random_grads(1, seed=9)]
+            local[-1] = torch.linspace(0.5, 2.0, 11).tensor_split(world)[rank].clone()
             if rank == world - 1:
-                local[1][3] = bad
-            sharded = [DTensor.from_local(x.chunk(world)[rank].contiguous(), mesh, [Shard(0)], run_check=False)
-                       for x in local]
+                local[-1][-1] = bad
+            sharded = [DTensor.from_local(x, mesh, [Shard(0)], run_check=False) for x in local]
             got = fusedclip.get_total_norm(sharded, p).full_tensor()
-            plain = fusedclip.get_total_norm([x.chunk(world)[rank] for x in local], p, process_group=dist.group.WORLD)
+            plain = fusedclip.get_total_norm(local, p, process_group=dist.group.WORLD)
             for t, how in ((got, "DTensor"), (plain, "process_group")):
                 _same_on_all_ranks(t, f"{how} p={p} bad={bad}")
                 if p == -math.inf and bad == math.inf:

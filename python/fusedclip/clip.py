@@ -78,7 +78,7 @@ def get_total_norm(
     """
     ts = collect_tensors(tensors)
     p = parse_norm_type(norm_type)
-    if distributed.needed(ts, process_group):
+    if distributed.needed(ts, process_group, replicated):
         return distributed.get_total_norm(
             ts, ts, p, error_if_nonfinite, foreach, backend, process_group, replicated
         )
@@ -174,7 +174,7 @@ def clip_grad_norm_(
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)
-    if distributed.needed(grads, process_group):
+    if distributed.needed(grads, process_group, replicated):
         owners = [q for q in ([params] if isinstance(params, Tensor) else params) if q.grad is not None]
         return distributed.clip_grad_norm_(
             owners, grads, max_norm, p, error_if_nonfinite, foreach, backend, process_group, replicated

@@ -35,9 +35,9 @@ GroupArg = Any
 ReplicatedArg = Union[Iterable[Tensor], Callable[[Tensor], bool], None]
 
 
-def needed(tensors: list[Tensor], process_group: GroupArg) -> bool:
-    """Whether a call takes the distributed path."""
-    return process_group is not None or any(is_dtensor(t) for t in tensors)
+def needed(tensors: list[Tensor], process_group: GroupArg, replicated: ReplicatedArg = None) -> bool:
+    """Whether a call takes the distributed path (where `replicated` without a group is refused)."""
+    return process_group is not None or replicated is not None or any(is_dtensor(t) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------
