@@ -133,6 +133,15 @@ def _batch(rank: int) -> torch.Tensor:
     return torch.randint(0, 19, (3, 5), generator=g)
 
 
+def _collectives(fn) -> tuple[object, int]:
+    """(fn(), number of collectives it issued), counted by torch's CommDebugMode."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as comm:
+        out = fn()
+    return out, comm.get_total_counts()
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -161,7 +170,8 @@ def _fsdp_worker(rank: int, world: int) -> None:
     assert all(isinstance(g, DTensor) for g in grads)
 
     for p in NORMS:
-        got = fusedclip.get_total_norm(grads, p)
+        got, calls = _collectives(lambda: fusedclip.get_total_norm(grads, p))
+        assert calls == 1, f"p={p}: {calls} collectives"
         want = torch.nn.utils.get_total_norm([q.grad for q in theirs.parameters()], p)
         assert isinstance(got, DTensor), f"p={p}: {type(got)}"
         assert tuple(got.placements) == tuple(want.placements), f"p={p}: {got.placements} vs torch {want.placements}"
@@ -173,7 +183,8 @@ def _fsdp_worker(rank: int, world: int) -> None:
 
     # Clip: fusedclip on one sharded copy, torch on the other, against the reference.
     before = [_full(g).clone() for g in grads]
-    total = fusedclip.clip_grad_norm_(ours.parameters(), 0.05)
+    total, calls = _collectives(lambda: fusedclip.clip_grad_norm_(ours.parameters(), 0.05))
+    assert calls == 1, calls
     want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05)
     _close(total.full_tensor().item(), want.full_tensor().item(), 2e-6, "clip_grad_norm_ total")
     coef = 0.05 / (ref_total_norm(ref_grads, 2.0) + 1e-6)
@@ -377,8 +388,11 @@ def _mesh2d_worker(rank: int, world: int) -> None:
     grads = [p.grad for p in ours.parameters()]
     assert all(isinstance(g, DTensor) and g.device_mesh.ndim == 2 for g in grads), [g.placements for g in grads]
     for p in NORMS:
-        got = fusedclip.get_total_norm(grads, p)
+        got, calls = _collectives(lambda: fusedclip.get_total_norm(grads, p))
+        assert calls == 1, f"2-D p={p}: {calls} collectives"
         want = torch.nn.utils.get_total_norm([q.grad for q in theirs.parameters()], p)
+        if rank == 0 and p in (2.0, math.inf):
+            print(f"2-D mesh p={p}: grads {[tuple(g.placements) for g in grads]}, torch total {want.placements}")
         assert tuple(got.placements) == tuple(want.placements), f"p={p}: {got.placements} vs {want.placements}"
         _close(got.full_tensor().item(), want.full_tensor().item(), 2e-6, f"2-D p={p} vs torch")
         _close(got.full_tensor().item(), ref_total_norm(ref_grads, p), 1e-5, f"2-D p={p} vs reference")
