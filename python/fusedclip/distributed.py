@@ -54,8 +54,6 @@ def parse_groups(process_group: GroupArg) -> list:
     items = list(process_group) if isinstance(process_group, (list, tuple)) else [process_group]
     if not items:
         raise ValueError("process_group must be a ProcessGroup, a 1-D DeviceMesh or a non-empty sequence of them")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("process_group= needs torch.distributed to be initialized (dist.init_process_group)")
     out = []
     for i, g in enumerate(items):
         if isinstance(g, DeviceMesh):
@@ -72,6 +70,8 @@ def parse_groups(process_group: GroupArg) -> list:
                 f"process_group{'[%d]' % i if len(items) > 1 else ''} must be a torch.distributed ProcessGroup or a "
                 f"1-D DeviceMesh, got {type(g).__name__}"
             )
+    if not dist.is_initialized():
+        raise RuntimeError("process_group= needs torch.distributed to be initialized (dist.init_process_group)")
     return out
 
 
