@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from . import distributed
 from .arguments import (
     TensorOrTensors,
     as_list,
@@ -21,11 +22,8 @@ from .backends import clip_coef
 
 Number = Union[float, int]
 
-# torch's own functions, taken before fusedclip.patch_torch() can replace them: the DTensor fallbacks call
-# these, and calling the patched names from there would recurse.
-_torch_get_total_norm = torch.nn.utils.get_total_norm
-_torch_clip_grads_with_norm_ = torch.nn.utils.clip_grads_with_norm_
-_torch_clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
+# torch's own clip_grad_value_, taken before fusedclip.patch_torch() can replace it: the DTensor fallback
+# calls it, and calling the patched name from there would recurse.
 _torch_clip_grad_value_ = torch.nn.utils.clip_grad_value_
 
 
@@ -74,16 +72,21 @@ def get_total_norm(
     foreach: Optional[bool] = None,
     *,
     backend: Optional[str] = None,
+    process_group: distributed.GroupArg = None,
+    replicated: distributed.ReplicatedArg = None,
 ) -> Tensor:
     """Drop-in for torch.nn.utils.get_total_norm: the norm of `tensors` (not of their .grad).
 
     Returns float32 (float64 if any input is float64) on the first tensor's device; 0 for no tensors.
     `error_if_nonfinite=True` raises RuntimeError on a NaN/inf total (a host sync, as in torch).
+    DTensor inputs and `process_group=` / `replicated=`: see `clip_grad_norm_`.
     """
     ts = collect_tensors(tensors)
     p = parse_norm_type(norm_type)
-    if _has_dtensor(ts):
-        return _torch_get_total_norm(ts, p, error_if_nonfinite, foreach)
+    if distributed.needed(ts, process_group, replicated):
+        return distributed.get_total_norm(
+            ts, ts, p, error_if_nonfinite, foreach, backend, process_group, replicated
+        )
     if not ts:
         return torch.tensor(0.0)
     total, _ = dispatch.total_norm(dispatch.make_plan(ts, backend, foreach), p)
@@ -109,8 +112,8 @@ def clip_grads_with_norm_(
         total_norm = torch.tensor(float(total_norm))
     if not grads:
         return
-    if _has_dtensor(grads):
-        _torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+    if _has_dtensor(grads) or distributed.is_dtensor(total_norm):
+        distributed.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend)
         return
     plan = dispatch.make_plan(grads, backend, foreach)
     dispatch.scale_(plan, clip_coef(total_norm, max_norm))
@@ -148,6 +151,8 @@ def clip_grad_norm_(
     foreach: Optional[bool] = None,
     *,
     backend: Optional[str] = None,
+    process_group: distributed.GroupArg = None,
+    replicated: distributed.ReplicatedArg = None,
 ) -> Tensor:
     """Drop-in for torch.nn.utils.clip_grad_norm_: clip the global norm of the gradients in place.
 
@@ -159,17 +164,26 @@ def clip_grad_norm_(
     error_if_nonfinite : raise RuntimeError (touching no gradient) when the total is NaN or inf
     foreach : torch's switch, honoured by the torch backend; the kernel backends are always fused
     backend : "cuda", "triton", "torch" or None (auto)
+    process_group : a ProcessGroup, a 1-D DeviceMesh, or a sequence of them: the gradients on the ranks of the
+        group are different parts of one gradient set, and the total covers them all (one all-reduce per group)
+    replicated : parameters (or gradients) that are identical on every rank of `process_group`, counted once;
+        or a predicate on the parameter
 
     Returns
     -------
     Total norm before clipping: float32 (float64 if any gradient is float64), on the first gradient's device.
+    For DTensor gradients (FSDP2, tensor parallel) each rank clips its local shards and the total is a DTensor on
+    their mesh, placed as torch places it (Replicate; Partial(max/min) for +/-inf), so `.full_tensor()` works.
     """
     params = as_list(parameters)
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)
-    if _has_dtensor(grads):
-        return _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+    if distributed.needed(grads, process_group, replicated):
+        owners = [q for q in params if q.grad is not None]
+        return distributed.clip_grad_norm_(
+            owners, grads, max_norm, p, error_if_nonfinite, foreach, backend, process_group, replicated
+        )
     if not grads:
         return torch.tensor(0.0)
     return clip_norm_of_grads_(grads, max_norm, p, error_if_nonfinite, foreach, backend)

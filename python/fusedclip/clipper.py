@@ -10,6 +10,7 @@ from torch import Tensor
 from .arguments import TensorOrTensors, as_list, check_nonnegative, collect_grads, parse_norm_type
 from .backends import check_backend_name
 from .clip import clip_grad_norm_, clip_norm_of_grads_
+from .distributed import GroupArg, ReplicatedArg, parse_groups, parse_replicated
 
 
 class GradClipper:
@@ -31,6 +32,8 @@ class GradClipper:
         *,
         error_if_nonfinite: bool = False,
         backend: Optional[str] = None,
+        process_group: GroupArg = None,
+        replicated: ReplicatedArg = None,
     ) -> None:
         self.parameters: list[Tensor] = as_list(parameters)
         collect_grads(self.parameters)  # type checks now, not at the first step
@@ -39,18 +42,25 @@ class GradClipper:
         self.error_if_nonfinite = bool(error_if_nonfinite)
         check_backend_name(backend)
         self.backend = backend
+        # Distributed (see clip_grad_norm_): checked now; DTensor gradients need neither.
+        if replicated is not None and not callable(replicated) and not isinstance(replicated, Tensor):
+            replicated = list(replicated)  # a generator is read once, here
+        parse_replicated(replicated, parse_groups(process_group))
+        self.process_group = process_group
+        self.replicated = replicated
 
     @torch.no_grad()
     def __call__(self) -> Tensor:
         """Clip in place and return the total norm before clipping."""
         grads = [p.grad for p in self.parameters if p.grad is not None]
+        if self.process_group is not None or any(type(g) is not Tensor for g in grads):
+            # Distributed calls, DTensor and other subclasses take the general path.
+            return clip_grad_norm_(
+                self.parameters, self.max_norm, self.norm_type, self.error_if_nonfinite, backend=self.backend,
+                process_group=self.process_group, replicated=self.replicated,
+            )
         if not grads:
             return torch.tensor(0.0)
-        if any(type(g) is not Tensor for g in grads):
-            # DTensor and other subclasses take the general path.
-            return clip_grad_norm_(
-                self.parameters, self.max_norm, self.norm_type, self.error_if_nonfinite, backend=self.backend
-            )
         return clip_norm_of_grads_(grads, self.max_norm, self.norm_type, self.error_if_nonfinite, None, self.backend)
 
     def __repr__(self) -> str:
