@@ -7,11 +7,11 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 import fusedclip
-from fusedclip import clip as fc_clip
+from fusedclip.patching import TORCH_ORIGINALS
 
 from reference import random_grads, random_tensor, ref_total_norm
 
-torch_clip = fc_clip._torch_clip_grad_norm_  # torch's own, even if a test left torch patched
+torch_clip = TORCH_ORIGINALS["clip_grad_norm_"]  # torch's own, even if a test left torch patched
 
 
 def make_params(seed, count=9):

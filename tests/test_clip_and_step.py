@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import clip as fc_clip
+from fusedclip.patching import TORCH_ORIGINALS
 from fusedclip import dispatch, optim
 
 from reference import random_tensor
 
-torch_clip = fc_clip._torch_clip_grad_norm_
+torch_clip = TORCH_ORIGINALS["clip_grad_norm_"]
 
 OPTIMIZERS = {
     "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),

@@ -154,7 +154,9 @@ def test_opcheck():
     torch.library.opcheck(ops.norm_and_coef.default, (grads, *tables, p.tensor_chunks, p.chunk_size, 2.0, 1.0))
     coef = torch.tensor(0.5, device="cuda")
     torch.library.opcheck(ops.scale.default, (grads, *tables, p.chunk_size, coef))
-    torch.library.opcheck(ops.scale_per_tensor.default, (grads, *tables, p.chunk_size, torch.rand(len(grads), device="cuda")))
+    torch.library.opcheck(
+        ops.scale_per_tensor.default, (grads, *tables, p.chunk_size, torch.rand(len(grads), device="cuda"))
+    )
     torch.library.opcheck(ops.clamp.default, (grads, *tables, p.chunk_size, 0.2))
 
 

@@ -47,18 +47,26 @@ def test_kernels_compile_for_sm80_sm90_without_warnings(tmp_path):
     env.pop("CUDAARCHS", None)
     cfg = subprocess.run(
         ["cmake", "-S", str(ROOT), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={NVCC}", "-DCMAKE_BUILD_TYPE=Release"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert cfg.returncode == 0, f"cmake configure failed:\n{cfg.stdout}\n{cfg.stderr}"
     out = subprocess.run(
         ["cmake", "--build", str(build), "--target", "fusedclip_kernels", "-j2", "--", "VERBOSE=1"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     log = out.stdout + out.stderr
     assert out.returncode == 0, f"fusedclip_kernels failed to build:\n{log[-8000:]}"
     # Both archs were compiled, with warnings promoted to errors, and nothing warned anyway.
     for arch in ("sm_80", "sm_90"):
-        assert f"code=[compute_{arch[3:]},{arch}]" in log or f"code={arch}" in log, f"{arch} not compiled:\n{log[-4000:]}"
+        assert f"code=[compute_{arch[3:]},{arch}]" in log or f"code={arch}" in log, (
+            f"{arch} not compiled:\n{log[-4000:]}"
+        )
     assert "--Werror=all-warnings" in log and "-Werror" in log
     warnings = [ln for ln in log.splitlines() if re.search(r"\bwarning\s*(#|:|\()", ln, re.IGNORECASE)]
     assert not warnings, "\n".join(warnings)
@@ -81,7 +89,9 @@ _STUBS = {
 
 
 @pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="needs g++ and the CUDA headers of nvcc")
-@pytest.mark.skipif(not (_torch_include() / "ATen" / "cuda" / "CUDAContext.h").exists(), reason="torch lacks ATen/cuda headers")
+@pytest.mark.skipif(
+    not (_torch_include() / "ATen" / "cuda" / "CUDAContext.h").exists(), reason="torch lacks ATen/cuda headers"
+)
 @pytest.mark.parametrize("source", ["ops.cpp", "module.cpp"])
 def test_binding_parses_against_installed_torch_headers(tmp_path, source):
     """Syntax and API names only (a CPU torch cannot link a CUDA extension): catches renamed torch APIs and
@@ -98,7 +108,9 @@ def test_binding_parses_against_installed_torch_headers(tmp_path, source):
         cmd += ["-isystem", str(d)]
     cmd += ["-I", str(ROOT / "csrc" / "kernels"), "-DFUSEDCLIP_CUDA_ARCHS=8.0_9.0+PTX", str(ROOT / "csrc" / source)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"{source} does not compile against torch {torch.__version__}'s headers:\n{out.stderr[-6000:]}"
+    assert out.returncode == 0, (
+        f"{source} does not compile against torch {torch.__version__}'s headers:\n{out.stderr[-6000:]}"
+    )
 
 
 def test_setup_decision():
@@ -111,7 +123,9 @@ def test_setup_decision():
     build, why = setup.cuda_build_decision({"FUSEDCLIP_FORCE_CUDA": "1"}, torch_cuda=None, nvcc=None)
     assert build is True and "FUSEDCLIP_FORCE_CUDA" in why
     # Skip wins over force; "0" is not set.
-    assert setup.cuda_build_decision({"FUSEDCLIP_SKIP_CUDA": "1", "FUSEDCLIP_FORCE_CUDA": "1"}, "12.8", "/x")[0] is False
+    assert (
+        setup.cuda_build_decision({"FUSEDCLIP_SKIP_CUDA": "1", "FUSEDCLIP_FORCE_CUDA": "1"}, "12.8", "/x")[0] is False
+    )
     assert setup.cuda_build_decision({"FUSEDCLIP_FORCE_CUDA": "0"}, None, "/x")[0] is False
     assert setup.arch_token("8.0;9.0+PTX") == "8.0_9.0+PTX"
     assert setup.arch_token("7.5 8.6") == "7.5_8.6"
@@ -130,9 +144,23 @@ def test_setup_py_install_skips_extension_when_told(tmp_path):
     target = tmp_path / "site"
     env = dict(os.environ, FUSEDCLIP_SKIP_CUDA="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-q",
-         "--target", str(target), str(ROOT)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     pkg = target / "fusedclip"

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import socket
-import sys
 import time
 import traceback
 
@@ -398,6 +396,7 @@ def _mesh2d_worker(rank: int, world: int) -> None:
         _close(got.full_tensor().item(), ref_total_norm(ref_grads, p), 1e-5, f"2-D p={p} vs reference")
     total = fusedclip.clip_grad_norm_(ours.parameters(), 0.02)
     torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.02)
+    _close(total.full_tensor().item(), ref_total_norm(ref_grads, 2.0), 1e-5, "2-D clip total vs reference")
     coef = 0.02 / (ref_total_norm(ref_grads, 2.0) + 1e-6)
     assert coef < 0.5, coef
     for q, t, r in zip(ours.parameters(), theirs.parameters(), ref_grads):

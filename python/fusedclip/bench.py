@@ -28,7 +28,10 @@ from torch import Tensor
 
 from . import __version__, backends
 from .clip import clip_grad_norm_
+from .patching import TORCH_ORIGINALS
 from .presets import PRESETS, Preset
+
+stock_clip = TORCH_ORIGINALS["clip_grad_norm_"]  # torch's own, even while patch_torch() is in effect
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DECAY = 0.97  # per timed call, in the clip case
@@ -46,8 +49,8 @@ class Impl:
 
 def implementations(device: torch.device, only: Optional[list[str]]) -> list[Impl]:
     impls = [
-        Impl("torch foreach", lambda params, grads, m: torch.nn.utils.clip_grad_norm_(params, m, foreach=True)),
-        Impl("torch loop", lambda params, grads, m: torch.nn.utils.clip_grad_norm_(params, m, foreach=False)),
+        Impl("torch foreach", lambda params, grads, m: stock_clip(params, m, foreach=True)),
+        Impl("torch loop", lambda params, grads, m: stock_clip(params, m, foreach=False)),
     ]
     for name in backends.available_backends():
         if name == "triton" and device.type != "cuda" and not (only and f"fusedclip {name}" in only):

@@ -249,7 +249,8 @@ class _Call:
             t for t, c, e in zip(self.locals, self.counts, self.counts_extra) if c and e and t.numel() > 0
         ]
         payload = self._norm(counted, p, backend, foreach).pow(p).reshape(1)
-        payload = self._reduce(self._reduce(payload, dist.ReduceOp.SUM, self.mesh_groups), dist.ReduceOp.SUM, self.groups)
+        payload = self._reduce(payload, dist.ReduceOp.SUM, self.mesh_groups)
+        payload = self._reduce(payload, dist.ReduceOp.SUM, self.groups)
         return payload[0].pow(1.0 / p)
 
     def _norm(self, tensors: list[Tensor], p: float, backend: Optional[str], foreach: Optional[bool]) -> Tensor:

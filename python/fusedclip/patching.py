@@ -28,6 +28,10 @@ _REPLACEMENTS: dict[str, Callable[..., Any]] = {
 # clip_grad_norm_ calls them from there; a torch that makes them public is covered by the public names.
 _PRIVATE_ALIASES = {"get_total_norm": "_get_total_norm", "clip_grads_with_norm_": "_clip_grads_with_norm_"}
 
+# torch's own four functions as they were when fusedclip was imported (before any patch): what the benchmark
+# and the tests compare against, whatever the patch state.
+TORCH_ORIGINALS: dict[str, Callable[..., Any]] = {name: getattr(torch.nn.utils, name) for name in _REPLACEMENTS}
+
 _lock = threading.Lock()
 _active: Optional["TorchPatch"] = None
 
