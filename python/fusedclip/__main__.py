@@ -72,9 +72,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(json.dumps(record, indent=2) if args.json else format_table(record))
     if args.out:
         print(f"record written to {args.out}", file=sys.stderr)
-    bad = [r["impl"] for r in record["results"] if not r["matched"]]
+    for r in record["results"]:
+        if not r["matched"] and not r["impl"].startswith("fusedclip"):
+            print(
+                f"note: stock {r['impl']} is off the float64 reference by {r['total_rel_err']:.1e} (total) "
+                f"in the {r['case']} case",
+                file=sys.stderr,
+            )
+    bad = sorted({r["impl"] for r in record["results"] if not r["matched"] and r["impl"].startswith("fusedclip")})
     if bad:
-        print(f"MISMATCH against the float64 reference: {sorted(set(bad))}", file=sys.stderr)
+        print(f"MISMATCH against the float64 reference: {bad}", file=sys.stderr)
         return 1
     return 0
 

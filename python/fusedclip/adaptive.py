@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .arguments import check_nonnegative, collect_grads, is_dtensor, parse_norm_type
+from .arguments import check_nonnegative, collect_grads, has_dtensor, parse_norm_type
 from .backends import check_backend_name, clip_coef
 from .clip import clip_norm_of_grads_
 
@@ -51,10 +51,10 @@ def _parameters(model_or_parameters: ModelOrParameters, where: str) -> list[Tens
 
 
 def _check_no_dtensor(tensors: Iterable[Tensor], where: str) -> None:
-    if any(is_dtensor(t) for t in tensors):
+    if has_dtensor(list(tensors)):
         raise NotImplementedError(
             f"{where} does not take DTensor (sharded) parameters or gradients yet; "
-            "it needs the distributed norm, which is not part of this version"
+            "adaptive clipping of sharded gradients is not implemented (clip_grad_norm_ takes them)"
         )
 
 

@@ -6,7 +6,7 @@ import math
 import numbers
 import sys
 from collections.abc import Iterable
-from typing import Union
+from typing import Optional, Union
 
 from torch import Tensor
 
@@ -16,14 +16,14 @@ TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 def collect_tensors(tensors: TensorOrTensors | Iterable[Tensor | None], what: str = "tensors") -> list[Tensor]:
     """A single tensor, a list or a generator of tensors -> list, with None entries dropped."""
     items = as_list(tensors, what)
-    out = []
-    for i, t in enumerate(items):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a Tensor; pass tensors (or None) only")
-        _check_dtype(t, f"{what}[{i}]")
-        out.append(t)
+    out = [t for t in items if t is not None]
+    if not all(isinstance(t, Tensor) for t in out):
+        i, t = next((i, t) for i, t in enumerate(items) if t is not None and not isinstance(t, Tensor))
+        raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a Tensor; pass tensors (or None) only")
+    bad = _bad_dtype(out)
+    if bad is not None:
+        i = [j for j, t in enumerate(items) if t is not None][bad]
+        raise TypeError(f"{what}[{i}] has dtype {out[bad].dtype}; {_DTYPE_HINT}")
     return out
 
 
@@ -39,21 +39,29 @@ def as_list(parameters: TensorOrTensors, what: str = "parameters") -> list:
 
 def collect_grads(parameters: list) -> list[Tensor]:
     """The .grad of every parameter that has one (parameters: the list from as_list)."""
-    grads = []
-    for i, p in enumerate(parameters):
-        if not isinstance(p, Tensor):
-            raise TypeError(
-                f"parameters[{i}] is a {type(p).__name__}, not a Tensor; pass model.parameters() or a list of tensors"
-            )
-        if p.grad is not None:
-            _check_dtype(p.grad, f"parameters[{i}].grad")
-            grads.append(p.grad)
+    if not all(isinstance(p, Tensor) for p in parameters):
+        i, p = next((i, p) for i, p in enumerate(parameters) if not isinstance(p, Tensor))
+        raise TypeError(
+            f"parameters[{i}] is a {type(p).__name__}, not a Tensor; pass model.parameters() or a list of tensors"
+        )
+    grads = [g for g in [p.grad for p in parameters] if g is not None]
+    bad = _bad_dtype(grads)
+    if bad is not None:
+        i = next(i for i, p in enumerate(parameters) if p.grad is grads[bad])
+        raise TypeError(f"parameters[{i}].grad has dtype {grads[bad].dtype}; {_DTYPE_HINT}")
     return grads
 
 
-def _check_dtype(t: Tensor, name: str) -> None:
-    if not (t.is_floating_point() or t.is_complex()):
-        raise TypeError(f"{name} has dtype {t.dtype}; norms and clipping need a floating-point or complex tensor")
+_DTYPE_HINT = "norms and clipping need a floating-point or complex tensor"
+
+
+def _bad_dtype(tensors: list[Tensor]) -> Optional[int]:
+    """Index of the first tensor of a dtype that is neither floating point nor complex, or None.
+    Checked over the distinct dtypes (a handful), not tensor by tensor: this runs every step."""
+    for dtype in {t.dtype for t in tensors}:
+        if not (dtype.is_floating_point or dtype.is_complex):
+            return next(i for i, t in enumerate(tensors) if t.dtype == dtype)
+    return None
 
 
 def parse_norm_type(norm_type: float | int | str) -> float:
@@ -85,7 +93,12 @@ def check_nonnegative(value: float | int | Tensor, name: str) -> float:
     return v
 
 
-def is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: object) -> bool:
     """True for torch.distributed DTensor; cheap when DTensor was never imported (no tensor can be one)."""
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and isinstance(t, mod.DTensor)
+
+
+def has_dtensor(tensors: list[Tensor]) -> bool:
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and any(isinstance(t, mod.DTensor) for t in tensors)

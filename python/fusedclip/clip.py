@@ -15,7 +15,7 @@ from .arguments import (
     check_nonnegative,
     collect_grads,
     collect_tensors,
-    is_dtensor,
+    has_dtensor,
     parse_norm_type,
 )
 from .backends import clip_coef
@@ -25,10 +25,6 @@ Number = Union[float, int]
 # torch's own clip_grad_value_, taken before fusedclip.patch_torch() can replace it: the DTensor fallback
 # calls it, and calling the patched name from there would recurse.
 _torch_clip_grad_value_ = torch.nn.utils.clip_grad_value_
-
-
-def _has_dtensor(tensors: list[Tensor]) -> bool:
-    return any(is_dtensor(t) for t in tensors)
 
 
 @torch.no_grad()
@@ -55,7 +51,7 @@ def multi_tensor_norm(
     """
     ts = collect_tensors(tensors)
     p = parse_norm_type(norm_type)
-    if _has_dtensor(ts):
+    if has_dtensor(ts):
         raise NotImplementedError("multi_tensor_norm does not take DTensor inputs yet; use get_total_norm")
     plan = dispatch.make_plan(ts, backend)
     total, norms = dispatch.total_norm(plan, p, per_tensor)
@@ -112,7 +108,7 @@ def clip_grads_with_norm_(
         total_norm = torch.tensor(float(total_norm))
     if not grads:
         return
-    if _has_dtensor(grads) or distributed.is_dtensor(total_norm):
+    if has_dtensor(grads) or distributed.is_dtensor(total_norm):
         distributed.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend)
         return
     plan = dispatch.make_plan(grads, backend, foreach)
@@ -201,7 +197,7 @@ def clip_grad_value_(
     params = as_list(parameters)
     grads = collect_grads(params)
     clip_value = check_nonnegative(clip_value, "clip_value")
-    if _has_dtensor(grads):
+    if has_dtensor(grads):
         _torch_clip_grad_value_(params, clip_value, foreach)
         return
     for i, g in enumerate(grads):
@@ -233,7 +229,7 @@ def clip_grad_norm_per_tensor_(
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)
-    if _has_dtensor(grads):
+    if has_dtensor(grads):
         raise NotImplementedError("clip_grad_norm_per_tensor_ does not take DTensor gradients yet")
     if not grads:
         return torch.zeros(0, dtype=torch.float32)

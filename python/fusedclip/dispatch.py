@@ -42,24 +42,40 @@ def make_plan(tensors: list[Tensor], backend: Optional[str], foreach: Optional[b
     """Zero-size tensors are left out of every group: they contribute nothing."""
     name = backends.check_backend_name(backend)
     fallback = torch_backend.with_foreach(foreach)
+    if not tensors:
+        return Plan([], 0, torch.device("cpu"), torch.float32)
+    dtype = acc_dtype({t.dtype for t in tensors})
+    devices = [t.device for t in tensors]
+    device = devices[0]
+    kept = [i for i, t in enumerate(tensors) if t.numel()]
+
+    def choose(dev: torch.device) -> Backend:
+        b = backends.select(name, dev)
+        return fallback if b.name == "torch" else b
+
+    if all(d == device for d in devices):
+        # The common case, kept to a few passes over the list: it runs every step over thousands of tensors.
+        b = choose(device)
+        mine = kept if b is fallback else [i for i in kept if b.accepts(tensors[i])]
+        groups = [Group(b, [tensors[i] for i in mine], mine)] if mine else []
+        if len(mine) < len(kept):
+            rest = [i for i in kept if not b.accepts(tensors[i])]
+            groups.append(Group(fallback, [tensors[i] for i in rest], rest))
+        return Plan(groups, len(tensors), device, dtype)
+
     chosen: dict[torch.device, Backend] = {}
-    groups: dict[tuple[torch.device, str], Group] = {}
-    for i, t in enumerate(tensors):
-        if t.numel() == 0:
-            continue
-        b = chosen.get(t.device)
+    by_key: dict[tuple[torch.device, str], Group] = {}
+    for i in kept:
+        t = tensors[i]
+        b = chosen.get(devices[i])
         if b is None:
-            b = backends.select(name, t.device)
-            if b.name == "torch":
-                b = fallback
-            chosen[t.device] = b
-        if not b.accepts(t):
+            b = chosen[devices[i]] = choose(devices[i])
+        if b is not fallback and not b.accepts(t):
             b = fallback
-        g = groups.setdefault((t.device, b.name), Group(b, [], []))
+        g = by_key.setdefault((devices[i], b.name), Group(b, [], []))
         g.tensors.append(t)
         g.positions.append(i)
-    device = tensors[0].device if tensors else torch.device("cpu")
-    return Plan(list(groups.values()), len(tensors), device, acc_dtype(t.dtype for t in tensors))
+    return Plan(list(by_key.values()), len(tensors), device, dtype)
 
 
 def combine_totals(totals: list[Tensor], norm_type: float, plan: Plan) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .arguments import is_dtensor
+from .arguments import has_dtensor, is_dtensor
 from .backends import acc_dtype, clip_coef
 
 # A process group, a 1-D DeviceMesh, or a sequence of them (e.g. the data-parallel and the pipeline group).
@@ -37,7 +37,7 @@ ReplicatedArg = Union[Iterable[Tensor], Callable[[Tensor], bool], None]
 
 def needed(tensors: list[Tensor], process_group: GroupArg, replicated: ReplicatedArg = None) -> bool:
     """Whether a call takes the distributed path (where `replicated` without a group is refused)."""
-    return process_group is not None or replicated is not None or any(is_dtensor(t) for t in tensors)
+    return process_group is not None or replicated is not None or has_dtensor(tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .arguments import check_nonnegative, collect_tensors, is_dtensor
+from .arguments import check_nonnegative, collect_tensors, has_dtensor
 from .backends import acc_dtype
 
 Number = Union[float, int]
@@ -34,7 +34,7 @@ def clip_by_global_norm(
     items = list(tensors)
     present = collect_tensors(items, "tensors")
     clip_norm = check_nonnegative(clip_norm, "clip_norm")
-    if any(is_dtensor(t) for t in present):
+    if has_dtensor(present):
         raise NotImplementedError("clip_by_global_norm does not take DTensor inputs yet")
     plan = dispatch.make_plan(present, backend)
     if use_norm is None:

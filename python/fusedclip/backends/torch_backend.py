@@ -72,29 +72,38 @@ class TorchBackend(Backend):
     def _use_foreach(self, tensors: list[Tensor]) -> bool:
         return self.foreach is not False and all(t.layout == torch.strided for t in tensors)
 
+    def _by_dtype(self, tensors: list[Tensor]) -> list[list[int]]:
+        """Indices of `tensors` grouped by dtype; one group without a per-tensor pass when there is one dtype."""
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) == 1:
+            return [list(range(len(tensors)))]
+        groups: dict[torch.dtype, list[int]] = {d: [] for d in dtypes}
+        for i, t in enumerate(tensors):
+            groups[t.dtype].append(i)
+        return list(groups.values())
+
     def per_tensor_norms(self, tensors: list[Tensor], norm_type: float) -> Tensor:
         """1-D tensor of per-tensor norms in the accumulation dtype, in input order."""
-        acc = acc_dtype(t.dtype for t in tensors)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_dtype.setdefault(t.dtype, []).append(i)
+        long = [i for i, t in enumerate(tensors) if t.numel() > LONG and _long_cpu(t, norm_type)]
+        groups = self._by_dtype(tensors)
+        if not long and len(groups) == 1 and self._use_foreach(tensors):  # the common case, in one call
+            return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(tensors[0].dtype)))
         out: list[Optional[Tensor]] = [None] * len(tensors)
-        for dtype, idx in by_dtype.items():
-            for i in [i for i in idx if _long_cpu(tensors[i], norm_type)]:
-                out[i] = _row_norm(tensors[i], norm_type)
+        for i in long:
+            out[i] = _row_norm(tensors[i], norm_type)
+        for idx in groups:
             idx = [i for i in idx if out[i] is None]
             group = [tensors[i] for i in idx]
             if not group:
                 continue
             if self._use_foreach(group):
-                norms = torch._foreach_norm(group, norm_type, dtype=_norm_dtype(dtype))
+                norms = torch._foreach_norm(group, norm_type, dtype=_norm_dtype(group[0].dtype))
             else:
                 norms = [self._one_norm(t, norm_type) for t in group]
             for i, n in zip(idx, norms):
                 out[i] = n
-        if len(by_dtype) == 1 and out[0].dtype == acc:  # type: ignore[union-attr]
-            return torch.stack(out)  # type: ignore[arg-type]
-        return torch.stack([n.to(acc) for n in out])  # type: ignore[union-attr]
+        acc = acc_dtype({n.dtype for n in out})  # type: ignore[union-attr]
+        return torch.stack([n if n.dtype == acc else n.to(acc) for n in out])  # type: ignore[union-attr]
 
     @staticmethod
     def _one_norm(t: Tensor, norm_type: float) -> Tensor:
@@ -119,17 +128,15 @@ class TorchBackend(Backend):
             return
         # One foreach call per dtype, as torch does: a foreach op with a tensor scalar may round the
         # scalar to the first tensor's dtype, which would scale float64 gradients by a float32 coefficient.
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for t in tensors:
-            if t.is_sparse:
-                t._values().mul_(coef)
-            else:
-                by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
+        for idx in self._by_dtype(tensors):
+            group = [tensors[i] for i in idx]
             if self._use_foreach(group):
                 torch._foreach_mul_(group, coef)
-            else:
-                for t in group:
+                continue
+            for t in group:
+                if t.is_sparse:
+                    t._values().mul_(coef)
+                else:
                     t.mul_(coef)
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
