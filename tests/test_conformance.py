@@ -327,3 +327,23 @@ def test_long_tensor_total_stays_exact(norm_type, dtype):
     grads = [random_tensor((3_000_017,), dtype), random_tensor((5,), dtype)]
     total = fusedclip.get_total_norm(grads, norm_type, backend="torch")
     assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32)
+
+
+def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):
+    # torch counts a gradient listed twice twice in the norm and multiplies it twice; a kernel must not race on it.
+    backend, device = backend_device
+
+    def with_shared(grads):
+        params = params_with_grads(grads)
+        twin = torch.nn.Parameter(torch.empty_like(grads[2]))
+        twin.grad = grads[2]  # the same tensor object as params[2].grad
+        return params + [twin]
+
+    grads = random_grads(5, device=device, seed=18)
+    stock_grads = clone_all(grads)
+    max_norm = ref_total_norm(grads + [grads[2]], 2.0) / 3
+    total = fusedclip.clip_grad_norm_(with_shared(grads), max_norm, backend=backend)
+    stock_total = torch.nn.utils.clip_grad_norm_(with_shared(stock_grads), max_norm)
+    assert_total_close(total, stock_total.item(), torch.float32)
+    for i, (g, s) in enumerate(zip(grads, stock_grads)):
+        torch.testing.assert_close(g, s, rtol=4e-7, atol=0, msg=f"grad {i}")

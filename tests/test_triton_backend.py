@@ -320,6 +320,20 @@ def test_plan_cache_is_bounded():
     assert tb.cache.builds == 12
 
 
+def test_tensor_listed_twice_is_not_scaled_by_racing_programs(tb, monkeypatch):
+    grads = random_grads(3, device=DEVICE, seed=40)
+    assert tb.cache.get(grads + [grads[1]]).aliased and not tb.cache.get(grads).aliased
+    import fusedclip.triton_kernels.scale as scale_kernels
+
+    def racing_kernel(*args, **kwargs):
+        raise AssertionError("the scale kernel must not run on a list that holds a tensor twice")
+
+    monkeypatch.setattr(scale_kernels, "scale_", racing_kernel)
+    before = grads[1].clone()
+    tb.scale_(grads + [grads[1]], torch.tensor(0.5, device=DEVICE))
+    torch.testing.assert_close(grads[1], before * 0.25, rtol=0, atol=0)
+
+
 # ---- GPU only ----------------------------------------------------------------------------------------------------
 
 

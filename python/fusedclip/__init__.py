@@ -2,7 +2,7 @@
 
 from .adaptive import AutoClip, ZClip, adaptive_clip_grad_
 from .amp import unscale_and_clip_grad_norm_
-from .backends import available_backends
+from .backends import available_backends, preload_backends
 from .clip import (
     clip_grad_norm_,
     clip_grad_norm_per_tensor_,
@@ -17,6 +17,10 @@ from .patching import TorchPatch, is_patched, patch_torch, unpatch_torch
 from .tensorflow import clip_by_global_norm, clip_by_norm
 
 __version__ = "0.1.0"
+
+# Load the kernel backends now where they can run: torch.compile cannot trace the lazy import a first call
+# would otherwise do inside a compiled step. On a CPU-only machine nothing extra is imported.
+preload_backends()
 
 __all__ = [
     "AutoClip",

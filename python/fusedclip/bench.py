@@ -300,15 +300,19 @@ def environment(device: torch.device) -> dict:
 
 
 def _git_commit() -> Optional[str]:
+    """HEAD of the checkout fusedclip runs from, with '+dirty' when tracked files have changes."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             timeout=10,
-            cwd=Path(__file__).resolve().parent,
+            cwd=here,
         )
-        return out.stdout.strip() or None
+        commit = head.stdout.strip()
+        return commit + ("+dirty" if status.stdout.strip() else "") if commit else None
     except Exception:
         return None
 

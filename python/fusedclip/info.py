@@ -28,10 +28,26 @@ def collect() -> dict:
     except Exception as e:
         info["triton"] = f"not importable ({type(e).__name__}: {e})"
     info["available_backends"] = backends.available_backends()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    info["backends_by_device"] = {
+        d.type: [n for n in info["available_backends"] if _runs(n, d)]
+        for d in devices
+    }
     info["unavailable_backends"] = backends.unavailable_reasons()
     info["auto_backend_cuda"] = backends.select(None, torch.device("cuda")).name if torch.cuda.is_available() else None
     info["auto_backend_cpu"] = backends.select(None, torch.device("cpu")).name
+    from .backends import cuda_backend
+
+    info["cuda_extension"] = cuda_backend.build_info() or "not built or not loadable (see backend cuda above)"
     return info
+
+
+def _runs(name: str, device: torch.device) -> bool:
+    try:
+        backends.select(name, device)
+        return True
+    except (ValueError, RuntimeError):
+        return False
 
 
 def format_info(info: dict) -> str:

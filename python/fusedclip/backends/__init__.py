@@ -157,6 +157,12 @@ def _load(name: str) -> Optional[Backend]:
     return backend
 
 
+def preload_backends() -> None:
+    """Load the kernel backends when a device they run on may be present (CUDA, or Triton's interpreter)."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        available_backends()
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can run in this process, best first."""
     return [n for n in BACKEND_NAMES if _load(n) is not None]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import Backend, BackendUnavailable, acc_dtype
+from . import Backend, BackendUnavailable, acc_dtype, torch_backend
 from .plan import PlanCache, flat_ok
 
 # Elements per chunk: a multiple of the kernels' kChunkAlign (16) so every chunk start stays 16-byte aligned.
@@ -124,12 +124,18 @@ class CudaBackend(Backend):
 
     def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
         p = self.plans.get(tensors)
+        if p.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
+            torch_backend.load().scale_(tensors, _coef_arg(coef, p.device))
+            return
         torch.ops.fusedclip.scale(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, _coef_arg(coef, p.device).reshape(())
         )
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
         p = self.plans.get(tensors)
+        if p.aliased:
+            torch_backend.load().scale_per_tensor_(tensors, _coef_arg(coefs, p.device))
+            return
         torch.ops.fusedclip.scale_per_tensor(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, _coef_arg(coefs, p.device).contiguous()
         )

@@ -47,14 +47,16 @@ class DevicePlan:
     chunk_start: Tensor
     tensor_chunks: Tensor
     ticket: Tensor
+    aliased: bool  # some tensor is listed twice: an in-place kernel would race on it, so scaling goes to torch
 
 
 def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
     device = tensors[0].device
     numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    addresses = [t.data_ptr() for t in tensors]
     meta = torch.stack(
         [
-            torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64),
+            torch.tensor(addresses, dtype=torch.int64),
             numels,
             torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int64),
         ]
@@ -76,6 +78,7 @@ def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
         chunk_start=chunk_start.to(device),
         tensor_chunks=tensor_chunks.to(torch.int32).to(device),
         ticket=torch.zeros(1, dtype=torch.int32, device=device),
+        aliased=len(set(addresses)) < len(addresses),
     )
 
 

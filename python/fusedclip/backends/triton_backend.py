@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import Backend, BackendUnavailable
+from . import Backend, BackendUnavailable, acc_dtype, torch_backend
 from .plan import CACHE_SIZE, DevicePlan, PlanCache, flat_ok
 
 # Chunk = elements one program covers; block = elements per vector step. The interpreter runs programs one by
@@ -98,6 +98,10 @@ class TritonBackend(Backend):
             coef = coef.float()  # e.g. a bf16 total_norm from stock torch
         coef = coef.to(tensors[0].device).reshape(-1).contiguous()
         plan = self.cache.get(tensors)
+        if plan.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
+            fallback = torch_backend.load()
+            (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef if per_tensor else coef[0])
+            return
         scale_(
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
             coef, per_tensor=per_tensor, block=self.block,
@@ -145,10 +149,6 @@ def _backend() -> TritonBackend:
     return _default
 
 
-def _acc_like(tensors: list[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 @torch.library.custom_op("fusedclip::triton_norms", mutates_args=())
 def _norms_op(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
     total, norms, _ = _backend()._norms(tensors, norm_type, True, None)
@@ -157,7 +157,7 @@ def _norms_op(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
 
 @_norms_op.register_fake
 def _(tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
-    acc, dev = _acc_like(tensors), tensors[0].device
+    acc, dev = acc_dtype(t.dtype for t in tensors), tensors[0].device
     return torch.empty((), dtype=acc, device=dev), torch.empty(len(tensors), dtype=acc, device=dev)
 
 
@@ -169,7 +169,7 @@ def _norm_and_coef_op(tensors: list[Tensor], norm_type: float, max_norm: float) 
 
 @_norm_and_coef_op.register_fake
 def _(tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
-    acc, dev = _acc_like(tensors), tensors[0].device
+    acc, dev = acc_dtype(t.dtype for t in tensors), tensors[0].device
     return torch.empty((), dtype=acc, device=dev), torch.empty((), dtype=acc, device=dev)
 
 
