@@ -37,6 +37,10 @@ def test_bench_writes_record(tmp_path, capsys, dtype):
             assert r["total_dtype"] == "float32"
     table = capsys.readouterr().out
     assert "fusedclip torch" in table and "vs torch" in table
+    assert cli.main(["table", str(out)]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| record |") and len(md) == 2 + 2  # header, rule, one row per case
+    assert all(str(out) in line and "fusedclip torch" in line for line in md[2:])
 
 
 def test_bench_refuses_what_does_not_fit(monkeypatch):

@@ -46,6 +46,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     b.add_argument("--out", default=None, help="write the JSON record here")
     b.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
 
+    t = sub.add_parser("table", help="a markdown table of benchmark records (for the README)")
+    t.add_argument("records", nargs="+", help="JSON records written by bench --out")
+
     i = sub.add_parser("info", help="versions, devices, available backends and why others are missing")
     i.add_argument("--json", action="store_true")
 
@@ -55,6 +58,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         info = collect()
         print(json.dumps(info, indent=2) if args.json else format_info(info))
+        return 0
+
+    if args.command == "table":
+        from .bench import markdown_table
+
+        print(markdown_table([(path, json.loads(open(path).read())) for path in args.records]))
         return 0
 
     from .bench import format_table, run, write_record

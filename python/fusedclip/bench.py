@@ -348,6 +348,30 @@ def format_table(record: dict) -> str:
     return title + "\n" + "\n".join(lines)
 
 
+def markdown_table(records: list[tuple[str, dict]]) -> str:
+    """A README table of (path, record) pairs: one row per preset, case and fusedclip implementation."""
+    lines = [
+        "| record | machine | preset | case | implementation | median ms | stock torch foreach ms | speed-up "
+        "| total error: fusedclip / torch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path, rec in records:
+        env, p = rec["environment"], rec["preset"]
+        machine = f"{env['device_name']} ({env['device']}, {env.get('cpu_count')} cores), torch {env['torch']}"
+        for case in dict.fromkeys(r["case"] for r in rec["results"]):
+            rows = [r for r in rec["results"] if r["case"] == case]
+            stock = next(r for r in rows if r["impl"] == "torch foreach")
+            for r in rows:
+                if not r["impl"].startswith("fusedclip"):
+                    continue
+                lines.append(
+                    f"| `{path}` | {machine} | {p['name']} {p['dtype']} | {case} | {r['impl']} | "
+                    f"{r['median_ms']:.2f} | {stock['median_ms']:.2f} | {r['speedup_vs_torch_foreach']:.2f}x | "
+                    f"{r['total_rel_err']:.0e} / {stock['total_rel_err']:.0e} |"
+                )
+    return "\n".join(lines)
+
+
 def write_record(record: dict, out: str) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
