@@ -305,10 +305,6 @@ def _full_value(total: Tensor) -> Tensor:
     return total.full_tensor()  # type: ignore[attr-defined]
 
 
-def _check_finite(total: Tensor, p: float) -> None:
-    dispatch.check_finite(total, p)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The API's distributed paths (called by fusedclip.clip with validated arguments)
 
@@ -326,7 +322,7 @@ def get_total_norm(
     call = _Call(owners, tensors, process_group, replicated)
     total = call.total(norm_type, backend, foreach)
     if error_if_nonfinite:
-        _check_finite(total, norm_type)
+        dispatch.check_finite(total, norm_type)
     return call.wrap(total, norm_type)
 
 
@@ -344,7 +340,7 @@ def clip_grad_norm_(
     call = _Call(owners, grads, process_group, replicated)
     total = call.total(norm_type, backend, foreach)
     if error_if_nonfinite:
-        _check_finite(total, norm_type)
+        dispatch.check_finite(total, norm_type)
     if call.scale_locals:
         dispatch.scale_(dispatch.make_plan(call.scale_locals, backend, foreach), clip_coef(total, max_norm))
     return call.wrap(total, norm_type)
