@@ -9,6 +9,7 @@ other backends carry on.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Optional
 
 import torch
@@ -43,6 +44,8 @@ def _import_ext():
             _ext_error = f"fusedclip._C failed to load ({type(e).__name__}: {e}); rebuild it against this torch"
         else:
             _ext = ext
+            if hasattr(torch.ops.fusedclip, "norm"):
+                _register_fakes()  # with the ops: any later fake-tensor trace of them needs these
     if _ext is None:
         raise BackendUnavailable(_ext_error or "fusedclip._C is not available")
     return _ext
@@ -238,3 +241,12 @@ def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
 @_clamp_op.register_fake
 def _(tensors: list[Tensor], clip_value: float) -> None:
     return None
+
+
+# The ops name this module as the home of their fakes (set_python_module): when fusedclip._C was loaded without
+# load()/build_info() and torch imports this module to find them, register them now.
+if "fusedclip._C" in sys.modules:
+    try:
+        _import_ext()
+    except BackendUnavailable:
+        pass
