@@ -28,6 +28,11 @@ void check_grads(at::TensorList grads, const at::Tensor& meta) {
   for (const auto& g : grads) {
     TORCH_CHECK(g.device() == meta.device(), "fusedclip: every grad must be on ", meta.device(), ", got ",
                 g.device());
+    const auto st = g.scalar_type();
+    TORCH_CHECK(g.layout() == at::kStrided && g.is_contiguous() &&
+                    (st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble),
+                "fusedclip: every grad must be a dense contiguous float32, float16, bfloat16 or float64 tensor, got ",
+                st, " ", g.layout(), g.is_contiguous() ? "" : " (not contiguous)");
   }
 }
 

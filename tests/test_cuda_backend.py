@@ -160,6 +160,26 @@ def test_opcheck():
     torch.library.opcheck(ops.clamp.default, (grads, *tables, p.chunk_size, 0.2))
 
 
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).cuda()
+    model(torch.randn(8, 16, device="cuda")).square().mean().backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    fusedclip.available_backends()  # backends load outside the trace: dynamo cannot trace their import
+
+    @torch.compile(fullgraph=True)
+    def step():
+        total = fusedclip.clip_grad_norm_(model.parameters(), 0.01, backend="cuda")
+        fusedclip.clip_grad_value_(model.parameters(), 1e-3, backend="cuda")
+        return total
+
+    total = step()
+    assert_total_close(total, ref_total_norm(raw, 2.0), torch.float32)
+    coef = min(0.01 / (total.item() + 1e-6), 1.0)
+    for p, r in zip(model.parameters(), raw):
+        torch.testing.assert_close(p.grad, (r.double() * coef).float().clamp(-1e-3, 1e-3), rtol=1e-6, atol=0)
+
+
 def test_build_info():
     info = cuda_backend.build_info()
     assert info is not None and info["cuda_version"] and info["kernel_params"]["threads_per_block"] > 0

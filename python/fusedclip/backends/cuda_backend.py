@@ -9,6 +9,7 @@ other backends carry on.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Optional
 
 import torch
@@ -43,6 +44,8 @@ def _import_ext():
             _ext_error = f"fusedclip._C failed to load ({type(e).__name__}: {e}); rebuild it against this torch"
         else:
             _ext = ext
+            if hasattr(torch.ops.fusedclip, "norm"):
+                _register_fakes()  # with the ops: any later fake-tensor trace of them needs these
     if _ext is None:
         raise BackendUnavailable(_ext_error or "fusedclip._C is not available")
     return _ext
@@ -108,7 +111,18 @@ class CudaBackend(Backend):
     def accepts(self, t: Tensor) -> bool:
         return flat_ok(t)
 
+    # While torch.compile traces, the methods below call the opaque ops at the end of this module instead: the
+    # plan lookup reads data_ptr(), which dynamo cannot trace (fake tensors have no storage), and a mutating op
+    # whose tables were built at trace time would write to stale addresses when functionalization hands it
+    # copies. The opaque ops build (or find) the plan from the tensors they actually get, at run time.
+
     def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+        if torch.compiler.is_compiling():
+            total, norms = torch.ops.fusedclip.cuda_norms(tensors, float(norm_type), per_tensor)
+            return total, (norms if per_tensor else None)
+        return self._norms(tensors, norm_type, per_tensor)
+
+    def _norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
         p = self.plans.get(tensors)
         total, norms = torch.ops.fusedclip.norm(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type), per_tensor
@@ -116,6 +130,11 @@ class CudaBackend(Backend):
         return total, (norms if per_tensor else None)
 
     def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            return torch.ops.fusedclip.cuda_norm_and_coef(tensors, float(norm_type), float(max_norm))
+        return self._norm_and_coef(tensors, norm_type, max_norm)
+
+    def _norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
         p = self.plans.get(tensors)
         return torch.ops.fusedclip.norm_and_coef(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type),
@@ -123,24 +142,38 @@ class CudaBackend(Backend):
         )
 
     def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
-        p = self.plans.get(tensors)
-        if p.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
-            torch_backend.load().scale_(tensors, _coef_arg(coef, p.device))
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.cuda_scale_(tensors, coef, False)
             return
-        torch.ops.fusedclip.scale(
-            tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, _coef_arg(coef, p.device).reshape(())
-        )
+        self._scale(tensors, coef, False)
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
-        p = self.plans.get(tensors)
-        if p.aliased:
-            torch_backend.load().scale_per_tensor_(tensors, _coef_arg(coefs, p.device))
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.cuda_scale_(tensors, coefs, True)
             return
-        torch.ops.fusedclip.scale_per_tensor(
-            tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, _coef_arg(coefs, p.device).contiguous()
-        )
+        self._scale(tensors, coefs, True)
+
+    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+        p = self.plans.get(tensors)
+        coef = _coef_arg(coef, p.device)
+        if p.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
+            fallback = torch_backend.load()
+            (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef)
+            return
+        if per_tensor:
+            torch.ops.fusedclip.scale_per_tensor(
+                tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef.reshape(-1).contiguous()
+            )
+        else:
+            torch.ops.fusedclip.scale(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef.reshape(()))
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+        if torch.compiler.is_compiling():
+            torch.ops.fusedclip.cuda_clamp_(tensors, float(clip_value))
+            return
+        self._clamp(tensors, clip_value)
+
+    def _clamp(self, tensors: list[Tensor], clip_value: float) -> None:
         p = self.plans.get(tensors)
         torch.ops.fusedclip.clamp(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, float(clip_value))
 
@@ -160,3 +193,60 @@ def load() -> CudaBackend:
         _register_fakes()
         _instance = CudaBackend()
     return _instance
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------------
+# Opaque ops over the whole backend call (plan lookup included), as the Triton backend has: a compiled step calls
+# each as one node, with no graph break, and at run time it finds the plan of the tensors it is really handed.
+
+
+@torch.library.custom_op("fusedclip::cuda_norms", mutates_args=())
+def _norms_op(tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    total, norms = load()._norms(tensors, norm_type, per_tensor)
+    return total, (norms if norms is not None else total.new_empty((0,)))
+
+
+@_norms_op.register_fake
+def _(tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    acc, dev = acc_dtype(t.dtype for t in tensors), tensors[0].device
+    return torch.empty((), dtype=acc, device=dev), torch.empty(len(tensors) if per_tensor else 0, dtype=acc, device=dev)
+
+
+@torch.library.custom_op("fusedclip::cuda_norm_and_coef", mutates_args=())
+def _norm_and_coef_op(tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    return load()._norm_and_coef(tensors, norm_type, max_norm)
+
+
+@_norm_and_coef_op.register_fake
+def _(tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    acc, dev = acc_dtype(t.dtype for t in tensors), tensors[0].device
+    return torch.empty((), dtype=acc, device=dev), torch.empty((), dtype=acc, device=dev)
+
+
+@torch.library.custom_op("fusedclip::cuda_scale_", mutates_args=("tensors",))
+def _scale_op(tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+    load()._scale(tensors, coef, per_tensor)
+
+
+@_scale_op.register_fake
+def _(tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+    return None
+
+
+@torch.library.custom_op("fusedclip::cuda_clamp_", mutates_args=("tensors",))
+def _clamp_op(tensors: list[Tensor], clip_value: float) -> None:
+    load()._clamp(tensors, clip_value)
+
+
+@_clamp_op.register_fake
+def _(tensors: list[Tensor], clip_value: float) -> None:
+    return None
+
+
+# The ops name this module as the home of their fakes (set_python_module): when fusedclip._C was loaded without
+# load()/build_info() and torch imports this module to find them, register them now.
+if "fusedclip._C" in sys.modules:
+    try:
+        _import_ext()
+    except BackendUnavailable:
+        pass
