@@ -2,10 +2,12 @@
 number of tensors of one device.
 
 A plan is a set of device-resident tables built on the host once per distinct gradient list and cached,
-keyed by (address, numel, dtype) of every tensor. A unit plan (AGC) lists the units of its tensors instead,
-one contiguous row each, so one launch yields every unit's norm or scales every unit by its own coefficient. It holds no reference to the tensors: only addresses, so a
+keyed by (address, numel, dtype) of every tensor. It holds no reference to the tensors: only addresses, so a
 freed or replaced gradient can never be read through the cache (a new tensor at the same address, size and
 dtype is exactly what the cached table describes). The cache is bounded (least recently used first out).
+
+A unit plan (AGC) lists the units of its tensors instead, one contiguous row each: then one launch yields
+every unit's norm, or scales every unit by its own coefficient.
 
 Tables (all on the plan's device):
   meta         int64 [3, T]: address, numel, dtype code of each tensor
