@@ -18,13 +18,19 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fusedclip: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-void check_grads(at::TensorList grads, const at::Tensor& meta) {
+// units: the table lists units of the grads (AGC: contiguous rows, at least one per grad), not the grads.
+void check_grads(at::TensorList grads, const at::Tensor& meta, bool units) {
   TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == 3 &&
                   meta.is_contiguous(),
               "fusedclip: meta must be a contiguous int64 [3, T] CUDA tensor");
   TORCH_CHECK(!grads.empty(), "fusedclip: grads must not be empty");
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == meta.size(1), "fusedclip: ", grads.size(),
-              " grads for a table of ", meta.size(1), " tensors");
+  if (units) {
+    TORCH_CHECK(static_cast<int64_t>(grads.size()) <= meta.size(1), "fusedclip: ", grads.size(),
+                " tensors for a table of only ", meta.size(1), " units");
+  } else {
+    TORCH_CHECK(static_cast<int64_t>(grads.size()) == meta.size(1), "fusedclip: ", grads.size(),
+                " grads for a table of ", meta.size(1), " tensors");
+  }
   for (const auto& g : grads) {
     TORCH_CHECK(g.device() == meta.device(), "fusedclip: every grad must be on ", meta.device(), ", got ",
                 g.device());
@@ -37,8 +43,9 @@ void check_grads(at::TensorList grads, const at::Tensor& meta) {
 }
 
 TensorTable make_table(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
-                       const at::Tensor& chunk_start, const at::Tensor* tensor_chunks, int64_t chunk_size) {
-  check_grads(grads, meta);
+                       const at::Tensor& chunk_start, const at::Tensor* tensor_chunks, int64_t chunk_size,
+                       bool units = false) {
+  check_grads(grads, meta, units);
   TORCH_CHECK(chunk_tensor.device() == meta.device() && chunk_tensor.scalar_type() == at::kInt &&
                   chunk_tensor.dim() == 1 && chunk_tensor.is_contiguous(),
               "fusedclip: chunk_tensor must be a contiguous int32 [C] tensor on ", meta.device());
@@ -81,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(at::TensorList grads, co
                                                         const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
                                                         const at::Tensor& tensor_chunks, int64_t chunk_size,
                                                         double norm_type, bool per_tensor, bool want_coef,
-                                                        double max_norm) {
-  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, &tensor_chunks, chunk_size);
+                                                        double max_norm, bool units = false) {
+  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, &tensor_chunks, chunk_size, units);
   TORCH_CHECK(!std::isnan(norm_type), "fusedclip: norm_type is NaN");
   const c10::cuda::CUDAGuard guard(meta.device());
   const bool f64 = any_float64(grads);
@@ -118,8 +125,9 @@ std::tuple<at::Tensor, at::Tensor> norm_and_coef_cuda(at::TensorList grads, cons
 }
 
 void run_scale(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
-               const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coef, bool per_tensor) {
-  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size);
+               const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coef, bool per_tensor,
+               bool units = false) {
+  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size, units);
   TORCH_CHECK(coef.device() == meta.device(), "fusedclip: the clip coefficient must be on ", meta.device(), ", got ",
               coef.device());
   TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
@@ -141,6 +149,20 @@ void scale_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& 
 void scale_per_tensor_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
                            const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coefs) {
   run_scale(grads, meta, chunk_tensor, chunk_start, chunk_size, coefs, true);
+}
+
+// AGC: the norm of every unit of a unit table (one entry per unit), and unit u *= coefs[u].
+at::Tensor unit_norms_cuda(at::TensorList tensors, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                           const at::Tensor& chunk_start, const at::Tensor& tensor_chunks, int64_t chunk_size,
+                           double norm_type) {
+  auto r = run_norm(tensors, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, true, false, 0.0,
+                    true);
+  return std::get<1>(r);
+}
+
+void scale_units_cuda(at::TensorList tensors, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                      const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coefs) {
+  run_scale(tensors, meta, chunk_tensor, chunk_start, chunk_size, coefs, true, true);
 }
 
 void clamp_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
@@ -175,6 +197,13 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def(
       "clamp(Tensor(a!)[] grads, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "float clip_value) -> ()");
+  // AGC over a unit table (meta lists units of `tensors`, which are passed so the mutation is declared).
+  m.def(
+      "unit_norms(Tensor[] tensors, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, Tensor tensor_chunks, "
+      "int chunk_size, float norm_type) -> Tensor");
+  m.def(
+      "scale_units(Tensor(a!)[] tensors, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
+      "Tensor coefs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
@@ -183,4 +212,6 @@ TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("scale", &fusedclip::scale_cuda);
   m.impl("scale_per_tensor", &fusedclip::scale_per_tensor_cuda);
   m.impl("clamp", &fusedclip::clamp_cuda);
+  m.impl("unit_norms", &fusedclip::unit_norms_cuda);
+  m.impl("scale_units", &fusedclip::scale_units_cuda);
 }

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fusedclip
-from reference import TOTAL_RTOL, VALUE_ULPS, random_tensor, ref_total_norm, ulp
+from reference import FLOAT_DTYPES, TOTAL_RTOL, VALUE_ULPS, random_tensor, ref_total_norm, ulp
 
 
 
@@ -109,6 +109,29 @@ def test_agc_matches_timm_formula(backend_device, norm_type, dtypes):
         n_kept += int((~clipped).sum())
         assert w.grad.dtype == g0.dtype and w.grad.shape == g0.shape
         # Each tensor's norms are accumulated in its own accumulation dtype (float32 unless float64).
+        acc = fusedclip.backends.acc_dtype([g0.dtype])
+        assert_close_rel(w.grad, expected.to(g0.dtype), acc, f"gradient {i} {tuple(g0.shape)} {g0.dtype}")
+    assert n_clipped > 0 and n_kept > 0, "inputs must exercise both branches"
+
+
+def test_agc_many_tensors_mixed_dtypes_and_strays(backend_device):
+    """On the kernel backends, the unit-plan path: 300+ tensors of every dtype and odd shapes (0-D, 1-D, rows longer than a chunk), plus
+    a non-contiguous parameter (its grad is contiguous: the norms of one pair split between kernel and torch)."""
+    backend, device = backend_device
+    shapes = [(), (1,), (7,), (5, 3), (9, 1), (1, 9), (3, 2, 2), (4, 1, 3, 3), (2, 700), (13,)]
+    params = agc_params(FLOAT_DTYPES, device, seed=23, shapes=shapes, copies=31)
+    gen = torch.Generator().manual_seed(24)
+    odd = torch.nn.Parameter(random_tensor((6, 11), torch.float32, device, gen).t())  # (11, 6), not contiguous
+    odd.grad = random_tensor((11, 6), torch.float32, device, gen, scale=0.01)
+    params.insert(17, odd)
+    assert len(params) > 300 and not odd.is_contiguous()
+    originals = [w.grad.clone() for w in params]
+    fusedclip.adaptive_clip_grad_(params, clip_factor=0.05, eps=1e-3, backend=backend)
+    n_clipped = n_kept = 0
+    for i, (w, g0) in enumerate(zip(params, originals)):
+        expected, clipped = ref_agc(w, g0, 0.05, 1e-3, 2.0, "timm")
+        n_clipped += int(clipped.sum())
+        n_kept += int((~clipped).sum())
         acc = fusedclip.backends.acc_dtype([g0.dtype])
         assert_close_rel(w.grad, expected.to(g0.dtype), acc, f"gradient {i} {tuple(g0.shape)} {g0.dtype}")
     assert n_clipped > 0 and n_kept > 0, "inputs must exercise both branches"
@@ -540,3 +563,34 @@ def test_adaptive_clipping_is_sync_free_on_cuda():
             ac.step(params)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_agc_gpu_one_reduce_and_one_scale_launch(backend):
+    """Profiler-counted: the kernel AGC path is one reduce (plus, for triton, its finalize) and one scale launch
+    per call, and the whole call's kernel count does not grow with the number of tensors."""
+    if backend not in fusedclip.available_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    from torch.profiler import ProfilerActivity, profile
+
+    ours = {"triton": ("_reduce_kernel", "_finalize_kernel", "_scale_kernel"), "cuda": ("norm_kernel", "scale_kernel")}
+
+    def is_ours(name: str) -> bool:  # CUDA kernel names carry their namespace (demangled or not)
+        return any(k in name for k in ours[backend]) and (backend == "triton" or "fusedclip" in name)
+
+    def kernels(count):
+        params = agc_params((torch.float32, torch.bfloat16), "cuda", seed=31, copies=count)
+        fusedclip.adaptive_clip_grad_(params, 0.05, backend=backend)  # compile, build the plans
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fusedclip.adaptive_clip_grad_(params, 0.05, backend=backend)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    small, large = kernels(2), kernels(20)
+    mine = [n for n in large if is_ours(n)]
+    assert len(mine) == len(ours[backend]), mine
+    for k in ours[backend]:
+        assert sum(k in n for n in mine) == 1, (k, mine)
+    assert len(large) == len(small), (small, large)  # the rest: a fixed handful of coefficient ops

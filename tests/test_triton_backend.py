@@ -10,6 +10,7 @@ import torch
 
 import fusedclip
 from fusedclip import backends
+from fusedclip.backends.plan import DTYPE_CODES, unit_rows
 from reference import (
     FLOAT_DTYPES,
     NORM_TYPES,
@@ -334,6 +335,157 @@ def test_tensor_listed_twice_is_not_scaled_by_racing_programs(tb, monkeypatch):
     torch.testing.assert_close(grads[1], before * 0.25, rtol=0, atol=0)
 
 
+# ---- AGC: unit plans, unit_norms / scale_units_ -------------------------------------------------------------------
+
+def test_unit_rows_layouts():
+    x = torch.ones(4, 3, 5, device=DEVICE)
+    assert unit_rows(x, (1, 2)) == 4  # timm: rows
+    assert unit_rows(x, (2,)) == 12  # any trailing block of dims is contiguous too
+    assert unit_rows(x, None) == 1 and unit_rows(torch.ones((), device=DEVICE), None) == 1
+    assert unit_rows(x, (0, 1, 2)) == 1
+    assert unit_rows(torch.ones(9, 1, device=DEVICE), (1,)) == 9
+    assert unit_rows(torch.ones(1, 9, device=DEVICE), (0,)) == 9  # size-1 dims do not break a run
+    assert unit_rows(torch.ones(2, 5, 3, 1, device=DEVICE), (0, 1, 2)) == 1
+    assert unit_rows(x, (0,)) is None  # optax: units strided through memory
+    assert unit_rows(x, (0, 1)) is None
+    assert unit_rows(torch.ones(5, 4, device=DEVICE).t(), (1,)) is None  # not contiguous
+    assert unit_rows(torch.ones(5, 4, dtype=torch.int32, device=DEVICE), (1,)) is None
+
+
+def test_unit_plan_tables(tb):
+    gen = torch.Generator().manual_seed(50)
+    shapes_dtypes = [((3, 40), torch.float32), ((5,), torch.float16), ((2, 3, 7), torch.float64),
+                     ((), torch.bfloat16), ((9, 1), torch.bfloat16), ((1, 33), torch.float32)]
+    tensors = [random_tensor(s, d, DEVICE, gen) for s, d in shapes_dtypes]
+    dims = [None if t.dim() <= 1 else tuple(range(1, t.dim())) for t in tensors]
+    rows = [unit_rows(t, d) for t, d in zip(tensors, dims)]
+    assert rows == [3, 1, 2, 1, 9, 1]
+    plan = tb.cache.get_units(tensors, rows)
+    want_addr, want_numel, want_code = [], [], []
+    for t, r in zip(tensors, rows):
+        for k in range(r):
+            want_addr.append(t.data_ptr() + k * (t.numel() // r) * t.element_size())
+            want_numel.append(t.numel() // r)
+            want_code.append(DTYPE_CODES[t.dtype])
+    meta = plan.meta.cpu()
+    assert plan.num_tensors == sum(rows) == meta.shape[1]
+    assert meta[0].tolist() == want_addr and meta[1].tolist() == want_numel and meta[2].tolist() == want_code
+    # chunks: each unit's own, in order, CHUNK elements each
+    tc, cs, ct = plan.tensor_chunks.cpu().tolist(), plan.chunk_start.cpu().tolist(), plan.chunk_tensor.cpu().tolist()
+    for u, n in enumerate(want_numel):
+        mine = list(range(tc[u], tc[u + 1]))
+        assert len(mine) == math.ceil(n / CHUNK) and all(ct[c] == u for c in mine)
+        assert [cs[c] for c in mine] == [CHUNK * j for j in range(len(mine))]
+    assert plan.num_chunks == len(ct) == tc[-1]
+    assert plan.acc_dtype == torch.float64 and not plan.aliased
+    # cached; a listed-twice tensor marks the plan aliased; the keys of plain plans are distinct
+    assert tb.cache.get_units(tensors, rows) is plan and tb.cache.builds == 1
+    assert tb.cache.get_units(tensors + tensors[:1], rows + rows[:1]).aliased
+    assert tb.cache.get(tensors) is not plan
+
+
+def ref_units(t: torch.Tensor, d, p: float) -> torch.Tensor:
+    x = t.detach().to("cpu", torch.float64)
+    return torch.linalg.vector_norm(x, p).reshape(1) if d is None else torch.linalg.vector_norm(x, p, dim=d).reshape(-1)
+
+
+def unit_case(seed: int, count: int = 24):
+    """Odd shapes (0-D, 1-D, rows across chunk boundaries, size-1 dims), mixed dtypes, timm's dims; plus tensors the
+    kernels cannot take: a transposed (non-contiguous) one and optax-style strided units."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(), (1,), (CHUNK + 1,), (3, 2 * CHUNK + 3), (9, 1), (1, 9), (4, 3, 5), (2, CHUNK - 1), (5, 2, 1, 3)]
+    dtypes = FLOAT_DTYPES
+    tensors, dims = [], []
+    for i in range(count):
+        t = random_tensor(shapes[i % len(shapes)], dtypes[i % len(dtypes)], DEVICE, gen, scale=1.0 + i % 5)
+        tensors.append(t)
+        dims.append(None if t.dim() <= 1 else tuple(range(1, t.dim())))
+    tensors.insert(3, random_tensor((6, 4), torch.float32, DEVICE, gen).t())  # not contiguous
+    dims.insert(3, (1,))
+    tensors.insert(7, random_tensor((5, 6), torch.bfloat16, DEVICE, gen))  # optax: reduce dim 0
+    dims.insert(7, (0,))
+    return tensors, dims
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, float("inf"), 3.0])
+def test_unit_norms_match_reference(tb, monkeypatch, p):
+    tensors, dims = unit_case(seed=int(p) if math.isfinite(p) else 7)
+    counter = KernelCounter(monkeypatch)
+    norms = tb.unit_norms(tensors, dims, p)
+    assert counter.launches == ["_reduce_kernel", "_finalize_kernel"]  # the two strays go to torch
+    acc = acc_of(tensors)
+    assert norms.dtype == acc and norms.device.type == DEVICE
+    ref = torch.cat([ref_units(t, d, p) for t, d in zip(tensors, dims)])
+    assert norms.shape == ref.shape
+    torch.testing.assert_close(norms.cpu().double(), ref, rtol=1e-5, atol=0)
+    # only the kernel tensors: the kernel result as is
+    keep = [i for i, (t, d) in enumerate(zip(tensors, dims)) if unit_rows(t, d) is not None]
+    alone = tb.unit_norms([tensors[i] for i in keep], [dims[i] for i in keep], p)
+    torch.testing.assert_close(alone.cpu().double(), torch.cat([ref_units(tensors[i], dims[i], p) for i in keep]),
+                               rtol=1e-5, atol=0)
+
+
+def test_scale_units_matches_reference(tb, monkeypatch):
+    tensors, dims = unit_case(seed=60)
+    counts = [backends.unit_count(t, d) for t, d in zip(tensors, dims)]
+    gen = torch.Generator().manual_seed(61)
+    coefs = torch.rand(sum(counts), generator=gen, dtype=torch.float64).to(DEVICE)
+    coefs[::4] = 1.0  # untouched units
+    before = [t.clone() for t in tensors]
+    counter = KernelCounter(monkeypatch)
+    tb.scale_units_(tensors, dims, coefs)
+    assert counter.launches == ["_scale_kernel"]
+    for i, (t, d, c, b) in enumerate(zip(tensors, dims, coefs.cpu().split(counts), before)):
+        c = c.reshape(backends.unit_shape(t, d))
+        assert_scaled(t, b, c, f"tensor {i} {tuple(t.shape)} {t.dtype}")  # type: ignore[arg-type]
+        ones = (c == 1.0).expand(t.shape).to(t.device)
+        assert torch.equal(t[ones], b[ones]), f"tensor {i}: a unit with coefficient 1 changed"
+
+
+def test_scale_units_listed_twice_goes_to_torch(tb, monkeypatch):
+    g = random_tensor((3, 5), torch.float32, DEVICE)
+    before = g.clone()
+    import fusedclip.triton_kernels.scale as scale_kernels
+
+    def racing_kernel(*args, **kwargs):
+        raise AssertionError("the scale kernel must not run on a list that holds a tensor twice")
+
+    monkeypatch.setattr(scale_kernels, "scale_", racing_kernel)
+    coefs = torch.tensor([0.5, 1.0, 2.0, 0.5, 1.0, 2.0], device=DEVICE)
+    tb.scale_units_([g, g], [(1,), (1,)], coefs)
+    torch.testing.assert_close(g, before * torch.tensor([[0.25], [1.0], [4.0]], device=DEVICE), rtol=0, atol=0)
+
+
+def agc_model_params(count, seed, dtypes=(torch.float32, torch.bfloat16)):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(5, 7), (7,), (3, 2, 2), (), (2, 600)]
+    params = []
+    for i in range(count):
+        w = torch.nn.Parameter(random_tensor(shapes[i % len(shapes)], dtypes[i % len(dtypes)], DEVICE, gen))
+        w.grad = random_tensor(w.shape, w.dtype, DEVICE, gen, scale=0.01 * (1 + i % 7))
+        params.append(w)
+    return params
+
+
+def test_agc_is_one_reduce_and_one_scale_launch_and_reuses_its_plans(monkeypatch):
+    params = agc_model_params(120, seed=70)
+    b = triton_backend.load()
+    counter = KernelCounter(monkeypatch)
+    fusedclip.adaptive_clip_grad_(params, 0.02, backend="triton")
+    assert counter.launches == ["_reduce_kernel", "_finalize_kernel", "_scale_kernel"]
+    builds = b.cache.builds
+    for _ in range(2):  # grads written in place, as autograd does: no plan is rebuilt
+        for w in params:
+            w.grad.mul_(3.0)
+        counter.launches.clear()
+        fusedclip.adaptive_clip_grad_(params, 0.02, backend="triton")
+        assert counter.launches == ["_reduce_kernel", "_finalize_kernel", "_scale_kernel"]
+    assert b.cache.builds == builds
+    params[5].grad = params[5].grad.clone()  # a new buffer: the plans that list it are rebuilt
+    fusedclip.adaptive_clip_grad_(params, 0.02, backend="triton")
+    assert b.cache.builds == builds + 2
+
+
 # ---- GPU only ----------------------------------------------------------------------------------------------------
 
 
@@ -415,6 +567,30 @@ def test_torch_compile_fullgraph_cpu():
     if DEVICE != "cpu":
         pytest.skip("the CPU variant; see test_gpu_torch_compile_fullgraph")
     _compiled_clip_step("cpu", "aot_eager")
+
+
+def test_agc_torch_compile_fullgraph_cpu():
+    """Under torch.compile the unit hooks take the base-class path (through the backend's opaque norm op)."""
+    if DEVICE != "cpu":
+        pytest.skip("the CPU variant")
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model(torch.randn(8, 16)).square().mean().backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    fusedclip.available_backends()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step():
+        fusedclip.adaptive_clip_grad_(model.parameters(), 0.01, backend="triton")
+
+    step()
+    compiled = [p.grad.clone() for p in model.parameters()]
+    for p, r in zip(model.parameters(), raw):
+        p.grad.copy_(r)
+    fusedclip.adaptive_clip_grad_(model.parameters(), 0.01, backend="triton")  # eager: the unit-plan kernels
+    assert any(not torch.equal(c, r) for c, r in zip(compiled, raw))
+    for c, p in zip(compiled, model.parameters()):
+        torch.testing.assert_close(c, p.grad, rtol=2e-6, atol=0)
 
 
 @pytest.mark.gpu

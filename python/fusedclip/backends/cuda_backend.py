@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import Backend, BackendUnavailable, acc_dtype, torch_backend
-from .plan import PlanCache, flat_ok
+from . import BackendUnavailable, acc_dtype, torch_backend
+from .plan import DevicePlan, PlanCache, flat_ok
+from .units import UnitKernels
 
 # Elements per chunk: a multiple of the kernels' kChunkAlign (16) so every chunk start stays 16-byte aligned.
 CHUNK_SIZE = 65536
@@ -89,7 +90,21 @@ def _register_fakes() -> None:
     def _clamp_fake(grads, meta, chunk_tensor, chunk_start, chunk_size, clip_value):
         return None
 
+    if _has_unit_ops():  # an extension built before the AGC ops lacks them
+
+        @torch.library.register_fake("fusedclip::unit_norms")
+        def _unit_norms_fake(tensors, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type):
+            return meta.new_empty((meta.shape[1],), dtype=acc_dtype(t.dtype for t in tensors))
+
+        @torch.library.register_fake("fusedclip::scale_units")
+        def _scale_units_fake(tensors, meta, chunk_tensor, chunk_start, chunk_size, coefs):
+            return None
+
     _fakes_registered = True
+
+
+def _has_unit_ops() -> bool:
+    return hasattr(torch.ops.fusedclip, "unit_norms") and hasattr(torch.ops.fusedclip, "scale_units")
 
 
 def _coef_arg(coef: Tensor, device: torch.device) -> Tensor:
@@ -99,11 +114,15 @@ def _coef_arg(coef: Tensor, device: torch.device) -> Tensor:
     return coef.to(device)
 
 
-class CudaBackend(Backend):
+class CudaBackend(UnitKernels):
     name = "cuda"
 
     def __init__(self) -> None:
         self.plans = PlanCache(CHUNK_SIZE)
+
+    @property
+    def cache(self) -> PlanCache:  # the name UnitKernels looks the unit plans up in
+        return self.plans
 
     def runs_on(self, device: torch.device) -> bool:
         return device.type == "cuda"
@@ -166,6 +185,20 @@ class CudaBackend(Backend):
             )
         else:
             torch.ops.fusedclip.scale(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef.reshape(()))
+
+    # AGC (UnitKernels): one unit_norms launch and one scale_units launch over a unit plan.
+
+    def _units_available(self) -> bool:
+        return super()._units_available() and _has_unit_ops()
+
+    def _unit_norms_on(self, tensors: list[Tensor], plan: DevicePlan, norm_type: float) -> Tensor:
+        return torch.ops.fusedclip.unit_norms(
+            tensors, plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.chunk_size,
+            float(norm_type),
+        )
+
+    def _scale_units_on(self, tensors: list[Tensor], plan: DevicePlan, coefs: Tensor) -> None:
+        torch.ops.fusedclip.scale_units(tensors, plan.meta, plan.chunk_tensor, plan.chunk_start, plan.chunk_size, coefs)
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
         if torch.compiler.is_compiling():

@@ -6,6 +6,9 @@ keyed by (address, numel, dtype) of every tensor. It holds no reference to the t
 freed or replaced gradient can never be read through the cache (a new tensor at the same address, size and
 dtype is exactly what the cached table describes). The cache is bounded (least recently used first out).
 
+A unit plan (AGC) lists the units of its tensors instead, one contiguous row each: then one launch yields
+every unit's norm, or scales every unit by its own coefficient.
+
 Tables (all on the plan's device):
   meta         int64 [3, T]: address, numel, dtype code of each tensor
   chunk_tensor int32 [C]: the tensor each chunk belongs to (chunks are in tensor order)
@@ -17,7 +20,9 @@ Tables (all on the plan's device):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -50,35 +55,87 @@ class DevicePlan:
     aliased: bool  # some tensor is listed twice: an in-place kernel would race on it, so scaling goes to torch
 
 
-def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
-    device = tensors[0].device
-    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-    addresses = [t.data_ptr() for t in tensors]
-    meta = torch.stack(
-        [
-            torch.tensor(addresses, dtype=torch.int64),
-            numels,
-            torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int64),
-        ]
-    )
+def _tables(
+    device: torch.device, addresses: Tensor, numels: Tensor, codes: Tensor, chunk_size: int, acc: torch.dtype,
+    aliased: bool,
+) -> DevicePlan:
+    """The device tables of a plan whose i-th "tensor" is the flat run of numels[i] elements at addresses[i]."""
+    count = int(numels.numel())
+    meta = torch.stack([addresses, numels, codes])
     counts = (numels + chunk_size - 1) // chunk_size
-    tensor_chunks = torch.zeros(len(tensors) + 1, dtype=torch.int64)
+    tensor_chunks = torch.zeros(count + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=tensor_chunks[1:])
     num_chunks = int(tensor_chunks[-1])
-    chunk_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int64), counts)
+    chunk_tensor = torch.repeat_interleave(torch.arange(count, dtype=torch.int64), counts)
     chunk_start = (torch.arange(num_chunks, dtype=torch.int64) - tensor_chunks[chunk_tensor]) * chunk_size
     return DevicePlan(
         device=device,
-        num_tensors=len(tensors),
+        num_tensors=count,
         num_chunks=num_chunks,
         chunk_size=chunk_size,
-        acc_dtype=acc_dtype(t.dtype for t in tensors),
+        acc_dtype=acc,
         meta=meta.to(device),
         chunk_tensor=chunk_tensor.to(torch.int32).to(device),
         chunk_start=chunk_start.to(device),
         tensor_chunks=tensor_chunks.to(torch.int32).to(device),
         ticket=torch.zeros(1, dtype=torch.int32, device=device),
+        aliased=aliased,
+    )
+
+
+def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
+    addresses = [t.data_ptr() for t in tensors]
+    return _tables(
+        tensors[0].device,
+        torch.tensor(addresses, dtype=torch.int64),
+        torch.tensor([t.numel() for t in tensors], dtype=torch.int64),
+        torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int64),
+        chunk_size,
+        acc_dtype(t.dtype for t in tensors),
         aliased=len(set(addresses)) < len(addresses),
+    )
+
+
+def unit_rows(t: Tensor, reduce_dims: Optional[tuple[int, ...]]) -> Optional[int]:
+    """How many units `t` has when each is one contiguous run of its memory, so that a unit plan can list them;
+    None when the kernels cannot take them that way (not flat_ok, or units strided through memory).
+
+    Units (see Backend.unit_norms) are contiguous runs exactly when, dims of size 1 aside, every kept dim comes
+    before every reduced dim: timm's "all dims but the first", or the whole tensor (reduce_dims None)."""
+    if not flat_ok(t) or t.numel() == 0:
+        return None
+    if reduce_dims is None or t.dim() == 0:
+        return 1
+    reduced = {d % t.dim() for d in reduce_dims}
+    sizes = t.shape
+    last_kept = max((i for i, s in enumerate(sizes) if s != 1 and i not in reduced), default=-1)
+    first_reduced = min((i for i, s in enumerate(sizes) if s != 1 and i in reduced), default=t.dim())
+    if last_kept > first_reduced:
+        return None
+    rows = 1
+    for i, s in enumerate(sizes):
+        if i not in reduced:
+            rows *= s
+    return rows
+
+
+def _build_units(tensors: list[Tensor], rows: list[int], chunk_size: int) -> DevicePlan:
+    """A plan whose "tensors" are the units: row r of tensor i starts at base_i + r * row_numel_i * itemsize_i.
+    Vectorised over rows: the host loops over tensors only."""
+    rows_t = torch.tensor(rows, dtype=torch.int64)
+    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    row_numel = numels // rows_t
+    row_bytes = row_numel * torch.tensor([t.element_size() for t in tensors], dtype=torch.int64)
+    bases = [t.data_ptr() for t in tensors]
+    codes = torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int64), rows_t)
+    first_unit = torch.cumsum(rows_t, 0) - rows_t
+    row = torch.arange(int(owner.numel()), dtype=torch.int64) - first_unit[owner]
+    addresses = torch.tensor(bases, dtype=torch.int64)[owner] + row * row_bytes[owner]
+    return _tables(
+        tensors[0].device, addresses, row_numel[owner], codes[owner], chunk_size,
+        acc_dtype(t.dtype for t in tensors),
+        aliased=len(set(bases)) < len(bases),  # distinct tensors have distinct rows
     )
 
 
@@ -94,16 +151,29 @@ class PlanCache:
     def get(self, tensors: list[Tensor]) -> DevicePlan:
         """The plan for these tensors (all on one device, numel > 0, flat_ok), built on a miss."""
         key = (self.chunk_size, tensors[0].device, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
+        return self._lookup(key, lambda: _build(tensors, self.chunk_size))
+
+    def _lookup(self, key: tuple, build: Callable[[], DevicePlan]) -> DevicePlan:
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        plan = _build(tensors, self.chunk_size)
+        plan = build()
         self.builds += 1
         self._plans[key] = plan
         if len(self._plans) > self.capacity:
             self._plans.popitem(last=False)
         return plan
+
+    def get_units(self, tensors: list[Tensor], rows: list[int]) -> DevicePlan:
+        """The unit plan of these tensors (all on one device; rows[i] = unit_rows(tensors[i], ...), not None):
+        one entry per unit, units in row-major order, tensor 0's first. The key holds everything the tables
+        depend on (address, numel, dtype and unit count of every tensor), so it cannot collide with get()'s."""
+        key = (
+            "units", self.chunk_size, tensors[0].device,
+            tuple((t.data_ptr(), t.numel(), t.dtype, r) for t, r in zip(tensors, rows)),
+        )
+        return self._lookup(key, lambda: _build_units(tensors, rows, self.chunk_size))
 
     def __len__(self) -> int:
         return len(self._plans)

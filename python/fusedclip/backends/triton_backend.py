@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import Backend, BackendUnavailable, acc_dtype, torch_backend
+from . import BackendUnavailable, acc_dtype, torch_backend
 from .plan import CACHE_SIZE, DevicePlan, PlanCache, flat_ok
+from .units import UnitKernels
 
 # Chunk = elements one program covers; block = elements per vector step. The interpreter runs programs one by
 # one in Python at a cost per operation, not per element: small chunks (chunk boundaries within reach of small
@@ -31,7 +32,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class TritonBackend(Backend):
+class TritonBackend(UnitKernels):
     """Triton kernels over a cached device plan.
 
     Parameters
@@ -67,11 +68,13 @@ class TritonBackend(Backend):
         return self.cache.get(tensors)
 
     def _norms(
-        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, max_norm: Optional[float]
+        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, max_norm: Optional[float],
+        plan: Optional[DevicePlan] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The reduce and finalize launches over `plan` (by default the plan of `tensors`)."""
         from fusedclip.triton_kernels.multi_tensor_norm import multi_tensor_norm
 
-        plan = self.cache.get(tensors)
+        plan = plan if plan is not None else self.cache.get(tensors)
         return multi_tensor_norm(
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket,
             plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type,
@@ -91,13 +94,14 @@ class TritonBackend(Backend):
         total, _, coef = self._norms(tensors, norm_type, False, max_norm)
         return total, coef  # type: ignore[return-value]
 
-    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
+    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool, plan: Optional[DevicePlan] = None) -> None:
+        """The scale launch over `plan` (by default the plan of `tensors`; a given plan must not be aliased)."""
         from fusedclip.triton_kernels.scale import scale_
 
         if coef.dtype not in (torch.float32, torch.float64):
             coef = coef.float()  # e.g. a bf16 total_norm from stock torch
         coef = coef.to(tensors[0].device).reshape(-1).contiguous()
-        plan = self.cache.get(tensors)
+        plan = plan if plan is not None else self.cache.get(tensors)
         if plan.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
             fallback = torch_backend.load()
             (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef if per_tensor else coef[0])
@@ -118,6 +122,15 @@ class TritonBackend(Backend):
             torch.ops.fusedclip.triton_scale_(tensors, coefs, True)
             return
         self._scale(tensors, coefs, per_tensor=True)
+
+    # AGC (UnitKernels): the same two launchers over a unit plan.
+
+    def _unit_norms_on(self, tensors: list[Tensor], plan: DevicePlan, norm_type: float) -> Tensor:
+        _, norms, _ = self._norms(tensors, norm_type, True, None, plan)
+        return norms  # type: ignore[return-value]
+
+    def _scale_units_on(self, tensors: list[Tensor], plan: DevicePlan, coefs: Tensor) -> None:
+        self._scale(tensors, coefs, True, plan)
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
         if torch.compiler.is_compiling():
