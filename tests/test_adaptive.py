@@ -115,8 +115,9 @@ def test_agc_matches_timm_formula(backend_device, norm_type, dtypes):
 
 
 def test_agc_many_tensors_mixed_dtypes_and_strays(backend_device):
-    """On the kernel backends, the unit-plan path: 300+ tensors of every dtype and odd shapes (0-D, 1-D, rows longer than a chunk), plus
-    a non-contiguous parameter (its grad is contiguous: the norms of one pair split between kernel and torch)."""
+    """On the kernel backends, the unit-plan path: 300+ tensors of every dtype and odd shapes (0-D, 1-D, rows
+    longer than a chunk), plus a non-contiguous parameter (its grad is contiguous: the norms of one pair split
+    between kernel and torch)."""
     backend, device = backend_device
     shapes = [(), (1,), (7,), (5, 3), (9, 1), (1, 9), (3, 2, 2), (4, 1, 3, 3), (2, 700), (13,)]
     params = agc_params(FLOAT_DTYPES, device, seed=23, shapes=shapes, copies=31)
