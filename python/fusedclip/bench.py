@@ -300,12 +300,12 @@ def environment(device: torch.device) -> dict:
 
 
 def _git_commit() -> Optional[str]:
-    """HEAD of the checkout fusedclip runs from, with '+dirty' when tracked files have changes."""
+    """HEAD of the checkout fusedclip runs from, '+dirty' when tracked files other than the records changed."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results"],
             capture_output=True,
             text=True,
             timeout=10,
