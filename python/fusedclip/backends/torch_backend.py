@@ -141,7 +141,7 @@ class TorchBackend(Backend):
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
         if _on_host(coefs):
-            pairs = [(t, c) for t, c in zip(tensors, coefs.tolist()) if not c >= 1]
+            pairs = [(t, c) for t, c in zip(tensors, coefs.tolist()) if c != 1]  # NaN != 1: still applied
             factors: list = [c for _, c in pairs]
             tensors = [t for t, _ in pairs]
         else:
