@@ -319,17 +319,15 @@ def get_total_norm(
     process_group: GroupArg,
     replicated: ReplicatedArg,
 ) -> Tensor:
-    call = _Call(owners, tensors, process_group, replicated)
-    total = call.total(norm_type, backend, foreach)
-    if error_if_nonfinite:
-        dispatch.check_finite(total, norm_type)
-    return call.wrap(total, norm_type)
+    return clip_grad_norm_(
+        owners, tensors, None, norm_type, error_if_nonfinite, foreach, backend, process_group, replicated
+    )
 
 
 def clip_grad_norm_(
     owners: list[Tensor],
     grads: list[Tensor],
-    max_norm: float,
+    max_norm: Optional[float],
     norm_type: float,
     error_if_nonfinite: bool,
     foreach: Optional[bool],
@@ -337,11 +335,12 @@ def clip_grad_norm_(
     process_group: GroupArg,
     replicated: ReplicatedArg,
 ) -> Tensor:
+    """The total over every rank; the local shards are clipped too unless max_norm is None."""
     call = _Call(owners, grads, process_group, replicated)
     total = call.total(norm_type, backend, foreach)
     if error_if_nonfinite:
         dispatch.check_finite(total, norm_type)
-    if call.scale_locals:
+    if max_norm is not None and call.scale_locals:
         dispatch.scale_(dispatch.make_plan(call.scale_locals, backend, foreach), clip_coef(total, max_norm))
     return call.wrap(total, norm_type)
 
