@@ -88,8 +88,8 @@ class Backend:
         for i, d in enumerate(reduce_dims):
             if parts[i] is None:
                 t = tensors[i]
-                low = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else None
-                parts[i] = torch.linalg.vector_norm(t, norm_type, dim=d, dtype=low).reshape(-1).to(acc)
+                dtype = norm_dtype(t.dtype)
+                parts[i] = torch.linalg.vector_norm(t, norm_type, dim=d, dtype=dtype).reshape(-1).to(acc)
         return torch.cat(parts)  # type: ignore[arg-type]
 
     def scale_units_(self, tensors: list[Tensor], reduce_dims: list[Optional[tuple[int, ...]]], coefs: Tensor) -> None:
@@ -103,6 +103,11 @@ class Backend:
         else:
             for t, f in zip(tensors, factors):
                 t.mul_(f)
+
+
+def norm_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """dtype= for torch's norm of one tensor: float32 for bf16/fp16, None (torch's own) for the rest."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def acc_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:

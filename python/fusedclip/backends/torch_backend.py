@@ -11,12 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import Backend, acc_dtype
-
-
-def _norm_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
-    """dtype= argument for the per-tensor norm: None keeps torch's own (fp32, fp64, complex -> real)."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+from . import Backend, acc_dtype, norm_dtype
 
 
 # torch's CPU norm of one long fp32 vector drifts (5e-3 relative seen at 38M elements, against float64): its
@@ -37,7 +32,7 @@ def _long_cpu(t: Tensor, norm_type: float) -> bool:
 
 
 def _row_norm(t: Tensor, norm_type: float) -> Tensor:
-    dtype = _norm_dtype(t.dtype)
+    dtype = norm_dtype(t.dtype)
     flat = t.view(-1)
     whole = flat.numel() // ROW * ROW
     parts = [torch.linalg.vector_norm(flat[:whole].view(-1, ROW), norm_type, dim=1, dtype=dtype)]
@@ -87,7 +82,7 @@ class TorchBackend(Backend):
         long = [i for i, t in enumerate(tensors) if t.numel() > LONG and _long_cpu(t, norm_type)]
         groups = self._by_dtype(tensors)
         if not long and len(groups) == 1 and self._use_foreach(tensors):  # the common case, in one call
-            return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(tensors[0].dtype)))
+            return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=norm_dtype(tensors[0].dtype)))
         out: list[Optional[Tensor]] = [None] * len(tensors)
         for i in long:
             out[i] = _row_norm(tensors[i], norm_type)
@@ -97,7 +92,7 @@ class TorchBackend(Backend):
             if not group:
                 continue
             if self._use_foreach(group):
-                norms = torch._foreach_norm(group, norm_type, dtype=_norm_dtype(group[0].dtype))
+                norms = torch._foreach_norm(group, norm_type, dtype=norm_dtype(group[0].dtype))
             else:
                 norms = [self._one_norm(t, norm_type) for t in group]
             for i, n in zip(idx, norms):
@@ -107,7 +102,7 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _one_norm(t: Tensor, norm_type: float) -> Tensor:
-        dtype = _norm_dtype(t.dtype)
+        dtype = norm_dtype(t.dtype)
         if t.is_sparse:
             values = t.coalesce().values()
             n = torch.linalg.vector_norm(values, norm_type, dtype=dtype)
