@@ -567,6 +567,7 @@ def test_adaptive_clipping_is_sync_free_on_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.profiler
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_agc_gpu_one_reduce_and_one_scale_launch(backend):
     """Profiler-counted: the kernel AGC path is one reduce (plus, for triton, its finalize) and one scale launch

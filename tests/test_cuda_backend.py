@@ -132,6 +132,7 @@ def test_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.profiler
 def test_launch_count():
     grads = random_grads(2000, (torch.float32, torch.bfloat16), "cuda", seed=17, max_numel=1000)
     b = _backend()
@@ -160,6 +161,7 @@ def test_opcheck():
     torch.library.opcheck(ops.clamp.default, (grads, *tables, p.chunk_size, 0.2))
 
 
+@pytest.mark.compile
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).cuda()

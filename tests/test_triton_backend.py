@@ -494,6 +494,7 @@ def _cuda_grads(count=200, dtype=torch.float32, seed=30):
 
 
 @pytest.mark.gpu
+@pytest.mark.profiler
 def test_gpu_launch_count_at_most_three():
     from torch.profiler import ProfilerActivity, profile
 
@@ -563,12 +564,14 @@ def _compiled_clip_step(device: str, compile_backend: str) -> None:
         assert_scaled(p.grad, r, coef)
 
 
+@pytest.mark.compile
 def test_torch_compile_fullgraph_cpu():
     if DEVICE != "cpu":
         pytest.skip("the CPU variant; see test_gpu_torch_compile_fullgraph")
     _compiled_clip_step("cpu", "aot_eager")
 
 
+@pytest.mark.compile
 def test_agc_torch_compile_fullgraph_cpu():
     """Under torch.compile the unit hooks take the base-class path (through the backend's opaque norm op)."""
     if DEVICE != "cpu":
@@ -594,6 +597,7 @@ def test_agc_torch_compile_fullgraph_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.compile
 def test_gpu_torch_compile_fullgraph():
     _compiled_clip_step("cuda", "inductor")
 
