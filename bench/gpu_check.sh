@@ -35,7 +35,7 @@ set -uo pipefail
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 case ${OUT:-} in /*) ;; "") OUT=$(dirname "$SELF")/out ;; *) OUT=$PWD/$OUT ;; esac
 cd "$(dirname "$SELF")/.."
-LOGS=${GPU_CHECK_LOGS:-}  # set for the steps by the run: a folder outside $OUT (only two files go back)
+LOGS=${GPU_CHECK_LOGS:-}  # set for the steps by the run: a folder outside $OUT (few files go back: see OUT)
 PY=${PYTHON:-python3}
 BUDGET_S=540  # of a 600 s device call: the rest for the summaries, the archive and the tool's own overhead
 GRACE_S=10  # after a step's limit: SIGINT (pytest writes its junit XML and stops), then SIGKILL GRACE_S later

@@ -375,10 +375,11 @@ def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
     if backend not in _kernel_backends():
         pytest.skip(f"backend {backend!r} is not available")
     dtypes = (torch.float32, torch.bfloat16)
-    warm = random_grads(40, dtypes, "cuda", seed=80, max_numel=5000)
-    fusedclip.clip_grad_norm_(_params(warm), 0.5, backend=backend)  # compile the kernels outside capture
-    grads = random_grads(40, dtypes, "cuda", seed=81, max_numel=5000)  # fresh addresses: a cold plan
+    grads = random_grads(40, dtypes, "cuda", seed=81, max_numel=5000)
     params = _params(grads)
+    # The same sizes and dtypes at other addresses: compiles every kernel specialisation outside the capture,
+    # and leaves the plan of `grads` cold.
+    fusedclip.clip_grad_norm_(_params([g.clone() for g in grads]), 0.5, backend=backend)
     cache = fusedclip.backends.select(backend, grads[0].device).cache  # type: ignore[attr-defined]
     builds = cache.builds
     torch.cuda.synchronize()

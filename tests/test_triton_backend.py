@@ -21,6 +21,7 @@ from reference import (
     ref_tensor_norm,
     ref_total_norm,
 )
+from sync_check import cold_plans, sync_errors
 
 triton_backend = pytest.importorskip("fusedclip.backends.triton_backend")
 if "triton" not in fusedclip.available_backends():
@@ -509,16 +510,30 @@ def test_gpu_launch_count_at_most_three():
 
 
 @pytest.mark.gpu
-def test_gpu_no_host_sync():
-    params = make_params(_cuda_grads())
-    fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-        fusedclip.clip_grad_norm_(params, 1e9, backend="triton")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+def test_gpu_no_host_sync_cold_and_steady():
+    """A call that builds its plan (cold cache) and steady-state calls, each under set_sync_debug_mode("error");
+    the results are checked against the float64 reference after leaving that mode."""
+    grads = _cuda_grads()
+    params = make_params(grads)
+    cache = cold_plans("triton")
+    for phase, seed in (("cold", 33), ("steady", 34)):
+        gen = torch.Generator().manual_seed(seed)
+        fresh = [random_tensor(g.shape, g.dtype, "cuda", gen, scale=3.0) for g in grads]
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        builds = cache.builds
+        with sync_errors():
+            total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+            snapshot = [g.clone() for g in grads]
+            unclipped = fusedclip.clip_grad_norm_(params, 1e9, backend="triton")  # coef 1: no pass over the grads
+        assert cache.builds == builds + (phase == "cold"), phase
+        assert_total_close(total, ref_total_norm(fresh, 2.0), torch.float32, what=f"{phase} total")
+        coef = backends.clip_coef(total, 0.1).item()
+        assert coef < 1.0
+        for g, s, f in zip(grads, snapshot, fresh):
+            assert_scaled(s, f, coef, what=f"{phase} gradient")
+            assert torch.equal(g, s)
+        assert_total_close(unclipped, ref_total_norm(snapshot, 2.0), torch.float32, what=f"{phase} 2nd total")
 
 
 @pytest.mark.gpu
