@@ -494,6 +494,16 @@ def _cuda_grads(count=200, dtype=torch.float32, seed=30):
     return random_grads(count, dtypes=(dtype,), device="cuda", seed=seed, max_numel=5000)
 
 
+def _refill(grads, seed):
+    """Fresh values of the same shapes and dtypes, written into `grads` (whose plan stays cached); returns a copy.
+    (random_grads with another seed would give other shapes.)"""
+    gen = torch.Generator().manual_seed(seed)
+    fresh = [random_tensor(g.shape, g.dtype, g.device, gen, scale=3.0) for g in grads]
+    for g, f in zip(grads, fresh):
+        g.copy_(f)
+    return fresh
+
+
 @pytest.mark.gpu
 @pytest.mark.profiler
 def test_gpu_launch_count_at_most_three():
@@ -517,10 +527,7 @@ def test_gpu_no_host_sync_cold_and_steady():
     params = make_params(grads)
     cache = cold_plans("triton")
     for phase, seed in (("cold", 33), ("steady", 34)):
-        gen = torch.Generator().manual_seed(seed)
-        fresh = [random_tensor(g.shape, g.dtype, "cuda", gen, scale=3.0) for g in grads]
-        for g, f in zip(grads, fresh):
-            g.copy_(f)
+        fresh = _refill(grads, seed)
         builds = cache.builds
         with sync_errors():
             total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
@@ -550,9 +557,7 @@ def test_gpu_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
     for seed in (31, 32):
-        fresh = _cuda_grads(50, seed=seed)
-        for g, f in zip(grads, fresh):
-            g.copy_(f)
+        fresh = _refill(grads, seed)
         graph.replay()
         torch.cuda.synchronize()
         assert_total_close(total, ref_total_norm(fresh, 2.0), torch.float32)
