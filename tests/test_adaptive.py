@@ -13,6 +13,7 @@ import torch
 
 import fusedclip
 from reference import FLOAT_DTYPES, TOTAL_RTOL, VALUE_ULPS, random_tensor, ref_total_norm, ulp
+from sync_check import cold_plans, sync_errors
 
 
 
@@ -551,22 +552,40 @@ def test_dtensor_is_a_clear_error():
 
 @pytest.mark.gpu
 def test_adaptive_clipping_is_sync_free_on_cuda():
+    """AGC, ZClip and AutoClip on CUDA: a cold first step (their plans are built inside the checked block) and
+    steady steps (warm-up, EMA, ring wraparound, a spike), each under set_sync_debug_mode("error"). After each
+    step, totals and gradients match the same clippers run on CPU copies by the torch backend."""
     params = agc_params((torch.float32, torch.bfloat16), "cuda", seed=9, copies=2)
+    ref = [torch.nn.Parameter(p.detach().cpu().clone()) for p in params]
     zc, ac = fusedclip.ZClip(warmup_steps=2, max_grad_norm=None), fusedclip.AutoClip(history=3)
-    for step in range(6):  # warm-up, EMA, ring wraparound
-        for p in params:
-            p.grad = torch.randn_like(p) * (10.0 if step == 4 else 1.0)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+    zc_ref = fusedclip.ZClip(warmup_steps=2, max_grad_norm=None, backend="torch")
+    ac_ref = fusedclip.AutoClip(history=3, backend="torch")
+    cache = cold_plans()
+    gen = torch.Generator().manual_seed(10)
+    for step in range(6):
+        for p, r in zip(params, ref):
+            g = random_tensor(p.shape, p.dtype, "cpu", gen, scale=10.0 if step == 4 else 1.0)
+            p.grad.copy_(g)  # same tensors every step: after the first, the plans are cached
+            r.grad = g.clone()
+        builds = cache.builds
+        with sync_errors():
             fusedclip.adaptive_clip_grad_(params, 0.05)
-            zc.step(params)
-            ac.step(params)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+            z_total = zc.step(params)
+            a_total = ac.step(params)
+        assert (cache.builds > builds) == (step == 0), (step, builds, cache.builds)
+        fusedclip.adaptive_clip_grad_(ref, 0.05, backend="torch")
+        z_ref, a_ref = zc_ref.step(ref), ac_ref.step(ref)
+        assert math.isclose(z_total.item(), z_ref.item(), rel_tol=4e-5), (step, z_total.item(), z_ref.item())
+        assert math.isclose(a_total.item(), a_ref.item(), rel_tol=4e-5), (step, a_total.item(), a_ref.item())
+        for i, (p, r) in enumerate(zip(params, ref)):
+            # Three clips in turn, each rounding to the gradient's dtype: 3 ulps, plus the norms' tolerance.
+            got, want = p.grad.detach().cpu().double(), r.grad.double()
+            tol = want.abs() * (4 * TOTAL_RTOL[torch.float32] + 3 * ulp(p.dtype)) + torch.finfo(p.dtype).tiny
+            assert bool(((got - want).abs() <= tol).all()), (step, i, p.dtype, (got - want).abs().max().item())
 
 
 @pytest.mark.gpu
+@pytest.mark.profiler
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_agc_gpu_one_reduce_and_one_scale_launch(backend):
     """Profiler-counted: the kernel AGC path is one reduce (plus, for triton, its finalize) and one scale launch

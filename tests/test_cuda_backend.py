@@ -20,6 +20,7 @@ from reference import (
     ref_tensor_norm,
     ref_total_norm,
 )
+from sync_check import cold_plans, sync_errors
 
 pytestmark = [
     pytest.mark.gpu,
@@ -119,19 +120,32 @@ def test_deterministic_bits():
 
 
 def test_no_host_sync():
+    """A cold call (the plan is built inside the checked block) and a steady-state call, each under
+    set_sync_debug_mode("error"): norm + coefficient, scale, clamp; checked against references afterwards."""
     grads = _mixed(count=20, seed=13)
     b = _backend()
-    b.norm_and_coef(grads, 2.0, 1.0)  # builds and caches the plan (a host-to-device copy)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        total, coef = b.norm_and_coef(grads, 2.0, 1.0)
-        b.scale_(grads, coef)
-        b.clamp_(grads, 0.1)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    cache = cold_plans("cuda")
+    for phase, seed in (("cold", 14), ("steady", 15)):
+        gen = torch.Generator().manual_seed(seed)
+        originals = [random_tensor(g.shape, g.dtype, "cuda", gen, scale=2.0) for g in grads]
+        for g, o in zip(grads, originals):
+            g.copy_(o)
+        builds = cache.builds
+        with sync_errors():
+            total, coef = b.norm_and_coef(grads, 2.0, 1.0)
+            b.scale_(grads, coef)
+            scaled = [g.clone() for g in grads]
+            b.clamp_(grads, 0.1)
+        assert cache.builds == builds + (phase == "cold"), phase
+        assert_total_close(total, ref_total_norm(originals, 2.0), _acc(grads), what=f"{phase} total")
+        c = coef.item()
+        assert c < 1.0 and abs(c - 1.0 / (total.item() + 1e-6)) <= 1e-6 * c
+        for g, s, o in zip(grads, scaled, originals):
+            assert_scaled(s, o, c, what=f"{phase} gradient")
+            torch.testing.assert_close(g, s.clamp(-0.1, 0.1), rtol=0, atol=0)
 
 
+@pytest.mark.profiler
 def test_launch_count():
     grads = random_grads(2000, (torch.float32, torch.bfloat16), "cuda", seed=17, max_numel=1000)
     b = _backend()
@@ -160,6 +174,7 @@ def test_opcheck():
     torch.library.opcheck(ops.clamp.default, (grads, *tables, p.chunk_size, 0.2))
 
 
+@pytest.mark.compile
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).cuda()

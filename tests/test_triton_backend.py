@@ -21,6 +21,7 @@ from reference import (
     ref_tensor_norm,
     ref_total_norm,
 )
+from sync_check import cold_plans, sync_errors
 
 triton_backend = pytest.importorskip("fusedclip.backends.triton_backend")
 if "triton" not in fusedclip.available_backends():
@@ -493,7 +494,18 @@ def _cuda_grads(count=200, dtype=torch.float32, seed=30):
     return random_grads(count, dtypes=(dtype,), device="cuda", seed=seed, max_numel=5000)
 
 
+def _refill(grads, seed):
+    """Fresh values of the same shapes and dtypes, written into `grads` (whose plan stays cached); returns a copy.
+    (random_grads with another seed would give other shapes.)"""
+    gen = torch.Generator().manual_seed(seed)
+    fresh = [random_tensor(g.shape, g.dtype, g.device, gen, scale=3.0) for g in grads]
+    for g, f in zip(grads, fresh):
+        g.copy_(f)
+    return fresh
+
+
 @pytest.mark.gpu
+@pytest.mark.profiler
 def test_gpu_launch_count_at_most_three():
     from torch.profiler import ProfilerActivity, profile
 
@@ -508,16 +520,27 @@ def test_gpu_launch_count_at_most_three():
 
 
 @pytest.mark.gpu
-def test_gpu_no_host_sync():
-    params = make_params(_cuda_grads())
-    fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-        fusedclip.clip_grad_norm_(params, 1e9, backend="triton")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+def test_gpu_no_host_sync_cold_and_steady():
+    """A call that builds its plan (cold cache) and steady-state calls, each under set_sync_debug_mode("error");
+    the results are checked against the float64 reference after leaving that mode."""
+    grads = _cuda_grads()
+    params = make_params(grads)
+    cache = cold_plans("triton")
+    for phase, seed in (("cold", 33), ("steady", 34)):
+        fresh = _refill(grads, seed)
+        builds = cache.builds
+        with sync_errors():
+            total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+            snapshot = [g.clone() for g in grads]
+            unclipped = fusedclip.clip_grad_norm_(params, 1e9, backend="triton")  # coef 1: no pass over the grads
+        assert cache.builds == builds + (phase == "cold"), phase
+        assert_total_close(total, ref_total_norm(fresh, 2.0), torch.float32, what=f"{phase} total")
+        coef = backends.clip_coef(total, 0.1).item()
+        assert coef < 1.0
+        for g, s, f in zip(grads, snapshot, fresh):
+            assert_scaled(s, f, coef, what=f"{phase} gradient")
+            assert torch.equal(g, s)
+        assert_total_close(unclipped, ref_total_norm(snapshot, 2.0), torch.float32, what=f"{phase} 2nd total")
 
 
 @pytest.mark.gpu
@@ -534,9 +557,7 @@ def test_gpu_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
     for seed in (31, 32):
-        fresh = _cuda_grads(50, seed=seed)
-        for g, f in zip(grads, fresh):
-            g.copy_(f)
+        fresh = _refill(grads, seed)
         graph.replay()
         torch.cuda.synchronize()
         assert_total_close(total, ref_total_norm(fresh, 2.0), torch.float32)
@@ -563,12 +584,14 @@ def _compiled_clip_step(device: str, compile_backend: str) -> None:
         assert_scaled(p.grad, r, coef)
 
 
+@pytest.mark.compile
 def test_torch_compile_fullgraph_cpu():
     if DEVICE != "cpu":
         pytest.skip("the CPU variant; see test_gpu_torch_compile_fullgraph")
     _compiled_clip_step("cpu", "aot_eager")
 
 
+@pytest.mark.compile
 def test_agc_torch_compile_fullgraph_cpu():
     """Under torch.compile the unit hooks take the base-class path (through the backend's opaque norm op)."""
     if DEVICE != "cpu":
@@ -594,6 +617,7 @@ def test_agc_torch_compile_fullgraph_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.compile
 def test_gpu_torch_compile_fullgraph():
     _compiled_clip_step("cuda", "inductor")
 

@@ -14,6 +14,17 @@ from torch import Tensor
 
 from . import backends
 from .backends import Backend, acc_dtype, torch_backend
+from .backends.plan import IndexCache
+
+# The index tensors of the mixed-group paths, uploaded once per distinct (device, positions): a per-call
+# torch.tensor(list, device=cuda) would be a host sync, and would break CUDA-graph capture.
+_indices = IndexCache()
+
+
+def _index(positions: list[int], device: torch.device) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.tensor(positions, device=device)  # traced: a constant of the compiled graph
+    return _indices.get(device, positions)
 
 
 @dataclass
@@ -101,8 +112,8 @@ def total_norm(plan: Plan, norm_type: float, per_tensor: bool = False) -> tuple[
         return total, results[0][1]
     out = torch.zeros(plan.count, dtype=plan.dtype, device=plan.device)
     for g, (_, norms) in zip(plan.groups, results):
-        index = torch.tensor(g.positions, device=plan.device)
-        out.index_copy_(0, index, norms.to(device=plan.device, dtype=plan.dtype))  # type: ignore[union-attr]
+        mine = norms.to(device=plan.device, dtype=plan.dtype)  # type: ignore[union-attr]
+        out.index_copy_(0, _index(g.positions, plan.device), mine)
     return total, out
 
 
@@ -118,7 +129,7 @@ def scale_per_tensor_(plan: Plan, coefs: Tensor) -> None:
         if plan.single is not None:
             mine = coefs.to(device)
         else:
-            mine = coefs.to(device)[torch.tensor(g.positions, device=device)]
+            mine = coefs.to(device)[_index(g.positions, device)]
         g.backend.scale_per_tensor_(g.tensors, mine)
 
 

@@ -4,12 +4,17 @@ number of tensors of one device.
 A plan is a set of device-resident tables built on the host once per distinct gradient list and cached,
 keyed by (address, numel, dtype) of every tensor. It holds no reference to the tensors: only addresses, so a
 freed or replaced gradient can never be read through the cache (a new tensor at the same address, size and
-dtype is exactly what the cached table describes). The cache is bounded (least recently used first out).
+dtype is exactly what the cached table describes). The cache is bounded (least recently used first out), except
+for plans a CUDA graph reads: see TableCache.
+
+Building a plan never waits on the device: the tables are packed into one pinned host buffer and copied with
+one non-blocking copy (pack_tables), so a cache miss is as sync-free as a hit and may happen inside CUDA-graph
+capture.
 
 A unit plan (AGC) lists the units of its tensors instead, one contiguous row each: then one launch yields
 every unit's norm, or scales every unit by its own coefficient.
 
-Tables (all on the plan's device):
+Tables (all on the plan's device, views of one buffer: DevicePlan.packed):
   meta         int64 [3, T]: address, numel, dtype code of each tensor
   chunk_tensor int32 [C]: the tensor each chunk belongs to (chunks are in tensor order)
   chunk_start  int64 [C]: the chunk's first element within its tensor
@@ -20,9 +25,9 @@ Tables (all on the plan's device):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -52,7 +57,67 @@ class DevicePlan:
     chunk_start: Tensor
     tensor_chunks: Tensor
     ticket: Tensor
+    # The one buffer the tables above are views of, with its host source (kept: see PackedTables).
+    packed: PackedTables = field(repr=False, compare=False)
     aliased: bool  # some tensor is listed twice: an in-place kernel would race on it, so scaling goes to torch
+
+
+_TABLE_ALIGN = 16  # bytes: each table of a packed buffer starts 16-byte aligned (int64 views, wide loads)
+
+
+class PackedTables:
+    """Host integer tables packed into one buffer, and the one device buffer they are copied to.
+
+    For a CUDA device the host buffer is pinned and the copy non-blocking: nothing waits on the device, so a
+    plan can be built under torch.cuda.set_sync_debug_mode("error") and inside CUDA-graph capture. The host
+    buffer lives as long as this object: the copy reads it after the call returns, and under capture the copy
+    is a node of the graph that reads it again at every replay. On CPU `device` is `host` itself (no copy)."""
+
+    __slots__ = ("device", "host", "pinned")
+
+    def __init__(self, host: Tensor, device: Tensor, pinned: bool) -> None:
+        self.host = host
+        self.device = device
+        self.pinned = pinned
+
+    def upload(self) -> None:
+        """(Re-)issue the host-to-device copy on the current stream; nothing to do on CPU."""
+        if self.device is not self.host:
+            self.device.copy_(self.host, non_blocking=self.pinned)
+
+
+def _pinned_staging(device: torch.device) -> bool:
+    """Pinned host memory and a non-blocking copy: for CUDA devices (pinning needs CUDA, and only then is the
+    copy asynchronous). A CPU plan uses the host buffer itself."""
+    return device.type == "cuda"
+
+
+def pack_tables(device: torch.device, tables: Sequence[Tensor]) -> tuple[PackedTables, list[Tensor]]:
+    """Copy host tables (any dtypes and shapes, contiguous or not) to `device` with one allocation and one copy.
+
+    Returns the packed buffer (keep it alive with whatever uses the views) and a view of each table on `device`,
+    same dtype and shape, in order. A kernel backend that needs another table adds it to the list."""
+    offsets, nbytes = [], 0
+    for t in tables:
+        nbytes = -(-nbytes // _TABLE_ALIGN) * _TABLE_ALIGN
+        offsets.append(nbytes)
+        nbytes += t.numel() * t.element_size()
+    pinned = _pinned_staging(device)
+    host = torch.zeros(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
+
+    def views(buffer: Tensor) -> list[Tensor]:
+        return [
+            buffer[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for t, o in zip(tables, offsets)
+        ]
+
+    for view, t in zip(views(host), tables):
+        view.copy_(t)
+    if device.type == "cpu":
+        return PackedTables(host, host, False), views(host)
+    on_device = torch.empty(host.numel(), dtype=torch.uint8, device=device)
+    packed = PackedTables(host, on_device, pinned)
+    packed.upload()
+    return packed, views(on_device)
 
 
 def _tables(
@@ -68,18 +133,23 @@ def _tables(
     num_chunks = int(tensor_chunks[-1])
     chunk_tensor = torch.repeat_interleave(torch.arange(count, dtype=torch.int64), counts)
     chunk_start = (torch.arange(num_chunks, dtype=torch.int64) - tensor_chunks[chunk_tensor]) * chunk_size
+    ticket = torch.zeros(1, dtype=torch.int32)
+    packed, (meta_d, chunk_tensor_d, chunk_start_d, tensor_chunks_d, ticket_d) = pack_tables(
+        device, [meta, chunk_tensor.to(torch.int32), chunk_start, tensor_chunks.to(torch.int32), ticket]
+    )
     return DevicePlan(
         device=device,
         num_tensors=count,
         num_chunks=num_chunks,
         chunk_size=chunk_size,
         acc_dtype=acc,
-        meta=meta.to(device),
-        chunk_tensor=chunk_tensor.to(torch.int32).to(device),
-        chunk_start=chunk_start.to(device),
-        tensor_chunks=tensor_chunks.to(torch.int32).to(device),
-        ticket=torch.zeros(1, dtype=torch.int32, device=device),
+        meta=meta_d,
+        chunk_tensor=chunk_tensor_d,
+        chunk_start=chunk_start_d,
+        tensor_chunks=tensor_chunks_d,
+        ticket=ticket_d,
         aliased=aliased,
+        packed=packed,
     )
 
 
@@ -139,44 +209,114 @@ def _build_units(tensors: list[Tensor], rows: list[int], chunk_size: int) -> Dev
     )
 
 
-class PlanCache:
-    """Bounded cache of device plans for one backend."""
+def _capturing(device: torch.device) -> bool:
+    """Whether work issued now for `device` is recorded into a CUDA graph (the current stream is capturing)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+V = TypeVar("V")
+
+
+class TableCache(Generic[V]):
+    """Bounded cache of values that read packed device tables (plans, index tensors), safe under CUDA graphs.
+
+    Outside capture it is an LRU of `capacity` entries. A CUDA graph reads the tables of every entry used while
+    it was captured, at every replay, for as long as the graph lives; so, while the current stream captures:
+    - an entry that is looked up leaves the LRU for good: it is kept for the life of the process (or until
+      clear()) and no longer counts against `capacity`;
+    - an entry that is built is kept the same way, and is handed only to calls made while capturing: its tables
+      are filled by the graph's copy node, that is, only when the graph replays; an eager call builds its own.
+      A later capture that finds it records the copy again, so that every graph fills the tables it reads
+      (a graph may replay before, or without, the one that built them).
+    Clear the cache only when no captured graph that used it will replay again.
+    """
+
+    def __init__(self, capacity: int = CACHE_SIZE) -> None:
+        self.capacity = capacity
+        self._lru: OrderedDict[tuple, tuple[V, PackedTables]] = OrderedDict()
+        self._kept: dict[tuple, tuple[V, PackedTables]] = {}  # used while capturing, tables filled eagerly
+        self._captured: dict[tuple, tuple[V, PackedTables]] = {}  # built while capturing, filled by replays
+        self.builds = 0  # for tests: how many entries were built (host-to-device copies)
+
+    def _lookup(self, key: tuple, device: torch.device, build: Callable[[], tuple[V, PackedTables]]) -> V:
+        capturing = _capturing(device)
+        entry = self._lru.get(key)
+        if entry is not None:
+            if capturing:
+                del self._lru[key]
+                self._kept[key] = entry
+            else:
+                self._lru.move_to_end(key)
+            return entry[0]
+        entry = self._kept.get(key)
+        if entry is not None:
+            return entry[0]
+        if capturing:
+            entry = self._captured.get(key)
+            if entry is not None:
+                entry[1].upload()
+                return entry[0]
+        entry = build()
+        self.builds += 1
+        if capturing:
+            self._captured[key] = entry
+        else:
+            self._lru[key] = entry
+            if len(self._lru) > self.capacity:
+                self._lru.popitem(last=False)
+        return entry[0]
+
+    @property
+    def kept_for_graphs(self) -> int:
+        """How many entries are kept because a CUDA graph captured their use (outside the LRU bound)."""
+        return len(self._kept) + len(self._captured)
+
+    def __len__(self) -> int:
+        return len(self._lru) + self.kept_for_graphs
+
+    def clear(self) -> None:
+        """Forget every entry, those kept for CUDA graphs too: only when no such graph will replay again."""
+        self._lru.clear()
+        self._kept.clear()
+        self._captured.clear()
+
+
+class PlanCache(TableCache[DevicePlan]):
+    """The device plans of one backend (see TableCache for the bound and the CUDA-graph rules)."""
 
     def __init__(self, chunk_size: int, capacity: int = CACHE_SIZE) -> None:
+        super().__init__(capacity)
         self.chunk_size = chunk_size
-        self.capacity = capacity
-        self._plans: OrderedDict[tuple, DevicePlan] = OrderedDict()
-        self.builds = 0  # for tests: how many plans were built (host-to-device copies)
 
     def get(self, tensors: list[Tensor]) -> DevicePlan:
         """The plan for these tensors (all on one device, numel > 0, flat_ok), built on a miss."""
-        key = (self.chunk_size, tensors[0].device, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
-        return self._lookup(key, lambda: _build(tensors, self.chunk_size))
-
-    def _lookup(self, key: tuple, build: Callable[[], DevicePlan]) -> DevicePlan:
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-            return plan
-        plan = build()
-        self.builds += 1
-        self._plans[key] = plan
-        if len(self._plans) > self.capacity:
-            self._plans.popitem(last=False)
-        return plan
+        device = tensors[0].device
+        key = (self.chunk_size, device, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
+        return self._lookup(key, device, lambda: _with_packed(_build(tensors, self.chunk_size)))
 
     def get_units(self, tensors: list[Tensor], rows: list[int]) -> DevicePlan:
         """The unit plan of these tensors (all on one device; rows[i] = unit_rows(tensors[i], ...), not None):
         one entry per unit, units in row-major order, tensor 0's first. The key holds everything the tables
         depend on (address, numel, dtype and unit count of every tensor), so it cannot collide with get()'s."""
+        device = tensors[0].device
         key = (
-            "units", self.chunk_size, tensors[0].device,
+            "units", self.chunk_size, device,
             tuple((t.data_ptr(), t.numel(), t.dtype, r) for t, r in zip(tensors, rows)),
         )
-        return self._lookup(key, lambda: _build_units(tensors, rows, self.chunk_size))
+        return self._lookup(key, device, lambda: _with_packed(_build_units(tensors, rows, self.chunk_size)))
 
-    def __len__(self) -> int:
-        return len(self._plans)
 
-    def clear(self) -> None:
-        self._plans.clear()
+def _with_packed(plan: DevicePlan) -> tuple[DevicePlan, PackedTables]:
+    return plan, plan.packed
+
+
+class IndexCache(TableCache[Tensor]):
+    """int64 index tensors on a device, uploaded once per distinct list (the API's mixed-group paths): no
+    per-call host-to-device copy, and capture-safe like the plans."""
+
+    def get(self, device: torch.device, positions: Sequence[int]) -> Tensor:
+        def build() -> tuple[Tensor, PackedTables]:
+            packed, (index,) = pack_tables(device, [torch.tensor(positions, dtype=torch.int64)])
+            return index, packed
+
+        return self._lookup((device, tuple(positions)), device, build)

@@ -1,0 +1,414 @@
+"""The device plan's tables and cache (fusedclip.backends.plan): packed into one buffer with one copy (pinned
+and non-blocking for CUDA), the layout the kernels read, and the CUDA-graph rules of the cache (entries a graph
+uses are never evicted; entries built while capturing are not handed to eager calls). "Capturing" is simulated
+on CPU by replacing the capture query; the gpu-marked tests at the end check the real thing."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import fusedclip
+from fusedclip import dispatch
+from fusedclip.backends import acc_dtype, plan
+from fusedclip.backends.plan import DTYPE_CODES, IndexCache, PlanCache, pack_tables, unit_rows
+from reference import assert_scaled, random_grads, random_tensor, ref_tensor_norm, ref_total_norm
+
+TABLES = ("meta", "chunk_tensor", "chunk_start", "tensor_chunks", "ticket")
+
+
+def old_tables(addresses: list[int], numels: list[int], codes: list[int], chunk_size: int) -> dict:
+    """The construction the tables had before packing (one pageable .to(device) copy per table), kept here as
+    the oracle of their layout: dtypes, shapes and values must not change."""
+    addresses_t = torch.tensor(addresses, dtype=torch.int64)
+    numels_t = torch.tensor(numels, dtype=torch.int64)
+    count = len(numels)
+    counts = (numels_t + chunk_size - 1) // chunk_size
+    tensor_chunks = torch.zeros(count + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=tensor_chunks[1:])
+    num_chunks = int(tensor_chunks[-1])
+    chunk_tensor = torch.repeat_interleave(torch.arange(count, dtype=torch.int64), counts)
+    chunk_start = (torch.arange(num_chunks, dtype=torch.int64) - tensor_chunks[chunk_tensor]) * chunk_size
+    return {
+        "meta": torch.stack([addresses_t, numels_t, torch.tensor(codes, dtype=torch.int64)]),
+        "chunk_tensor": chunk_tensor.to(torch.int32),
+        "chunk_start": chunk_start,
+        "tensor_chunks": tensor_chunks.to(torch.int32),
+        "ticket": torch.zeros(1, dtype=torch.int32),
+    }
+
+
+def seeded_list(seed: int, device="cpu") -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = list(DTYPE_CODES)
+    count = int(torch.randint(1, 40, (1,), generator=gen))
+    out = []
+    for _ in range(count):
+        n = int(torch.randint(1, 200, (1,), generator=gen))
+        dtype = dtypes[int(torch.randint(0, len(dtypes), (1,), generator=gen))]
+        out.append(random_tensor((n,), dtype, device, gen))
+    return out
+
+
+def assert_layout(p: plan.DevicePlan, want: dict) -> None:
+    for name in TABLES:
+        got = getattr(p, name)
+        assert got.dtype == want[name].dtype and got.shape == want[name].shape, name
+        assert got.is_contiguous(), name
+        assert torch.equal(got.cpu(), want[name]), name
+    assert p.num_tensors == want["meta"].shape[1] and p.num_chunks == want["chunk_tensor"].numel()
+
+
+def assert_one_buffer(p: plan.DevicePlan) -> None:
+    """Every table is a view of the plan's one packed buffer, 16-byte aligned within it."""
+    base = p.packed.device.data_ptr()
+    for name in TABLES:
+        t = getattr(p, name)
+        assert t.untyped_storage().data_ptr() == p.packed.device.untyped_storage().data_ptr(), name
+        assert (t.data_ptr() - base) % 16 == 0, name
+
+
+# ---- layout and packing ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tables_match_the_old_construction(seed):
+    tensors = seeded_list(seed)
+    chunk = [1, 7, 16, 64, 1000][seed % 5]
+    p = PlanCache(chunk).get(tensors)
+    want = old_tables([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
+                      [DTYPE_CODES[t.dtype] for t in tensors], chunk)
+    assert_layout(p, want)
+    assert_one_buffer(p)
+    assert p.acc_dtype == acc_dtype(t.dtype for t in tensors) and not p.aliased
+    assert p.packed.host is p.packed.device and not p.packed.pinned  # CPU: no copy, nothing pinned
+
+
+def test_unit_plan_tables_match_the_old_construction():
+    gen = torch.Generator().manual_seed(3)
+    tensors = [random_tensor(s, d, "cpu", gen) for s, d in [((3, 40), torch.float32), ((5,), torch.float16),
+                                                            ((2, 3, 7), torch.float64), ((9, 1), torch.bfloat16)]]
+    rows = [unit_rows(t, tuple(range(1, t.dim())) if t.dim() > 1 else None) for t in tensors]
+    p = PlanCache(8).get_units(tensors, rows)
+    addresses, numels, codes = [], [], []
+    for t, r in zip(tensors, rows):
+        for row in range(r):
+            addresses.append(t.data_ptr() + row * (t.numel() // r) * t.element_size())
+            numels.append(t.numel() // r)
+            codes.append(DTYPE_CODES[t.dtype])
+    assert_layout(p, old_tables(addresses, numels, codes, 8))
+    assert_one_buffer(p)
+
+
+def test_pack_tables_any_dtypes_shapes_and_empty_tables():
+    gen = torch.Generator().manual_seed(4)
+    tables = [
+        torch.randint(-2**40, 2**40, (3, 5), generator=gen),
+        torch.randint(0, 100, (7,), generator=gen, dtype=torch.int32),
+        torch.zeros(0, dtype=torch.int64),
+        torch.randint(0, 100, (2, 3), generator=gen, dtype=torch.int16).t(),  # not contiguous
+        torch.tensor(5, dtype=torch.int64),  # 0-d
+    ]
+    packed, views = pack_tables(torch.device("cpu"), tables)
+    for t, v in zip(tables, views):
+        assert v.dtype == t.dtype and v.shape == t.shape and torch.equal(v, t)
+        assert (v.data_ptr() - packed.host.data_ptr()) % 16 == 0
+    assert packed.host.numel() < sum(t.numel() * t.element_size() for t in tables) + 16 * len(tables)
+
+
+def test_pinned_non_blocking_copy_only_for_cuda(monkeypatch):
+    """The CUDA branch, run on the meta device: one pinned host buffer (requested), one non-blocking copy of
+    it, views of one device buffer. For a CPU device: no pinning and no copy at all."""
+    requests, copies = [], []
+    real_zeros, real_copy = torch.zeros, torch.Tensor.copy_
+
+    def zeros(*args, pin_memory=False, **kwargs):
+        requests.append(pin_memory)
+        return real_zeros(*args, **kwargs)  # a CPU-only torch cannot pin
+
+    def copy_(self, src, non_blocking=False):
+        copies.append((self.device.type, src.device.type, self.numel(), non_blocking))
+        return real_copy(self, src, non_blocking)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    tables = [torch.arange(6, dtype=torch.int64).view(2, 3), torch.arange(5, dtype=torch.int32)]
+
+    pack_tables(torch.device("cpu"), tables)
+    assert requests == [False] and all(c[0] == "cpu" for c in copies)  # host fills only
+
+    requests.clear()
+    copies.clear()
+    monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)  # what a CUDA device gets
+    packed, views = pack_tables(torch.device("meta"), tables)
+    assert requests == [True] and packed.pinned and packed.host is not packed.device
+    to_device = [c for c in copies if c[0] == "meta"]
+    assert to_device == [("meta", "cpu", packed.host.numel(), True)]  # one copy, non-blocking
+    assert [v.shape for v in views] == [(2, 3), (5,)] and [v.dtype for v in views] == [torch.int64, torch.int32]
+    assert all(v.untyped_storage().data_ptr() == packed.device.untyped_storage().data_ptr() for v in views)
+
+
+def test_pinning_is_chosen_for_cuda_devices_only():
+    assert plan._pinned_staging(torch.device("cuda", 0)) and plan._pinned_staging(torch.device("cuda"))
+    assert not plan._pinned_staging(torch.device("cpu")) and not plan._pinned_staging(torch.device("meta"))
+
+
+# ---- the cache under (simulated) CUDA-graph capture --------------------------------------------------------------
+
+
+class Capture:
+    """Stands in for torch.cuda.is_current_stream_capturing (the CPU has no streams to capture)."""
+
+    def __init__(self, monkeypatch):
+        self.on = False
+        self.uploads = 0
+        monkeypatch.setattr(plan, "_capturing", lambda device: self.on)
+        real_upload = plan.PackedTables.upload
+
+        def upload(packed):
+            self.uploads += 1
+            real_upload(packed)
+
+        monkeypatch.setattr(plan.PackedTables, "upload", upload)
+
+
+def fill_cache(cache: PlanCache, count: int, seed: int) -> list:
+    """Build `count` plans of distinct live lists (returned, so their addresses stay distinct)."""
+    keep = []
+    for i in range(count):
+        grads = random_grads(2, seed=seed + i, max_numel=10)
+        keep.append(grads)
+        cache.get(grads)
+    return keep
+
+
+def test_the_lru_bound_holds_outside_capture(monkeypatch):
+    Capture(monkeypatch)
+    cache = PlanCache(16, capacity=4)
+    first = random_grads(3, seed=1)
+    p = cache.get(first)
+    keep = fill_cache(cache, 10, 100)
+    assert len(cache) == 4 and cache.builds == 11 and cache.kept_for_graphs == 0
+    assert cache.get(first) is not p and cache.builds == 12  # evicted: rebuilt
+    assert keep
+
+
+def test_a_plan_built_while_capturing_is_never_evicted_nor_given_to_eager_calls(monkeypatch):
+    cap = Capture(monkeypatch)
+    cache = PlanCache(16, capacity=4)
+    grads = random_grads(5, seed=2)
+    cap.on = True
+    captured = cache.get(grads)  # (on CPU the build itself copies nothing: uploads counts the re-copies)
+    assert cap.uploads == 0 and cache.kept_for_graphs == 1
+    source = weakref.ref(captured.packed.host)
+    assert cache.get(grads) is captured and cap.uploads == 1  # a capturing hit records the copy again
+    cap.on = False
+    eager = cache.get(grads)  # its tables are filled only when the graph replays: an eager call builds its own
+    assert eager is not captured and cache.builds == 2
+    assert cache.get(grads) is eager
+    keep = fill_cache(cache, 100, 200)
+    del captured
+    gc.collect()
+    cap.on = True
+    again = cache.get(grads)
+    assert again.packed.host is source() and source() is not None  # still cached, host source alive
+    assert len(cache._lru) == 4 and cache.kept_for_graphs == 1  # outside the LRU bound
+    assert_layout(again, old_tables([t.data_ptr() for t in grads], [t.numel() for t in grads],
+                                    [DTYPE_CODES[t.dtype] for t in grads], 16))
+    assert keep
+
+
+def test_an_eager_plan_used_while_capturing_is_kept_and_stays_shared(monkeypatch):
+    cap = Capture(monkeypatch)
+    cache = PlanCache(16, capacity=4)
+    grads = random_grads(4, seed=3)
+    p = cache.get(grads)
+    cap.on = True
+    assert cache.get(grads) is p and cap.uploads == 0  # filled eagerly: no new copy in the graph
+    cap.on = False
+    keep = fill_cache(cache, 100, 300)
+    assert cache.get(grads) is p and cache.builds == 101  # never evicted, and eager calls share it
+    assert len(cache._lru) == 4 and cache.kept_for_graphs == 1 and len(cache) == 5
+    cache.clear()
+    assert len(cache) == 0 and cache.get(grads) is not p
+    assert keep
+
+
+def test_an_evicted_plans_host_buffer_is_freed(monkeypatch):
+    """The contrast to the test above: outside capture, eviction releases the plan and its host source."""
+    Capture(monkeypatch)
+    cache = PlanCache(16, capacity=2)
+    grads = random_grads(3, seed=4)
+    source = weakref.ref(cache.get(grads).packed.host)
+    keep = fill_cache(cache, 3, 400)
+    gc.collect()
+    assert source() is None
+    assert keep
+
+
+def test_unit_plans_follow_the_same_rules(monkeypatch):
+    cap = Capture(monkeypatch)
+    cache = PlanCache(16, capacity=2)
+    tensors = [random_tensor((4, 9)), random_tensor((3, 5), torch.bfloat16)]
+    rows = [4, 3]
+    cap.on = True
+    captured = cache.get_units(tensors, rows)
+    cap.on = False
+    keep = fill_cache(cache, 10, 500)
+    cap.on = True
+    assert cache.get_units(tensors, rows) is captured and cap.uploads == 1
+    cap.on = False
+    eager = cache.get_units(tensors, rows)
+    assert eager is not captured
+    cap.on = True
+    assert cache.get_units(tensors, rows) is eager  # filled eagerly: preferred, and now kept for the graph
+    cap.on = False
+    fill_cache(cache, 10, 600)
+    assert cache.get_units(tensors, rows) is eager and cache.kept_for_graphs == 2
+    assert keep
+
+
+# ---- index tensors of the mixed-group paths (dispatch) -----------------------------------------------------------
+
+
+def test_index_cache_uploads_once_per_distinct_list(monkeypatch):
+    cap = Capture(monkeypatch)
+    cache = IndexCache(capacity=2)
+    cpu = torch.device("cpu")
+    a = cache.get(cpu, [3, 0, 5])
+    assert a.dtype == torch.int64 and a.tolist() == [3, 0, 5]
+    assert cache.get(cpu, [3, 0, 5]) is a and cache.builds == 1
+    cap.on = True
+    assert cache.get(cpu, [3, 0, 5]) is a  # now kept for the graph
+    cap.on = False
+    for i in range(5):
+        cache.get(cpu, [i])
+    assert cache.get(cpu, [3, 0, 5]) is a and cache.builds == 6
+
+
+def test_mixed_group_per_tensor_clip_builds_no_index_per_call(monkeypatch):
+    """A list the kernels take only in part (a transposed gradient goes to torch): two groups, so the per-tensor
+    norms and coefficients are put in place by index. The indices are built on the first call only; nothing
+    calls torch.tensor(list, device=...) per call."""
+    if "triton" not in fusedclip.available_backends():
+        pytest.skip("needs a kernel backend beside torch for a mixed-group plan")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grads = random_grads(6, (torch.float32, torch.bfloat16), device, seed=60)
+    grads.insert(2, random_tensor((9, 5), torch.float32, device).t())
+    params = []
+    for g in grads:
+        prm = torch.nn.Parameter(torch.empty_like(g))
+        prm.grad = g
+        params.append(prm)
+    monkeypatch.setattr(dispatch, "_indices", IndexCache())
+    originals = [g.clone() for g in grads]
+    norms = fusedclip.clip_grad_norm_per_tensor_(params, 0.5, backend="triton")
+    assert dispatch._indices.builds == 2  # one index per group, shared by the norms and the scale
+    for i, (g, o) in enumerate(zip(grads, originals)):
+        ref = ref_tensor_norm(o, 2.0)
+        assert abs(norms[i].item() - ref) <= 1e-5 * ref
+        assert_scaled(g, o, min(0.5 / (norms[i].item() + 1e-6), 1.0))
+
+    device_lists = []
+    real_tensor = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        if kwargs.get("device") is not None and isinstance(data, list):
+            device_lists.append(data)
+        return real_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    for g, o in zip(grads, originals):
+        g.copy_(o)
+    again = fusedclip.clip_grad_norm_per_tensor_(params, 0.5, backend="triton")
+    assert dispatch._indices.builds == 2 and device_lists == []
+    assert torch.equal(again, norms)
+
+
+# ---- on a GPU: the real capture and sync checks (unverified until a GPU run) ------------------------------------
+
+
+def _kernel_backends() -> list[str]:
+    return [b for b in ("triton", "cuda") if b in fusedclip.available_backends()]
+
+
+def _params(grads):
+    params = []
+    for g in grads:
+        prm = torch.nn.Parameter(torch.empty_like(g))
+        prm.grad = g
+        params.append(prm)
+    return params
+
+
+@pytest.mark.gpu
+def test_gpu_cold_plan_and_index_builds_do_not_sync():
+    grads = random_grads(50, (torch.float32, torch.bfloat16, torch.float16), "cuda", seed=70, max_numel=3000)
+    cache, indices = PlanCache(1024), IndexCache()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = cache.get(grads)
+        u = cache.get_units(grads, [1] * len(grads))
+        index = indices.get(torch.device("cuda"), list(range(0, 40, 3)))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert p.packed.pinned and p.packed.host.is_pinned() and p.meta.is_cuda
+    want = old_tables([t.data_ptr() for t in grads], [t.numel() for t in grads],
+                      [DTYPE_CODES[t.dtype] for t in grads], 1024)
+    assert_layout(p, want)
+    assert_layout(u, want)  # one unit per tensor: the same tables
+    assert_one_buffer(p)
+    assert index.is_cuda and index.tolist() == list(range(0, 40, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
+    """A cache miss inside torch.cuda.graph capture: the plan's copy is a node of the graph. After 100 other
+    plans went through the cache (more than its capacity), the graph still replays correctly, and an eager call
+    made before the first replay does not read the captured plan's still-unfilled tables."""
+    if backend not in _kernel_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    dtypes = (torch.float32, torch.bfloat16)
+    grads = random_grads(40, dtypes, "cuda", seed=81, max_numel=5000)
+    params = _params(grads)
+    # The same sizes and dtypes at other addresses: compiles every kernel specialisation outside the capture,
+    # and leaves the plan of `grads` cold.
+    fusedclip.clip_grad_norm_(_params([g.clone() for g in grads]), 0.5, backend=backend)
+    cache = fusedclip.backends.select(backend, grads[0].device).cache  # type: ignore[attr-defined]
+    builds = cache.builds
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+    assert cache.builds == builds + 1, "the capture should have built the plan (a cold cache)"
+
+    originals = [g.clone() for g in grads]
+    eager_total = fusedclip.get_total_norm(grads, backend=backend)  # eager, before any replay
+    torch.testing.assert_close(eager_total.double().cpu(), torch.tensor(ref_total_norm(originals, 2.0)),
+                               rtol=1e-5, atol=0)
+    keep = []
+    for i in range(100):
+        other = random_grads(3, dtypes, "cuda", seed=1000 + i, max_numel=300)
+        keep.append(other)
+        fusedclip.clip_grad_norm_(_params(other), 0.5, backend=backend)
+    assert cache.builds >= builds + 101 and len(cache._lru) <= cache.capacity
+
+    for seed in (82, 83):
+        gen = torch.Generator().manual_seed(seed)
+        fresh = [random_tensor(g.shape, g.dtype, "cuda", gen, scale=2.0) for g in grads]
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = ref_total_norm(fresh, 2.0)
+        assert abs(total.item() - ref) <= 1e-5 * ref, (total.item(), ref)
+        coef = min(0.5 / (total.item() + 1e-6), 1.0)
+        assert coef < 1.0
+        for g, f in zip(grads, fresh):
+            assert_scaled(g, f, coef)
