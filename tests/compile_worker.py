@@ -529,12 +529,13 @@ def autoclip_step():
 
 @check
 def training_loop():
-    """A small model trained for several steps: forward and loss compiled, backward, the clip compiled fullgraph,
-    SGD with momentum; gradients re-created every step (zero_grad(set_to_none=True)); no recompilation after the
-    first step. The parameters follow the same loop run eagerly with stock torch."""
+    """A small model trained for several steps: forward and loss compiled fullgraph (backward by the same
+    compiled graph's backward), the clip compiled fullgraph, SGD with momentum (torch's optimizer step cannot be
+    fullgraph: see clip_and_step); gradients re-created every step (zero_grad(set_to_none=True)); no
+    recompilation after the first step. The parameters follow the same loop run eagerly with stock torch."""
     model = small_model(5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loss_fn = torch.compile(lambda x, y: torch.nn.functional.mse_loss(model(x), y) * 30)
+    loss_fn = fullgraph(lambda x, y: torch.nn.functional.mse_loss(model(x), y) * 30)
     clip = fullgraph(lambda: fusedclip.clip_grad_norm_(model.parameters(), 0.5))
     totals = []
     for s in range(STEPS + 1):
