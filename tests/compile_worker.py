@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from functools import partial
 import json
 import os
 import sys
 import time
 import traceback
+from functools import partial
 
 import torch
 
