@@ -2,7 +2,9 @@
 (Seetharaman et al. 2020), on the core multi-tensor norm, with their state kept on the device.
 
 Nothing here reads a value back to the host: every data-dependent decision is a `torch.where` on device
-scalars. What the host does know (how many steps were taken) is kept on the host.
+scalars. What the host does know (how many steps were taken) is kept on the host in eager mode. Under
+torch.compile a host count would be baked into the graph (a recompile every step), so ZClip and AutoClip count
+compiled steps on the device and take their warm-up / history decisions there too: one graph for every step.
 """
 
 from __future__ import annotations
@@ -172,6 +174,21 @@ def adaptive_clip_grad_(
 # ZClip
 
 
+def _run_while_tracing(fn):
+    """torch.compiler.assume_constant_result, without importing torch._dynamo when fusedclip is imported (that
+    import takes seconds): the decorator only sets this attribute, which dynamo reads when it meets the function
+    (test_compile checks that it still does). Dynamo then runs the function for real while it traces, once, and
+    takes its result as a constant."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def _write_traced(state: Tensor, value: Tensor) -> None:
+    """state.copy_(value) for a 0-d state tensor in traced code, through a 1-element view: torch.compile (seen
+    with torch 2.13) silently drops an in-place write made directly to a 0-d float64 CPU graph input."""
+    state.view(1).copy_(value.reshape(1))
+
+
 def _grads_and_device(model_or_parameters: ModelOrParameters, where: str) -> tuple[list[Tensor], torch.device]:
     params = _parameters(model_or_parameters, where)
     grads = collect_grads(params)
@@ -258,6 +275,7 @@ class ZClip:
         check_backend_name(backend)
         self.backend = backend
         self._steps = 0  # host-side: how many steps were taken (known without looking at any value)
+        self._traced_steps: Optional[Tensor] = None  # steps taken under torch.compile, not yet in _steps (device)
         self._warmup: Optional[Tensor] = None  # norms recorded during warm-up
         self._mean: Optional[Tensor] = None
         self._var: Optional[Tensor] = None
@@ -267,19 +285,24 @@ class ZClip:
         return max(self.warmup_steps, 1)  # the reference initialises after its first step when warmup_steps is 0
 
     @property
+    def steps(self) -> int:
+        """How many steps were taken (after compiled steps, reading their device count is a host sync)."""
+        return self._steps + (int(self._traced_steps) if self._traced_steps is not None else 0)
+
+    @property
     def initialized(self) -> bool:
         """Whether warm-up is over and the EMA statistics are in use."""
-        return self._steps >= self._warmup_len
+        return self.steps >= self._warmup_len
 
     @property
     def mean(self) -> Optional[Tensor]:
         """EMA mean of the total norm (a device scalar), None during warm-up."""
-        return self._mean
+        return self._mean if self.initialized else None
 
     @property
     def var(self) -> Optional[Tensor]:
         """EMA variance of the total norm (a device scalar), None during warm-up."""
-        return self._var
+        return self._var if self.initialized else None
 
     def _to(self, device: torch.device) -> None:
         dtype = _state_dtype(device)
@@ -290,6 +313,42 @@ class ZClip:
         if self._mean is not None and self._mean.device != device:
             self._mean = self._mean.to(device=device, dtype=dtype)
             self._var = self._var.to(device=device, dtype=dtype)  # type: ignore[union-attr]
+        if self._traced_steps is not None and self._traced_steps.device != device:
+            self._traced_steps = self._traced_steps.to(device)
+
+    def _fold_traced_steps(self) -> None:
+        """Move the device count of compiled steps into the host count: an eager step after compiled ones (a host
+        read per eager step from then on). The tensor is kept, zeroed, so compiled code sees the same attribute."""
+        if self._traced_steps is not None:
+            self._steps += int(self._traced_steps)
+            self._traced_steps.zero_()
+
+    def _decide(self, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A step after warm-up: (clip coefficient, new mean, new var) from the norm `x` and the statistics."""
+        std = var.sqrt()
+        if self.mode == "percentile":
+            threshold = mean + self.z_thresh * std
+            spike = x > threshold
+        else:
+            z = (x - mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                eta = z / self.z_thresh  # larger outliers are pulled further below the z_thresh line
+                threshold = (mean + (self.z_thresh * std) / eta) * self.clip_factor
+            else:
+                threshold = mean
+        limit = torch.where(spike, threshold, x)
+        if self.max_grad_norm is not None:
+            limit = torch.clamp(limit, max=self.max_grad_norm)  # NaN stays NaN, as min(nan, m) in Python
+        coef = torch.where(x > limit, limit / (x + 1e-6), torch.ones_like(x))
+
+        seen = torch.where(spike, threshold, x)
+        new_mean = self.alpha * mean + (1 - self.alpha) * seen
+        new_var = self.alpha * var + (1 - self.alpha) * (seen - new_mean) ** 2
+        if self.skip_update_on_spike:
+            new_mean = torch.where(spike, mean, new_mean)
+            new_var = torch.where(spike, var, new_var)
+        return coef, new_mean, new_var
 
     @torch.no_grad()
     def step(self, model_or_parameters: ModelOrParameters) -> Tensor:
@@ -298,6 +357,9 @@ class ZClip:
         Returns the total 2-norm before clipping as a device scalar (float32, float64 for float64 gradients).
         """
         grads, device = _grads_and_device(model_or_parameters, "ZClip.step")
+        if torch.compiler.is_compiling():
+            return self._traced_step(grads, device)
+        self._fold_traced_steps()
         if not self.initialized:
             if grads and self.max_grad_norm is not None:
                 total = clip_norm_of_grads_(grads, self.max_grad_norm, 2.0, False, None, self.backend)
@@ -316,47 +378,74 @@ class ZClip:
         self._to(total.device)
         mean, var = self._mean, self._var
         assert mean is not None and var is not None
-        x = total.to(mean.dtype)
-        std = var.sqrt()
-        if self.mode == "percentile":
-            threshold = mean + self.z_thresh * std
-            spike = x > threshold
-        else:
-            z = (x - mean) / (std + self.eps)
-            spike = z > self.z_thresh
-            if self.clip_option == "adaptive_scaling":
-                eta = z / self.z_thresh  # larger outliers are pulled further below the z_thresh line
-                threshold = (mean + (self.z_thresh * std) / eta) * self.clip_factor
-            else:
-                threshold = mean
-        limit = torch.where(spike, threshold, x)
-        if self.max_grad_norm is not None:
-            limit = torch.clamp(limit, max=self.max_grad_norm)  # NaN stays NaN, as min(nan, m) in Python
-        coef = torch.where(x > limit, limit / (x + 1e-6), torch.ones_like(x))
+        coef, new_mean, new_var = self._decide(total.to(mean.dtype), mean, var)
         if plan is not None:
             dispatch.scale_(plan, coef.to(total.dtype))
-
-        seen = torch.where(spike, threshold, x)
-        new_mean = self.alpha * mean + (1 - self.alpha) * seen
-        new_var = self.alpha * var + (1 - self.alpha) * (seen - new_mean) ** 2
-        if self.skip_update_on_spike:
-            new_mean = torch.where(spike, mean, new_mean)
-            new_var = torch.where(spike, var, new_var)
         mean.copy_(new_mean)
         var.copy_(new_var)
         self._steps += 1
         return total
 
+    @_run_while_tracing
+    def _traced_state(self, device: torch.device) -> bool:
+        """Create (or move to `device`) the state a compiled step reads, mean and var included (placeholders
+        until warm-up ends; the `mean` / `var` properties hide them). torch.compile runs this for real, once,
+        while it traces the first step (assume_constant_result), so that graph already reads the state every
+        later step will find: no recompilation at the second step."""
+        self._to(device)
+        dtype = self._warmup.dtype  # type: ignore[union-attr]
+        if self._traced_steps is None:
+            self._traced_steps = torch.zeros((), dtype=torch.int64, device=device)
+        if self._mean is None:
+            self._mean = torch.zeros((), dtype=dtype, device=device)
+            self._var = torch.zeros((), dtype=dtype, device=device)
+        return True
+
+    def _traced_step(self, grads: list[Tensor], device: torch.device) -> Tensor:
+        """step() under torch.compile: the same results with no host decision, so one graph serves warm-up and
+        after. Both branches are computed on device scalars and selected by the device step count."""
+        self._traced_state(device)
+        total, plan = _plain_total(grads, device, self.backend)
+        records, mean, var = self._warmup, self._mean, self._var
+        assert records is not None and mean is not None and var is not None and self._traced_steps is not None
+        dtype = records.dtype
+        last = self._warmup_len - 1
+        taken = self._traced_steps + self._steps  # steps before this one
+        warm = taken <= last
+        x = total.to(dtype)
+        slot = taken.clamp(max=last).reshape(1)
+        records.index_copy_(0, slot, torch.where(warm, x, records[slot]))
+        # Warm-up: clip_grad_norm_'s rule to max_grad_norm; the last warm-up step starts the statistics.
+        if self.max_grad_norm is not None:
+            warm_coef = clip_coef(total, self.max_grad_norm).to(dtype)
+        else:
+            warm_coef = torch.ones_like(x)
+        first_mean = records.mean()
+        first_var = ((records - first_mean) ** 2).mean()
+        coef, ema_mean, ema_var = self._decide(x, mean, var)
+        starts = taken == last
+        coef = torch.where(warm, warm_coef, coef)
+        new_mean = torch.where(warm, torch.where(starts, first_mean, mean), ema_mean)
+        new_var = torch.where(warm, torch.where(starts, first_var, var), ema_var)
+        if plan is not None:
+            dispatch.scale_(plan, coef.to(total.dtype))
+        _write_traced(mean, new_mean)
+        _write_traced(var, new_var)
+        self._traced_steps.add_(1)
+        return total
+
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state: the step count, the warm-up records and the EMA statistics (copies)."""
-        n = min(self._steps, self._warmup_len)
+        steps = self.steps
+        n = min(steps, self._warmup_len)
         warm = self._warmup[:n].clone() if self._warmup is not None else torch.zeros(0, dtype=torch.float64)
+        done = steps >= self._warmup_len
         return {
-            "steps": self._steps,
+            "steps": steps,
             "warmup_steps": self.warmup_steps,
             "warmup_norms": warm,
-            "mean": None if self._mean is None else self._mean.clone(),
-            "var": None if self._var is None else self._var.clone(),
+            "mean": self._mean.clone() if done else None,  # type: ignore[union-attr]
+            "var": self._var.clone() if done else None,  # type: ignore[union-attr]
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -389,13 +478,15 @@ class ZClip:
         self._mean = mean.detach().reshape(()).to(dtype).clone() if done else None
         self._var = var.detach().reshape(()).to(dtype).clone() if done else None
         self._steps = steps
+        if self._traced_steps is not None:
+            self._traced_steps.zero_()
 
     def __repr__(self) -> str:
         return (
             f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, max_grad_norm={self.max_grad_norm}, "
             f"eps={self.eps}, warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
             f"clip_option={self.clip_option!r}, clip_factor={self.clip_factor}, "
-            f"skip_update_on_spike={self.skip_update_on_spike}, steps={self._steps})"
+            f"skip_update_on_spike={self.skip_update_on_spike}, steps={self.steps})"
         )
 
 
@@ -420,6 +511,24 @@ def _linear_percentile(sorted_values: Tensor, n: int, percentile: float) -> Tens
     return torch.where(torch.isnan(sorted_values[n - 1]), sorted_values[n - 1], value)
 
 
+def _linear_percentile_on_device(sorted_values: Tensor, n: Tensor, percentile: float, any_nan: Tensor) -> Tensor:
+    """_linear_percentile with the count `n` a device integer (under torch.compile): the same positions and
+    arithmetic, selected with torch.where. `any_nan`: whether a recorded value is NaN (the result is then NaN)."""
+    q = percentile / 100
+    count = n.to(sorted_values.dtype)
+    virtual = (count - 1) * q
+    floor = torch.floor(virtual)
+    moved = virtual >= count - 1
+    last = n - 1
+    lo = torch.where(moved, last, floor.long())
+    hi = torch.where(moved, last, floor.long() + 1)
+    gamma = torch.where(moved, virtual + 1, virtual - floor)  # as the host form: gamma from the moved index -1
+    a, b = sorted_values.index_select(0, torch.stack([lo, hi])).unbind()
+    diff = b - a
+    value = torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+    return torch.where(any_nan, torch.full_like(value, float("nan")), value)
+
+
 class AutoClip:
     """AutoClip (Seetharaman et al. 2020): clip the total gradient norm to a percentile of its own history.
 
@@ -440,6 +549,7 @@ class AutoClip:
         check_backend_name(backend)
         self.backend = backend
         self._count = 0  # norms recorded so far (host-side)
+        self._traced_count: Optional[Tensor] = None  # norms recorded under torch.compile, not yet in _count (device)
         self._norms: Optional[Tensor] = None
         self.threshold: Optional[Tensor] = None  # the last step's clip threshold (device scalar)
 
@@ -449,11 +559,23 @@ class AutoClip:
             self._norms = torch.zeros(self.history, dtype=dtype, device=device)
         elif self._norms.device != device:
             self._norms = self._norms.to(device=device, dtype=dtype)
+        if self._traced_count is not None and self._traced_count.device != device:
+            self._traced_count = self._traced_count.to(device)
+
+    @property
+    def count(self) -> int:
+        """How many norms were recorded (after compiled steps, reading their device count is a host sync)."""
+        return self._count + (int(self._traced_count) if self._traced_count is not None else 0)
 
     @torch.no_grad()
     def step(self, model_or_parameters: ModelOrParameters) -> Tensor:
         """Clip the gradients in place; returns the total 2-norm before clipping as a device scalar."""
         grads, device = _grads_and_device(model_or_parameters, "AutoClip.step")
+        if torch.compiler.is_compiling():
+            return self._traced_step(grads, device)
+        if self._traced_count is not None:  # after compiled steps: their count joins the host count (one read)
+            self._count += int(self._traced_count)
+            self._traced_count.zero_()  # kept, so compiled code keeps seeing the same attribute
         total, plan = _plain_total(grads, device, self.backend)
         self._to(total.device)
         norms = self._norms
@@ -469,18 +591,49 @@ class AutoClip:
             dispatch.scale_(plan, coef.to(total.dtype))
         return total
 
+    @_run_while_tracing
+    def _traced_state(self, device: torch.device) -> bool:
+        """Create (or move to `device`) the state a compiled step reads. torch.compile runs this for real, once,
+        while it traces the first step (assume_constant_result), so that graph already reads the state every
+        later step will find: no recompilation at the second step."""
+        self._to(device)
+        if self._traced_count is None:
+            self._traced_count = torch.zeros((), dtype=torch.int64, device=device)
+        return True
+
+    def _traced_step(self, grads: list[Tensor], device: torch.device) -> Tensor:
+        """step() under torch.compile: the ring position and the number of recorded norms come from a device
+        count, so one graph serves every step. Slots not yet written sort last, as +inf."""
+        self._traced_state(device)
+        total, plan = _plain_total(grads, device, self.backend)
+        norms = self._norms
+        assert norms is not None and self._traced_count is not None
+        taken = self._traced_count + self._count  # norms recorded before this one
+        norms.index_copy_(0, (taken % self.history).reshape(1), total.to(norms.dtype).reshape(1))
+        n = (taken + 1).clamp(max=self.history)
+        written = torch.arange(self.history, device=norms.device) < n
+        ordered = torch.sort(torch.where(written, norms, torch.full_like(norms, float("inf")))).values
+        any_nan = (written & torch.isnan(norms)).any()
+        self.threshold = _linear_percentile_on_device(ordered, n, self.percentile, any_nan)
+        if plan is not None:
+            coef = clip_coef(total.to(self.threshold.dtype), self.threshold)
+            dispatch.scale_(plan, coef.to(total.dtype))
+        self._traced_count.add_(1)
+        return total
+
     @property
     def recorded(self) -> Tensor:
         """The recorded norms still in the history, oldest first (a copy)."""
         if self._norms is None:
             return torch.zeros(0, dtype=torch.float64)
-        n = min(self._count, self.history)
-        start = self._count % self.history if self._count > self.history else 0
+        count = self.count
+        n = min(count, self.history)
+        start = count % self.history if count > self.history else 0
         return torch.roll(self._norms, -start)[:n].clone()
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state: the recorded norms still in the history, oldest first, and the step count."""
-        return {"count": self._count, "history": self.history, "norms": self.recorded}
+        return {"count": self.count, "history": self.history, "norms": self.recorded}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state_dict(); a different `history` keeps the newest norms that fit."""
@@ -503,10 +656,12 @@ class AutoClip:
             buf[positions] = kept.to(dtype)
         self._norms = buf
         self._count = count
+        if self._traced_count is not None:
+            self._traced_count.zero_()
         self.threshold = None
 
     def __repr__(self) -> str:
-        kept = min(self._count, self.history)
+        kept = min(self.count, self.history)
         return f"AutoClip(percentile={self.percentile}, history={self.history}, recorded={kept})"
 
 

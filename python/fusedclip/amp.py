@@ -34,20 +34,43 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+# GradScaler's methods live in torch.amp, which torch.compile does not trace (a call to one breaks the graph);
+# its attributes it reads. So the few methods needed here are replaced by the attributes they read.
+
+
 def scaler_enabled(scaler: Any) -> bool:
-    return scaler is not None and scaler.is_enabled()
+    return scaler is not None and bool(scaler._enabled)  # scaler.is_enabled()
+
+
+def check_scale_tracker(scaler: Any, funcname: str) -> None:
+    """GradScaler's own check that scale() ran before unscale_/step, with its messages."""
+    for name in ("_scale", "_growth_tracker"):
+        if getattr(scaler, name) is None:
+            raise AssertionError(
+                f"Attempted {funcname} but {name} is None.  This may indicate your script did not use "
+                "scaler.scale(loss or outputs) earlier in the iteration."
+            )
 
 
 def scaler_state(scaler: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The scaler's record for `optimizer` ({"stage": OptState, "found_inf_per_device": {device: Tensor}})."""
-    return scaler._per_optimizer_states[id(optimizer)]
+    """The scaler's record for `optimizer` ({"stage": OptState, "found_inf_per_device": {device: Tensor}}).
+
+    A missing record is created and stored here, as GradScaler's defaultdict would on lookup: torch.compile
+    does not replay an insertion made by a defaultdict's factory, so the record must be stored explicitly."""
+    from torch.amp.grad_scaler import OptState
+
+    states = scaler._per_optimizer_states
+    key = id(optimizer)
+    if key not in states:
+        states[key] = {"stage": OptState.READY, "found_inf_per_device": {}}
+    return states[key]
 
 
 def check_can_unscale(scaler: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """torch's own checks of unscale_(), with its messages; returns the optimizer's scaler state."""
     from torch.amp.grad_scaler import OptState
 
-    scaler._check_scale_growth_tracker("unscale_")
+    check_scale_tracker(scaler, "unscale_")
     state = scaler_state(scaler, optimizer)
     if state["stage"] is OptState.UNSCALED:
         raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterable
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -79,11 +80,17 @@ def parse_norm_type(norm_type: float | int | str) -> float:
     return p
 
 
-def check_nonnegative(value: float | int | Tensor, name: str) -> float:
-    """max_norm, clip_value, clip_norm: a finite-or-inf number >= 0. Tensors are read on the host."""
+def check_nonnegative(value: float | int | Tensor, name: str) -> float | Tensor:
+    """max_norm, clip_value, clip_norm: a finite-or-inf number >= 0. Tensors are read on the host.
+
+    While torch.compile traces, a tensor's value cannot be read (dynamo cannot branch on it): it is checked by an
+    opaque op when the graph runs, and the result is that op's 0-d tensor, which carries the check's data
+    dependency to whatever uses the value (so nothing is touched before the check has run)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling():
+            return torch.ops.fusedclip.check_nonnegative(value, name)
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -91,6 +98,22 @@ def check_nonnegative(value: float | int | Tensor, name: str) -> float:
     if math.isnan(v) or v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}; a negative or NaN {name} would flip or poison the gradients")
     return v
+
+
+# Tags of the opaque checks used while tracing: they read a value on the host (a sync for a CUDA tensor, as the
+# eager checks do), so CUDA-graph capture must leave them out.
+HOST_READ_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+
+
+@torch.library.custom_op("fusedclip::check_nonnegative", mutates_args=(), tags=HOST_READ_TAGS)
+def _check_nonnegative_op(value: Tensor, name: str) -> Tensor:
+    check_nonnegative(value.item(), name)
+    return value.detach().reshape(()).clone()
+
+
+@_check_nonnegative_op.register_fake
+def _(value: Tensor, name: str) -> Tensor:
+    return value.new_empty(())
 
 
 def is_dtensor(t: object) -> bool:

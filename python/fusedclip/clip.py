@@ -87,7 +87,7 @@ def get_total_norm(
         return torch.tensor(0.0)
     total, _ = dispatch.total_norm(dispatch.make_plan(ts, backend, foreach), p)
     if error_if_nonfinite:
-        dispatch.check_finite(total, p)
+        total = dispatch.check_finite(total, p)
     return total
 
 
@@ -117,23 +117,24 @@ def clip_grads_with_norm_(
 
 def clip_norm_of_grads_(
     grads: list[Tensor],
-    max_norm: float,
+    max_norm: Union[float, Tensor],
     norm_type: float,
     error_if_nonfinite: bool,
     foreach: Optional[bool],
     backend: Optional[str],
 ) -> Tensor:
-    """clip_grad_norm_ on validated arguments (shared with GradClipper)."""
+    """clip_grad_norm_ on validated arguments (shared with GradClipper). A tensor max_norm comes from
+    check_nonnegative under torch.compile only."""
     plan = dispatch.make_plan(grads, backend, foreach)
     single = plan.single
-    if single is not None and not error_if_nonfinite:
+    if single is not None and not error_if_nonfinite and not isinstance(max_norm, Tensor):
         # One device, one backend: total and coefficient come from the backend's own finalize.
         total, coef = single.backend.norm_and_coef(single.tensors, norm_type, max_norm)
         single.backend.scale_(single.tensors, coef)
         return total
     total, _ = dispatch.total_norm(plan, norm_type)
     if error_if_nonfinite:
-        dispatch.check_finite(total, norm_type)
+        total = dispatch.check_finite(total, norm_type)
     dispatch.scale_(plan, clip_coef(total, max_norm))
     return total
 
@@ -206,6 +207,10 @@ def clip_grad_value_(
                 f"gradient {i} is an uncoalesced sparse tensor: clamping its values would not bound the sum of "
                 "duplicates; coalesce it first (p.grad = p.grad.coalesce())"
             )
+    if isinstance(clip_value, Tensor):  # under torch.compile only (see check_nonnegative): clamp takes a tensor
+        for g in grads:
+            (g._values() if g.is_sparse else g).clamp_(min=-clip_value, max=clip_value)
+        return
     plan = dispatch.make_plan(grads, backend, foreach)
     for g in plan.groups:
         g.backend.clamp_(g.tensors, clip_value)

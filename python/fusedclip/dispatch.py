@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .arguments import HOST_READ_TAGS
 from .backends import Backend, acc_dtype, torch_backend
 from .backends.plan import IndexCache
 
@@ -133,11 +134,29 @@ def scale_per_tensor_(plan: Plan, coefs: Tensor) -> None:
         g.backend.scale_per_tensor_(g.tensors, mine)
 
 
-def check_finite(total: Tensor, norm_type: float) -> None:
-    """torch's error_if_nonfinite check (a host sync, as in torch)."""
+def check_finite(total: Tensor, norm_type: float) -> Tensor:
+    """torch's error_if_nonfinite check (a host sync, as in torch); returns `total`, to be used in its place.
+
+    While torch.compile traces, the value cannot be read (dynamo cannot branch on it; stock torch's check breaks
+    the graph there): an opaque op checks it when the graph runs and returns a copy, whose data dependency keeps
+    every gradient update after the check."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fusedclip.check_finite(total, float(norm_type))
     if not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
+    return total
+
+
+@torch.library.custom_op("fusedclip::check_finite", mutates_args=(), tags=HOST_READ_TAGS)
+def _check_finite_op(total: Tensor, norm_type: float) -> Tensor:
+    check_finite(total, norm_type)
+    return total.clone()
+
+
+@_check_finite_op.register_fake
+def _(total: Tensor, norm_type: float) -> Tensor:
+    return torch.empty_like(total)

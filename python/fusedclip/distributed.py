@@ -339,7 +339,7 @@ def clip_grad_norm_(
     call = _Call(owners, grads, process_group, replicated)
     total = call.total(norm_type, backend, foreach)
     if error_if_nonfinite:
-        dispatch.check_finite(total, norm_type)
+        total = dispatch.check_finite(total, norm_type)
     if max_norm is not None and call.scale_locals:
         dispatch.scale_(dispatch.make_plan(call.scale_locals, backend, foreach), clip_coef(total, max_norm))
     return call.wrap(total, norm_type)

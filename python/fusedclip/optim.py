@@ -116,7 +116,7 @@ def clip_and_step(
     inv_scale: Optional[Tensor] = None
     prior_flags: dict[torch.device, Tensor] = {}
     if use_scaler:
-        scaler._check_scale_growth_tracker("step")
+        amp.check_scale_tracker(scaler, "step")
         state = amp.scaler_state(scaler, optimizer)
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
@@ -155,7 +155,13 @@ def clip_and_step(
         found_inf = (~torch.isfinite(total)).to(torch.float32)
 
     if folds_into_step(optimizer) and not (skip and _skip_would_leave_garbage(optimizer)):
-        _fused_step(optimizer, factor, found_inf)
+        if torch.compiler.is_compiling():
+            # Run eagerly: torch's fused step is compiler-disabled itself (stock torch breaks the graph there too),
+            # and dynamo (2.13) loses the attributes set around that break. Decorated here, when dynamo is loaded
+            # anyway, not at import (importing torch._dynamo takes seconds).
+            torch.compiler.disable(_fused_step)(optimizer, factor, found_inf)
+        else:
+            _fused_step(optimizer, factor, found_inf)
     else:
         dispatch.scale_(plan, factor)
         if found_inf is None or not bool(found_inf):  # host decision: see the module docstring

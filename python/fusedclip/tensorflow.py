@@ -43,7 +43,7 @@ def clip_by_global_norm(
         global_norm = torch.as_tensor(use_norm, dtype=plan.dtype, device=plan.device)
     # clip_norm * min(1 / norm, 1 / clip_norm), and NaN for a non-finite norm. A tensor division, so that
     # norm <= clip_norm gives a scale of exactly 1.
-    limit = torch.tensor(clip_norm, dtype=global_norm.dtype, device=global_norm.device)
+    limit = torch.as_tensor(clip_norm, dtype=global_norm.dtype, device=global_norm.device)  # a tensor when compiling
     scale = limit / torch.maximum(global_norm, limit)
     scale = torch.where(torch.isfinite(global_norm), scale, torch.full_like(scale, float("nan")))
     out: list[Optional[Tensor]] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -129,8 +129,11 @@ def unit_count(t: Tensor, reduce_dims: Optional[tuple[int, ...]]) -> int:
     return n
 
 
-def clip_coef(total: Tensor, max_norm: float) -> Tensor:
-    """torch's clip coefficient: min(max_norm / (total + 1e-6), 1), NaN when total is NaN."""
+def clip_coef(total: Tensor, max_norm: Union[float, Tensor]) -> Tensor:
+    """torch's clip coefficient: min(max_norm / (total + 1e-6), 1), NaN when total is NaN. A tensor max_norm (a
+    checked one under torch.compile) is taken in total's dtype, as a number would be."""
+    if isinstance(max_norm, Tensor):
+        max_norm = max_norm.to(device=total.device, dtype=total.dtype)
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
@@ -143,6 +146,13 @@ def _load(name: str) -> Optional[Backend]:
         return _loaded[name]
     if name in _reasons:
         return None
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace an import; preload_backends() (run by `import fusedclip`) loads every
+        # backend a call can pick, so only a backend named for a device it cannot run on gets here.
+        raise RuntimeError(
+            f"fusedclip backend {name!r} was not loaded before torch.compile traced this call; call "
+            "fusedclip.preload_backends() (or fusedclip.available_backends()) before compiling"
+        )
     try:
         module = importlib.import_module(_MODULES[name])
         backend = module.load()
@@ -163,9 +173,15 @@ def _load(name: str) -> Optional[Backend]:
 
 
 def preload_backends() -> None:
-    """Load the kernel backends when a device they run on may be present (CUDA, or Triton's interpreter)."""
+    """Load every backend a call may pick, so that no import happens while torch.compile traces a call (dynamo
+    cannot trace one): the torch backend always, the kernel backends when a device they run on may be present
+    (CUDA, or Triton's interpreter) or FUSEDCLIP_BACKEND names one. On a CPU-only machine that is the torch
+    backend alone: nothing extra is imported."""
+    _load("torch")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         available_backends()
+    elif os.environ.get(ENV_VAR, "").strip() in BACKEND_NAMES:
+        _load(os.environ[ENV_VAR].strip())
 
 
 def available_backends() -> list[str]:

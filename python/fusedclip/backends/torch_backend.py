@@ -52,6 +52,13 @@ def _on_host(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def _host_reads(t: Tensor) -> bool:
+    """Whether reading `t`'s values on the host to save work is free: a CPU tensor, outside torch.compile.
+    A traced value read would need a graph break (dynamo cannot branch on data), so traced code runs the
+    branch-free form, which is also what a compiled graph does best."""
+    return _on_host(t) and not torch.compiler.is_compiling()
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -119,7 +126,7 @@ class TorchBackend(Backend):
 
     def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
         # Only an exact 1 may be skipped: AMP folds inv_scale into coef, which can then exceed 1.
-        if _on_host(coef) and bool(coef == 1):  # False for NaN: NaN still propagates
+        if _host_reads(coef) and bool(coef == 1):  # False for NaN: NaN still propagates
             return
         # One foreach call per dtype, as torch does: a foreach op with a tensor scalar may round the
         # scalar to the first tensor's dtype, which would scale float64 gradients by a float32 coefficient.
@@ -135,7 +142,7 @@ class TorchBackend(Backend):
                     t.mul_(coef)
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
-        if _on_host(coefs):
+        if _host_reads(coefs):
             pairs = [(t, c) for t, c in zip(tensors, coefs.tolist()) if c != 1]  # NaN != 1: still applied
             factors: list = [c for _, c in pairs]
             tensors = [t for t, _ in pairs]
