@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(at::TensorList grads, co
   at::Tensor norms = at::empty({per_tensor ? table.num_tensors : 0}, opts);
   at::Tensor coef = want_coef ? at::empty({}, opts) : at::Tensor();
   const int sms = sm_count(meta.device());
-  const size_t ws_bytes = norm_workspace_bytes(table.num_chunks, sms, f64);
+  const size_t ws_bytes = norm_workspace_bytes(table.num_tensors, table.num_chunks, f64);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, meta.options().dtype(at::kByte));
   check_cuda(launch_norm(table, norm_type, f64, total.data_ptr(), per_tensor ? norms.data_ptr() : nullptr,
                          want_coef ? coef.data_ptr() : nullptr, max_norm, workspace.data_ptr(), ws_bytes, sms,
