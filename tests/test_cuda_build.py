@@ -106,7 +106,8 @@ def test_kernels_compile_for_sm80_sm90_without_warnings(kernels_build):
     # Both archs were compiled optimised, with warnings (ptxas spills and local memory too) promoted to errors,
     # and nothing warned anyway.
     for arch in ARCHS:
-        assert f"code=[compute_{arch[3:]},{arch}]" in log or f"code={arch}" in log, f"{arch} not compiled:\n{log[-4000:]}"
+        compiled = f"code=[compute_{arch[3:]},{arch}]" in log or f"code={arch}" in log
+        assert compiled, f"{arch} not compiled:\n{log[-4000:]}"
     assert "--Werror=all-warnings" in log and "-Werror" in log and "-O3" in log
     assert "--warn-on-spills" in log and "--warn-on-local-memory-usage" in log
     warnings = [ln for ln in log.splitlines() if re.search(r"\bwarning\s*(#|:|\()", ln, re.IGNORECASE)]
@@ -201,7 +202,7 @@ def _built_extensions() -> list[Path]:
 
 
 @needs_cuobjdump
-@pytest.mark.parametrize("path", _built_extensions() or [None], ids=lambda p: p.name if p else "none")
+@pytest.mark.parametrize("path", _built_extensions() or [None], ids=lambda p: f"{p.parent.name}/{p.name}" if p else "")
 def test_built_extension_uses_128bit_global_memory_and_no_local_memory(path):
     """The kernels inside a built fusedclip._C (its own build flags: torch's for setup.py), for sm_80 and sm_90."""
     if path is None:
@@ -352,7 +353,8 @@ def test_setup_decision():
     build, why = setup.cuda_build_decision({"FUSEDCLIP_FORCE_CUDA": "1"}, torch_cuda=None, cuda_home=None)
     assert build is True and "FUSEDCLIP_FORCE_CUDA" in why
     # Skip wins over force; "0" is not set.
-    assert setup.cuda_build_decision({"FUSEDCLIP_SKIP_CUDA": "1", "FUSEDCLIP_FORCE_CUDA": "1"}, "13.0", "/x")[0] is False
+    both = {"FUSEDCLIP_SKIP_CUDA": "1", "FUSEDCLIP_FORCE_CUDA": "1"}
+    assert setup.cuda_build_decision(both, "13.0", "/x")[0] is False
     assert setup.cuda_build_decision({"FUSEDCLIP_FORCE_CUDA": "0"}, None, "/x")[0] is False
     # The reason names what is missing.
     assert "CUDA_HOME" in setup.cuda_build_decision({"CUDA_HOME": "/nonexistent", "PATH": ""}, "13.0")[1]

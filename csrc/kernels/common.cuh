@@ -73,7 +73,9 @@ constexpr int kProbeDtype = FUSEDCLIP_SASS_PROBE_DTYPE;
 #else
 constexpr int kProbeDtype = -1;
 #endif
-template <int Code> __host__ __device__ constexpr bool dtype_compiled() { return kProbeDtype < 0 || kProbeDtype == Code; }
+template <int Code> __host__ __device__ constexpr bool dtype_compiled() {
+  return kProbeDtype < 0 || kProbeDtype == Code;
+}
 
 // fn(T{}) for the element type T of a dtype code (unknown codes do nothing).
 template <typename Fn> __device__ __forceinline__ void visit_dtype(int code, Fn&& fn) {
