@@ -1,6 +1,7 @@
 """Build: the `fusedclip` package lives in python/fusedclip, the Triton kernels in triton_kernels/ (installed as
-fusedclip.triton_kernels). The optional CUDA extension fusedclip._C (csrc/) is built when torch has CUDA and nvcc
-is found; no GPU needs to be visible. Environment:
+fusedclip.triton_kernels). The optional CUDA extension fusedclip._C (csrc/) is built when torch has CUDA and a CUDA
+toolkit is found (CUDA_HOME, CUDA_PATH, the nvcc on PATH, /usr/local/cuda: see find_cuda_home); no GPU needs to be
+visible. Environment:
   FUSEDCLIP_FORCE_CUDA=1   build the extension even when the checks say no (fails loudly if it cannot)
   FUSEDCLIP_SKIP_CUDA=1    never build it (pure Python install)
   TORCH_CUDA_ARCH_LIST     archs to compile for (default "8.0;9.0+PTX")
@@ -13,6 +14,8 @@ import glob
 import os
 import re
 import shutil
+import subprocess
+import sys
 from typing import Optional
 
 from setuptools import setup
@@ -25,15 +28,55 @@ def _flag(env: dict, name: str) -> bool:
     return env.get(name, "").strip().lower() in _TRUE
 
 
-def _find_nvcc(env: dict) -> Optional[str]:
-    for home in (env.get("CUDA_HOME"), env.get("CUDA_PATH")):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc", path=env.get("PATH"))
+def _is_toolkit(home: Optional[str]) -> bool:
+    """A CUDA toolkit root: bin/nvcc to compile with, include/cuda_runtime.h for the host side."""
+    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(home, "include", "cuda_runtime.h")
+    )
 
 
-def cuda_build_decision(env: Optional[dict] = None, torch_cuda: Optional[str] = "detect", nvcc: Optional[str] = "detect") -> tuple[bool, str]:
-    """(build the extension?, why). torch_cuda / nvcc default to what this machine has; tests pass them in."""
+def _nvcc_top(nvcc: str) -> Optional[str]:
+    """The toolkit root an nvcc reports (`#$ TOP=...` of a dry run); right even when `nvcc` is a wrapper script
+    in another folder (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc)."""
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            check=False, capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.normpath(m.group(1).strip()) if m else None
+
+
+def find_cuda_home(env: Optional[dict] = None) -> tuple[Optional[str], str]:
+    """(CUDA toolkit root or None, how it was found or why none was). In order: CUDA_HOME, CUDA_PATH, the
+    toolkit of the nvcc on PATH (as nvcc itself reports it), /usr/local/cuda; each must hold bin/nvcc and
+    include/cuda_runtime.h. torch's cpp_extension reads CUDA_HOME when it is imported, so setup.py settles it
+    first (torch's own guess, the parent of the nvcc on PATH, is wrong for a wrapper script)."""
+    env = dict(os.environ if env is None else env)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = env.get(var)
+        if home:
+            if _is_toolkit(home):
+                return home, f"{var}={home}"
+            return None, f"{var}={home} is not a CUDA toolkit (it needs bin/nvcc and include/cuda_runtime.h)"
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+    if nvcc:
+        for home in (_nvcc_top(nvcc), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))):
+            if _is_toolkit(home):
+                return home, f"the toolkit of {nvcc}: {home}"
+    if _is_toolkit("/usr/local/cuda"):
+        return "/usr/local/cuda", "/usr/local/cuda"
+    if nvcc:
+        return None, f"{nvcc} is on PATH but no toolkit root with include/cuda_runtime.h was found (set CUDA_HOME)"
+    return None, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+
+
+def cuda_build_decision(
+    env: Optional[dict] = None, torch_cuda: Optional[str] = "detect", cuda_home: Optional[str] = "detect"
+) -> tuple[bool, str]:
+    """(build the extension?, why). torch_cuda / cuda_home default to what this machine has; tests pass them in."""
     env = dict(os.environ if env is None else env)
     if _flag(env, "FUSEDCLIP_SKIP_CUDA"):
         return False, "FUSEDCLIP_SKIP_CUDA is set"
@@ -48,11 +91,12 @@ def cuda_build_decision(env: Optional[dict] = None, torch_cuda: Optional[str] = 
             return False, "torch is not importable at build time (install with --no-build-isolation)"
     if not torch_cuda:
         return False, "this torch has no CUDA (torch.version.cuda is None)"
-    if nvcc == "detect":
-        nvcc = _find_nvcc(env)
-    if not nvcc:
-        return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-    return True, f"torch CUDA {torch_cuda}, nvcc at {nvcc}"
+    how = "given"
+    if cuda_home == "detect":
+        cuda_home, how = find_cuda_home(env)
+    if not cuda_home:
+        return False, how
+    return True, f"torch CUDA {torch_cuda}, CUDA toolkit {cuda_home} ({how})"
 
 
 def arch_token(arch_list: str) -> str:
@@ -61,6 +105,12 @@ def arch_token(arch_list: str) -> str:
 
 
 def _cuda_extension() -> tuple[list, dict]:
+    home, how = find_cuda_home()
+    if home is None:  # only when FUSEDCLIP_FORCE_CUDA overrode the decision
+        raise RuntimeError(f"fusedclip: FUSEDCLIP_FORCE_CUDA is set but no CUDA toolkit was found: {how}")
+    os.environ["CUDA_HOME"] = home  # before cpp_extension is imported: it reads CUDA_HOME once, at import
+    if "torch.utils.cpp_extension" in sys.modules and sys.modules["torch.utils.cpp_extension"].CUDA_HOME != home:
+        raise RuntimeError("fusedclip: torch.utils.cpp_extension was imported before setup.py chose CUDA_HOME")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
@@ -73,7 +123,11 @@ def _cuda_extension() -> tuple[list, dict]:
         name="fusedclip._C",
         sources=sources,
         include_dirs=[os.path.join(here, "csrc", "kernels")],
-        extra_compile_args={"cxx": ["-O3", archs], "nvcc": ["-O3", archs]},
+        # ptxas warns about any register spill or other local-memory use (CMake's kernels target makes it an error).
+        extra_compile_args={
+            "cxx": ["-O3", archs],
+            "nvcc": ["-O3", archs, "-Xptxas=--warn-on-spills,--warn-on-local-memory-usage"],
+        },
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -39,6 +39,7 @@ py::dict build_info() {
   params["vector_bytes"] = fusedclip::kVectorBytes;
   params["chunk_align"] = fusedclip::kChunkAlign;
   params["default_chunk_size"] = fusedclip::kDefaultChunkSize;
+  params["tile_tensors"] = fusedclip::kTileTensors;
   d["kernel_params"] = params;
   int runtime = 0;
   d["cuda_runtime_version"] = cudaRuntimeGetVersion(&runtime) == cudaSuccess ? py::object(py::str(version_string(runtime)))

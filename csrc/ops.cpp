@@ -1,11 +1,17 @@
 // Torch ops over the pure-CUDA kernels in kernels/. Registered as torch.ops.fusedclip.*; the gradients are
 // passed as a tensor list (so the dispatcher and torch.compile see what is read and mutated) and the kernels
 // reach them through the device table built by python/fusedclip/backends/plan.py.
+//
+// Only c10's CUDA headers and the CUDA runtime API: ATen/cuda/CUDAContext.h would pull in cuBLAS, cuSPARSE and
+// cuSOLVER headers, which a plain CUDA toolkit (nvcc + runtime) does not have.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <tuple>
 
@@ -72,8 +78,17 @@ TensorTable make_table(at::TensorList grads, const at::Tensor& meta, const at::T
   return t;
 }
 
+// SMs of a device, asked of the runtime once per device (the launch grid depends on it).
 int sm_count(const at::Device& device) {
-  return at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
+  static std::array<std::atomic<int>, 64> cache{};  // 0: not asked yet
+  const int index = device.index();
+  std::atomic<int>* slot = index >= 0 && index < static_cast<int>(cache.size()) ? &cache[index] : nullptr;
+  int count = slot != nullptr ? slot->load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, index), "reading the SM count");
+    if (slot != nullptr) slot->store(count, std::memory_order_relaxed);
+  }
+  return count;
 }
 
 bool any_float64(at::TensorList grads) {
@@ -98,11 +113,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(at::TensorList grads, co
   at::Tensor norms = at::empty({per_tensor ? table.num_tensors : 0}, opts);
   at::Tensor coef = want_coef ? at::empty({}, opts) : at::Tensor();
   const int sms = sm_count(meta.device());
-  const size_t ws_bytes = norm_workspace_bytes(table.num_chunks, sms, f64);
+  const size_t ws_bytes = norm_workspace_bytes(table.num_tensors, table.num_chunks, f64);
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, meta.options().dtype(at::kByte));
   check_cuda(launch_norm(table, norm_type, f64, total.data_ptr(), per_tensor ? norms.data_ptr() : nullptr,
                          want_coef ? coef.data_ptr() : nullptr, max_norm, workspace.data_ptr(), ws_bytes, sms,
-                         at::cuda::getCurrentCUDAStream()),
+                         c10::cuda::getCurrentCUDAStream()),
              "norm launch");
   return {total, norms, coef};
 }
@@ -137,7 +152,7 @@ void run_scale(at::TensorList grads, const at::Tensor& meta, const at::Tensor& c
   const c10::cuda::CUDAGuard guard(meta.device());
   const at::Tensor c = coef.contiguous();
   check_cuda(launch_scale(table, c.data_ptr(), c.scalar_type() == at::kDouble, per_tensor, sm_count(meta.device()),
-                          at::cuda::getCurrentCUDAStream()),
+                          c10::cuda::getCurrentCUDAStream()),
              "scale launch");
 }
 
@@ -170,7 +185,7 @@ void clamp_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& 
   TORCH_CHECK(clip_value >= 0.0, "fusedclip: clip_value must be >= 0, got ", clip_value);
   const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size);
   const c10::cuda::CUDAGuard guard(meta.device());
-  check_cuda(launch_clamp(table, clip_value, sm_count(meta.device()), at::cuda::getCurrentCUDAStream()),
+  check_cuda(launch_clamp(table, clip_value, sm_count(meta.device()), c10::cuda::getCurrentCUDAStream()),
              "clamp launch");
 }
 

@@ -215,3 +215,104 @@ def test_tensor_over_2_pow_31_elements():
     assert abs(norms[0].item() - want) <= 1e-5 * want
     _backend().scale_([x], torch.tensor(0.5, device="cuda"))
     assert x[-1].item() == 1.5 and x[2**31 + 5].item() == -1.0 and x[0].item() == 0.5 and x[2**31].item() == 0.5
+
+
+# ---- per-tensor and unit norms over many tensors: the finalize spread over tiles of tensors ----------------------
+# With per-tensor results (and p = 0) the kernel finalizes tiles of kTileTensors (2048) tensors, each by the block
+# that finishes its last chunk; these cover many tiles, single- and multi-chunk tensors in one tile, empty tensors,
+# NaN, and determinism, against float64 references of the same stored values.
+
+TILE = 2048
+
+
+def _ref_rows(t: torch.Tensor, p: float) -> torch.Tensor:
+    """float64 norms of the rows of a 2-D tensor (torch's vector_norm: ord 0 counts non-zeros)."""
+    return torch.linalg.vector_norm(t.double(), ord=p, dim=1)
+
+
+def _assert_norms_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, what: str) -> None:
+    got64 = got.double()
+    assert got64.shape == ref.shape, (got64.shape, ref.shape)
+    bad = ~((got64 - ref).abs() <= rtol * ref.abs() + 1e-30) & ~(got64.isnan() & ref.isnan())
+    bad &= ~(got64.isinf() & ref.isinf() & (got64 == ref))
+    assert not bool(bad.any()), f"{what}: {int(bad.sum())} of {ref.numel()} off; first at {bad.nonzero()[:3].tolist()}"
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, float("inf"), float("-inf"), 0.0, 3.0])
+def test_unit_norms_of_100k_units_match_float64(p):
+    """AGC's row units: 110k+ units over 55 tiles, most of one chunk, some of two (rows longer than a chunk)."""
+    gen = torch.Generator().manual_seed(23)
+    tensors = [
+        random_tensor((60_001, 33), torch.float32, "cuda", gen),
+        random_tensor((50_003, 17), torch.bfloat16, "cuda", gen),
+        random_tensor((7, 70_001), torch.float32, "cuda", gen),  # rows of 2 chunks (chunk size 65536)
+        random_tensor((3001, 5), torch.float16, "cuda", gen),
+    ]
+    b = _backend()
+    builds = b.plans.builds
+    norms = b.unit_norms(tensors, [(1,)] * len(tensors), p)
+    assert b.plans.builds == builds + 1, "the unit plan was not used (kernel path)"
+    ref = torch.cat([_ref_rows(t, p) for t in tensors])
+    assert norms.dtype == torch.float32 and norms.numel() == ref.numel() > 100_000
+    _assert_norms_close(norms, ref, 1e-5, f"unit norms, p={p}")
+    again = b.unit_norms(tensors, [(1,)] * len(tensors), p)
+    assert torch.equal(norms, again), "unit norms differ between two calls"
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_per_tensor_norms_of_5000_tensors_match_float64(p):
+    """Three tiles; multi-chunk tensors mixed with one-chunk ones in every tile; some all-zero tensors (p = 0
+    counts only tensors with a non-zero entry); fp32/bf16/fp16 together."""
+    grads = random_grads(5000, (torch.float32, torch.bfloat16, torch.float16), "cuda", seed=29, max_numel=900)
+    for i in range(0, 5000, 397):
+        grads[i] = random_tensor(140_003, grads[i].dtype, "cuda")  # three chunks
+    for i in (5, 2100, 4999):
+        grads[i].zero_()
+    total, norms = _backend().norms(grads, p, per_tensor=True)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+    ref = torch.tensor([ref_tensor_norm(g, p) for g in grads], dtype=torch.float64, device="cuda")
+    _assert_norms_close(norms, ref, 1e-5, f"per-tensor norms, p={p}")
+    again = _backend().norms(grads, p, per_tensor=True)
+    assert torch.equal(total, again[0]) and torch.equal(norms, again[1]), "not bitwise deterministic"
+
+
+@pytest.mark.parametrize("p", [2.0, float("inf"), 0.0])
+def test_per_tensor_nan_in_a_late_tile(p):
+    grads = random_grads(4500, (torch.float32,), "cuda", seed=31, max_numel=200)
+    grads[4321].view(-1)[3] = float("nan")
+    total, norms = _backend().norms(grads, p, per_tensor=True)
+    want = torch.nn.utils.get_total_norm([g.double() for g in grads], p)
+    assert math.isnan(total.item()) == math.isnan(want.item())
+    assert math.isnan(norms[4321].item()) == (p != 0.0)
+    assert not norms[:4321].isnan().any() and not norms[4322:].isnan().any()
+
+
+def test_empty_tensors_including_a_whole_tile_of_them():
+    """Zero-size tensors have no chunk: inside a tile the finalizing block gives them the fold's identity; a tile of
+    nothing but empty tensors is never completed by a chunk, so the last block writes their norms."""
+    grads = random_grads(10, (torch.float32,), "cuda", seed=37)
+    empties = [torch.empty(0, device="cuda") for _ in range(TILE + 100)]
+    tensors = grads[:5] + empties + grads[5:]
+    b = _backend()
+    plan = b.plans.get(tensors)
+    for p, empty_norm in [(2.0, 0.0), (float("-inf"), float("inf")), (0.0, 0.0)]:
+        total, norms = torch.ops.fusedclip.norm(
+            tensors, plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.chunk_size, p, True
+        )
+        assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+        assert torch.all(norms[5 : 5 + len(empties)] == empty_norm)
+        ref = torch.tensor([ref_tensor_norm(g, p) for g in grads], dtype=torch.float64, device="cuda")
+        _assert_norms_close(torch.cat([norms[:5], norms[-5:]]), ref, 1e-5, f"norms around the empties, p={p}")
+
+
+def test_per_tensor_launch_count_with_many_tensors():
+    """The spread finalize adds no launch: a per-tensor norm is one kernel (plus its counters' memset)."""
+    grads = random_grads(6000, (torch.float32, torch.bfloat16), "cuda", seed=41, max_numel=500)
+    b = _backend()
+    b.norms(grads, 2.0, per_tensor=True)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        b.norms(grads, 2.0, per_tensor=True)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len([k for k in kernels if "Memset" not in k]) == 1 and len(kernels) <= 2, kernels

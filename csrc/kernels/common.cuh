@@ -1,4 +1,4 @@
-// Shared device helpers: element types, 16-byte packs, chunk lookup. Internal to csrc/kernels.
+// Shared device helpers: element types, 16-byte packs, chunk lookup, the dtype switch. Internal to csrc/kernels.
 #pragma once
 
 #include <cstdint>
@@ -42,10 +42,18 @@ struct ChunkView {
   int dtype;
 };
 
+// A table address is device (global) memory. Saying so lets the compiler use global loads and stores
+// (LDG/STG) instead of generic ones (LD/ST), which must first find out which memory an address is in.
+__device__ __forceinline__ void* global_address(int64_t address) {
+  void* p = reinterpret_cast<void*>(static_cast<uintptr_t>(address));
+  __builtin_assume(__isGlobal(p));
+  return p;
+}
+
 __device__ __forceinline__ ChunkView chunk_view(const TensorTable& tt, int64_t c) {
   ChunkView v;
   v.tensor = tt.chunk_tensor[c];
-  v.base = reinterpret_cast<void*>(static_cast<uintptr_t>(tt.meta[v.tensor]));
+  v.base = global_address(tt.meta[v.tensor]);
   const int64_t numel = tt.meta[tt.num_tensors + v.tensor];
   v.dtype = static_cast<int>(tt.meta[2 * tt.num_tensors + v.tensor]);
   v.start = tt.chunk_start[c];
@@ -57,6 +65,28 @@ __device__ __forceinline__ ChunkView chunk_view(const TensorTable& tt, int64_t c
 // Vector path only when the chunk's first element is 16-byte aligned (its tensor's base is; chunk_size is a
 // multiple of kChunkAlign elements so every chunk start is too). Views at odd offsets take the scalar path.
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// FUSEDCLIP_SASS_PROBE_DTYPE=<dtype code> compiles only that dtype's path, so that tests/test_cuda_build.py can
+// tell each dtype's hot loop apart in the SASS. Never set in a real build.
+#ifdef FUSEDCLIP_SASS_PROBE_DTYPE
+constexpr int kProbeDtype = FUSEDCLIP_SASS_PROBE_DTYPE;
+#else
+constexpr int kProbeDtype = -1;
+#endif
+template <int Code> __host__ __device__ constexpr bool dtype_compiled() {
+  return kProbeDtype < 0 || kProbeDtype == Code;
+}
+
+// fn(T{}) for the element type T of a dtype code (unknown codes do nothing).
+template <typename Fn> __device__ __forceinline__ void visit_dtype(int code, Fn&& fn) {
+  switch (code) {
+    case kFloat32: if constexpr (dtype_compiled<kFloat32>()) fn(float{}); break;
+    case kFloat16: if constexpr (dtype_compiled<kFloat16>()) fn(__half{}); break;
+    case kBFloat16: if constexpr (dtype_compiled<kBFloat16>()) fn(__nv_bfloat16{}); break;
+    case kFloat64: if constexpr (dtype_compiled<kFloat64>()) fn(double{}); break;
+    default: break;
+  }
+}
 
 }  // namespace detail
 }  // namespace fusedclip

@@ -27,6 +27,7 @@ constexpr int kBlocksPerSM = 4;        // grid = min(chunks, SMs * kBlocksPerSM)
 constexpr int kVectorBytes = 16;       // width of one vector load/store
 constexpr int kChunkAlign = 16;        // chunk_size must be a multiple: keeps every chunk start 16-byte aligned
 constexpr int64_t kDefaultChunkSize = 65536;
+constexpr int kTileTensors = 2048;     // per-tensor norms are finalized a tile of this many tensors at a time
 
 struct TensorTable {
   const int64_t* meta = nullptr;
@@ -44,15 +45,18 @@ NormKind norm_kind(double p);
 // Blocks a launch over `num_chunks` uses on a device with `sm_count` SMs.
 int64_t grid_size(int64_t num_chunks, int sm_count);
 
-// Bytes of scratch launch_norm needs (a ticket counter and the partials).
-size_t norm_workspace_bytes(int64_t num_chunks, int sm_count, bool acc_f64);
+// Bytes of scratch launch_norm needs for a table of num_tensors tensors in num_chunks chunks: counters (a ticket,
+// one per tile of kTileTensors tensors), one partial per chunk, one share of the total per tile.
+size_t norm_workspace_bytes(int64_t num_tensors, int64_t num_chunks, bool acc_f64);
 
-// Norm of all tensors of the table, in one launch (plus a 4-byte memset of the ticket).
+// Norm of all tensors of the table, in one launch, plus one memset of its counters (4 bytes for a total alone;
+// 16 + 4 bytes per tile of kTileTensors tensors with per-tensor norms or p = 0).
 // Accumulates in float32, or float64 when acc_f64. Outputs are device pointers of the accumulation dtype:
 //   total_out  [1]   the total, torch's definition for every p (p = 0: tensors with a non-zero entry)
 //   norms_out  [T]   per-tensor norms, or nullptr
 //   coef_out   [1]   min(max_norm / (total + 1e-6), 1) (NaN stays NaN), or nullptr
-// The result is deterministic: partials are reduced in a fixed order by the last block to finish.
+// The result is deterministic: every reduction runs in an order fixed by the tables (see norm.cu), whichever
+// block happens to do it.
 cudaError_t launch_norm(const TensorTable& table, double p, bool acc_f64, void* total_out, void* norms_out,
                         void* coef_out, double max_norm, void* workspace, size_t workspace_bytes, int sm_count,
                         cudaStream_t stream);

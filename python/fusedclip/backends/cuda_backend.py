@@ -2,7 +2,7 @@
 
 Same contract as the Triton backend: one launch for the norm of any number of tensors (total, per-tensor norms
 and clip coefficient finalized on the device), one for the scale (which returns at once when coef == 1), one
-for the clamp. Built by setup.py when torch has CUDA and nvcc is found; without it, load() says why and the
+for the clamp. Built by setup.py when torch has CUDA and a CUDA toolkit is found; without it, load() says why and the
 other backends carry on.
 """
 
@@ -37,7 +37,7 @@ def _import_ext():
             if e.name == "fusedclip._C":
                 _ext_error = (
                     "the CUDA extension fusedclip._C is not built (it is built by `pip install --no-build-isolation .` "
-                    "when torch has CUDA and nvcc is found; FUSEDCLIP_FORCE_CUDA=1 forces it)"
+                    "when torch has CUDA and a CUDA toolkit is found; FUSEDCLIP_FORCE_CUDA=1 forces it)"
                 )
             else:
                 _ext_error = f"fusedclip._C failed to import: {e}"
