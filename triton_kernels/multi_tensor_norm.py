@@ -112,7 +112,7 @@ def _reduce_kernel(
     tl.store(partial_ptr + c, part)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "p_bits", "max_norm_bits"])
+@triton.jit(do_not_specialize=["num_tensors", "p_bits", "max_norm_bits", "per_tensor", "has_coef"])
 def _finalize_kernel(
     partial_ptr,
     tensor_chunks_ptr,
@@ -124,10 +124,10 @@ def _finalize_kernel(
     num_tensors,
     p_bits,
     max_norm_bits,
+    per_tensor,
+    has_coef,
     NORM: tl.constexpr,
     NEUTRAL: tl.constexpr,
-    PER_TENSOR: tl.constexpr,
-    HAS_COEF: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -164,7 +164,7 @@ def _finalize_kernel(
         vals = tl.sum(acc, 1)
     vals = vals.to(ACC)
     tl.store(tensor_val_ptr + ids, vals, mask=tmask)
-    if PER_TENSOR:
+    if per_tensor != 0:
         if NORM == NORM_L2:
             if ACC == tl.float32:
                 tl.store(norms_ptr + ids, tl.sqrt_rn(vals), mask=tmask)  # tl.sqrt may be approximate
@@ -211,7 +211,7 @@ def _finalize_kernel(
         elif NORM == NORM_P:
             total = tl.where(total == 0, 0.0, tl.exp2(tl.log2(tl.where(total == 0, 1.0, total)) / p)).to(ACC)
         tl.store(total_ptr, total)
-        if HAS_COEF:
+        if has_coef != 0:
             # torch: clamp(max_norm / (total + 1e-6), max=1), evaluated as torch does: reciprocal, then times.
             max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
             eps = tl.full([], 1e-6, tl.float64).to(ACC)
@@ -263,10 +263,11 @@ def multi_tensor_norm(
         meta, chunk_tensor, chunk_start, partials, num_tensors, pb,
         NORM=kind, CHUNK=chunk_size, BLOCK=block, ACC=acc, num_warps=num_warps,
     )
+    # per_tensor / has_coef are run-time flags (not specialised), and an absent max_norm passes 1.0's bits (a 64-bit
+    # int, as any positive max_norm's): one compiled variant serves norms, per-tensor norms and the coefficient.
     _finalize_kernel[(triton.cdiv(num_tensors, block_t),)](
         partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors, pb,
-        f64_bits(max_norm if max_norm is not None else 0.0),
-        NORM=kind, NEUTRAL=neutral, PER_TENSOR=per_tensor, HAS_COEF=max_norm is not None,
-        BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_R=block_r, ACC=acc, num_warps=4,
+        f64_bits(max_norm if max_norm is not None else 1.0), int(per_tensor), int(max_norm is not None),
+        NORM=kind, NEUTRAL=neutral, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_R=block_r, ACC=acc, num_warps=4,
     )
     return total, (norms if per_tensor else None), (coef if max_norm is not None else None)
