@@ -203,20 +203,25 @@ def ptx_loops(ptx: str) -> dict[str | None, dict]:
     return out
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG / STACK / SHARED / LOCAL of the cubin's function, from Triton's bundled cuobjdump."""
+def resource_usage(cubin: bytes, sass: bool) -> dict[str, int]:
+    """REG / STACK / SHARED / LOCAL of the cubin's function, from Triton's bundled cuobjdump; with `sass`, also the
+    number of 128-bit global loads and stores in the SASS (LDG128 / STG128; a disassembly costs about 0.5 s)."""
     from triton import knobs
 
+    tool = _TOOLS.setdefault("cuobjdump", knobs.nvidia.cuobjdump.path)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        tool = knobs.nvidia.cuobjdump.path
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    found = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout)}
-    found["LDG128"] = len(re.findall(r"\bLDG\.E\.128\b", sass))
-    found["STG128"] = len(re.findall(r"\bSTG\.E\.128\b", sass))
+        found = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout)}
+        if sass:
+            text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+            found["LDG128"] = len(re.findall(r"\bLDG\.E\.128\b", text))
+            found["STG128"] = len(re.findall(r"\bSTG\.E\.128\b", text))
     return found
+
+
+_TOOLS: dict[str, str] = {}  # resolving a tool's path runs it (--version): once is enough
 
 
 # ---- compiling (in a fresh process) ------------------------------------------------------------------------------
@@ -338,12 +343,14 @@ def _worker(records_path: str, arch: int, out_path: str) -> None:
             if id(compiled) in variants:
                 continue
             ptx = compiled.asm["ptx"]
+            loops = ptx_loops(ptx)
+            wide = any(loop.get("wide_loads") for loop in loops.values())
             variants[id(compiled)] = {
                 **record,
-                "loops": {str(k): v for k, v in ptx_loops(ptx).items()},
+                "loops": {str(k): v for k, v in loops.items()},
                 "ptx_local": bool(re.search(r"\.local\b", ptx)),
-                "usage": resource_usage(compiled.asm["cubin"]),
-                "compile_cpu_seconds": _cpu_seconds() - cpu,  # ptxas included
+                "usage": resource_usage(compiled.asm["cubin"], sass=wide),
+                "cpu_seconds": _cpu_seconds() - cpu,  # compile, ptxas and the checks
             }
     finally:
         driver.set_active(previous)
