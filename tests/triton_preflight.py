@@ -208,7 +208,9 @@ def resource_usage(cubin: bytes, sass: bool) -> dict[str, int]:
     number of 128-bit global loads and stores in the SASS (LDG128 / STG128; a disassembly costs about 0.5 s)."""
     from triton import knobs
 
-    tool = _TOOLS.setdefault("cuobjdump", knobs.nvidia.cuobjdump.path)
+    if "cuobjdump" not in _TOOLS:
+        _TOOLS["cuobjdump"] = knobs.nvidia.cuobjdump.path
+    tool = _TOOLS["cuobjdump"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -228,19 +230,21 @@ _TOOLS: dict[str, str] = {}  # resolving a tool's path runs it (--version): once
 
 
 def compile_variants(records: list[dict], arch: int, timeout: float = 1200) -> subprocess.Popen:
-    """Start a worker that compiles `records` for sm_`arch`; `collect()` its result."""
+    """Start a worker that compiles `records` for sm_`arch` (and disassembles the SASS of those marked "sass");
+    `collect()` its result."""
     fd, path = tempfile.mkstemp(suffix=".json", prefix="fusedclip-launches-")
     with os.fdopen(fd, "w") as f:
         json.dump(records, f)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A cache of its own: every run really lowers and assembles each variant (nothing comes from an older run).
     env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedclip-triton-cache-")
-    out = path + f".sm{arch}.out.json"
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), path, str(arch), out],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    proc.fusedclip_paths = (path, out, env["TRITON_CACHE_DIR"])  # type: ignore[attr-defined]
+    out, log = path + f".sm{arch}.out.json", path + f".sm{arch}.log"
+    with open(log, "w") as log_file:  # a file, not a pipe: a worker printing a failed kernel's PTX never blocks
+        proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), path, str(arch), out],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    proc.fusedclip_paths = (path, out, log, env["TRITON_CACHE_DIR"])  # type: ignore[attr-defined]
     proc.fusedclip_timeout = timeout  # type: ignore[attr-defined]
     return proc
 
@@ -249,18 +253,38 @@ def collect(proc: subprocess.Popen) -> dict:
     """The worker's result: {"arch", "variants": [...], "failures": [...]}; raises with its output if it died."""
     import shutil
 
-    path, out, cache = proc.fusedclip_paths  # type: ignore[attr-defined]
+    path, out, log, cache = proc.fusedclip_paths  # type: ignore[attr-defined]
     try:
-        log, _ = proc.communicate(timeout=proc.fusedclip_timeout)  # type: ignore[attr-defined]
+        try:
+            proc.wait(timeout=proc.fusedclip_timeout)  # type: ignore[attr-defined]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
         if proc.returncode != 0:
-            raise RuntimeError(f"the compile worker failed (exit {proc.returncode}):\n{log[-6000:]}")
+            with open(log) as f:
+                raise RuntimeError(f"the compile worker failed (exit {proc.returncode}):\n{f.read()[-6000:]}")
         with open(out) as f:
             return json.load(f)
     finally:
-        for p in (path, out):
+        for p in (path, out, log):
             if os.path.exists(p):
                 os.remove(p)
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def discard(proc: subprocess.Popen) -> None:
+    """Stop a worker whose result is no longer wanted (another failed first) and remove its files."""
+    import shutil
+
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    *files, cache = proc.fusedclip_paths  # type: ignore[attr-defined]
+    for p in files:
+        if os.path.exists(p):
+            os.remove(p)
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def _rebuild(arg: dict):
@@ -343,13 +367,11 @@ def _worker(records_path: str, arch: int, out_path: str) -> None:
             if id(compiled) in variants:
                 continue
             ptx = compiled.asm["ptx"]
-            loops = ptx_loops(ptx)
-            wide = any(loop.get("wide_loads") for loop in loops.values())
             variants[id(compiled)] = {
                 **record,
-                "loops": {str(k): v for k, v in loops.items()},
+                "loops": {str(k): v for k, v in ptx_loops(ptx).items()},
                 "ptx_local": bool(re.search(r"\.local\b", ptx)),
-                "usage": resource_usage(compiled.asm["cubin"], sass=wide),
+                "usage": resource_usage(compiled.asm["cubin"], sass=record.get("sass", False)),
                 "cpu_seconds": _cpu_seconds() - cpu,  # compile, ptxas and the checks
             }
     finally:
