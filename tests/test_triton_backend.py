@@ -296,7 +296,7 @@ def test_clamp_matches_torch(dtype):
 
 
 # ---- wide body, masked head and tail: aligned tensors and misaligned views --------------------------------------
-# Each chunk is read as a head up to the first 16-byte boundary, whole unmasked blocks from there, and a tail
+# Each chunk is read as a head up to the first 16-byte boundary, whole unmasked steps from there, and a tail
 # (triton_kernels/addressing.py). Views at odd element offsets move the head; sizes around the block and chunk
 # lengths move the tail. Guard values around every view must come through a scale or clamp untouched.
 
@@ -316,8 +316,8 @@ def placed(n, dtype, offset, gen, scale=1.0):
 
 def edge_case_grads(config: str, seed: int, dtypes=FLOAT_DTYPES):
     """Per dtype, sizes 1, 7, block - 1, block, block + 1, twice the block (the 16-bit body step) + 1, chunk + 1,
-    each aligned and as views 1 and 3 elements in (misaligned for every dtype: 16 bytes is not a multiple of
-    them), so every head length, body count and tail length shows up."""
+    each aligned and as views 1 and 3 elements in (never a multiple of 16 bytes, whatever the dtype), so that
+    heads, bodies and tails of many lengths show up."""
     chunk, block = CONFIGS[config]
     sizes = [1, 7, block - 1, block, block + 1, 2 * block + 1, chunk + 1]
     gen = torch.Generator().manual_seed(seed)
@@ -351,7 +351,7 @@ def assert_guards_untouched(views, buffers, before):
 )
 def test_norms_of_misaligned_views_and_edge_sizes(config, p):
     views, _ = edge_case_grads(config, seed=80)
-    views[5][2] = 0.0  # a zero in the head of a misaligned view: it counts for p = 0 and -inf
+    views[5][2] = 0.0  # a zero in a misaligned view: it counts for p = 0 and -inf
     total, norms = backend_for(config).norms(views, p, per_tensor=True)
     assert_total_close(total, ref_total_norm(views, p), torch.float64)
     for i, v in enumerate(views):
@@ -407,8 +407,8 @@ def expected_wide_steps(v: torch.Tensor, chunk: int, step: int) -> int:
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_misaligned_views_take_the_wide_body_after_their_head(dtype, monkeypatch):
-    """The kernels' unmasked (wide on a GPU) steps, counted under the interpreter: exactly as many as whole blocks
-    fit between each chunk's 16-byte boundary and its end, for aligned tensors and views one element in alike."""
+    """The kernels' unmasked (wide on a GPU) steps, counted under the interpreter: exactly as many as whole steps
+    fit between each chunk's first 16-byte boundary and its end, for aligned tensors and views one element in."""
     interpreter = pytest.importorskip("triton.runtime.interpreter")
     if DEVICE != "cpu":
         pytest.skip("counts interpreter loads")
@@ -454,7 +454,7 @@ def test_one_element_chunks():
 
 
 def test_many_tensors_mixed_dtypes_and_alignment_gpu_configuration():
-    """320 tensors, all four dtypes, every third one a misaligned view: norms, clip and clamp as one launch each,
+    """320 tensors, all four dtypes, every third one a misaligned view (1 to 5 elements in): norms, clip and clamp
     with the GPU configuration's chunk and block."""
     gen = torch.Generator().manual_seed(85)
     views = []
