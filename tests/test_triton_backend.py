@@ -296,6 +296,190 @@ def test_clamp_matches_torch(dtype):
         assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(e))
 
 
+# ---- wide body, masked head and tail: aligned tensors and misaligned views --------------------------------------
+# Each chunk is read as a head up to the first 16-byte boundary, whole unmasked steps from there, and a tail
+# (triton_kernels/addressing.py). Views at odd element offsets move the head; sizes around the block and chunk
+# lengths move the tail. Guard values around every view must come through a scale or clamp untouched.
+
+CONFIGS = {  # (chunk_size, block): the tiny test chunks, and what a GPU runs (the same kernel variants as there)
+    "tiny": (CHUNK, 8),
+    "gpu_sized": (triton_backend.GPU_CHUNK, triton_backend.GPU_BLOCK),
+}
+GUARD = 5
+
+
+def placed(n, dtype, offset, gen, scale=1.0):
+    """A tensor of n random values `offset` elements into a buffer (whose start is 64-byte aligned) with GUARD spare
+    values after it: (view, buffer)."""
+    buf = random_tensor((offset + n + GUARD,), dtype, DEVICE, gen, scale)
+    return buf[offset:offset + n], buf
+
+
+def edge_case_grads(config: str, seed: int, dtypes=FLOAT_DTYPES):
+    """Per dtype, sizes 1, 7, block - 1, block, block + 1, twice the block (the 16-bit body step) + 1, chunk + 1,
+    each aligned and as views 1 and 3 elements in (never a multiple of 16 bytes, whatever the dtype), so that
+    heads, bodies and tails of many lengths show up."""
+    chunk, block = CONFIGS[config]
+    sizes = [1, 7, block - 1, block, block + 1, 2 * block + 1, chunk + 1]
+    gen = torch.Generator().manual_seed(seed)
+    views, buffers = [], []
+    for i, dtype in enumerate(dtypes):
+        for j, n in enumerate(sizes):
+            for offset in (0, 1, 3):
+                v, b = placed(n, dtype, offset, gen, scale=0.5 + (i + j) % 4)
+                assert (v.data_ptr() % 16 == 0) == (offset == 0)
+                views.append(v)
+                buffers.append(b)
+    return views, buffers
+
+
+def backend_for(config: str) -> triton_backend.TritonBackend:
+    chunk, block = CONFIGS[config]
+    return triton_backend.TritonBackend(chunk_size=chunk, block=block)
+
+
+def assert_guards_untouched(views, buffers, before):
+    for v, b, o in zip(views, buffers, before):
+        start = (v.data_ptr() - b.data_ptr()) // b.element_size()
+        keep = torch.ones(b.numel(), dtype=torch.bool, device=b.device)
+        keep[start:start + v.numel()] = False
+        assert torch.equal(b[keep], o[keep]), "a value outside a view changed"
+
+
+@pytest.mark.parametrize(
+    "config, p",
+    [("tiny", p) for p in NORM_TYPES] + [("gpu_sized", p) for p in (2.0, 3.0, float("inf"), float("-inf"))],
+)
+def test_norms_of_misaligned_views_and_edge_sizes(config, p):
+    views, _ = edge_case_grads(config, seed=80)
+    views[5][2] = 0.0  # a zero in a misaligned view: it counts for p = 0 and -inf
+    total, norms = backend_for(config).norms(views, p, per_tensor=True)
+    assert_total_close(total, ref_total_norm(views, p), torch.float64)
+    for i, v in enumerate(views):
+        assert_total_close(norms[i], ref_tensor_norm(v, p), torch.float64,
+                           what=f"norm of view {i} ({v.dtype}, numel {v.numel()}, address % 16 = {v.data_ptr() % 16})",
+                           all_fp64=v.dtype == torch.float64)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_scale_of_misaligned_views_and_edge_sizes(config):
+    views, buffers = edge_case_grads(config, seed=81)
+    b = backend_for(config)
+    before, original = [x.clone() for x in buffers], [v.clone() for v in views]
+    b.scale_(views, torch.tensor(0.37, dtype=torch.float64, device=DEVICE))
+    for i, (v, o) in enumerate(zip(views, original)):
+        assert_scaled(v, o, 0.37, f"view {i} ({v.dtype}, numel {v.numel()}, address % 16 = {v.data_ptr() % 16})")
+    assert_guards_untouched(views, buffers, before)
+    # per-tensor coefficients, some exactly 1 (those tensors are not touched)
+    coefs = torch.rand(len(views), generator=torch.Generator().manual_seed(82), dtype=torch.float64) + 0.25
+    coefs[::3] = 1.0
+    before, original = [x.clone() for x in buffers], [v.clone() for v in views]
+    b.scale_per_tensor_(views, coefs.float().to(DEVICE))
+    for i, (v, o, c) in enumerate(zip(views, original, coefs.float().tolist())):
+        assert_scaled(v, o, c, f"view {i} ({v.dtype}, numel {v.numel()})")
+        if c == 1.0:
+            assert torch.equal(v, o)
+    assert_guards_untouched(views, buffers, before)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_clamp_of_misaligned_views_and_edge_sizes(config):
+    views, buffers = edge_case_grads(config, seed=83)
+    for v in views[::4]:
+        v[v.numel() // 2] = float("nan")  # NaN stays NaN, in the head, body or tail
+    before = [x.clone() for x in buffers]
+    expected = [v.clamp(-0.3, 0.3) for v in views]
+    backend_for(config).clamp_(views, 0.3)
+    for i, (v, e) in enumerate(zip(views, expected)):
+        assert torch.equal(v.isnan(), e.isnan()), f"view {i}"
+        assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(e)), f"view {i} ({v.dtype}, numel {v.numel()})"
+    assert_guards_untouched(views, buffers, before)
+
+
+def expected_wide_steps(v: torch.Tensor, chunk: int, step: int) -> int:
+    """Unmasked steps the kernels take over `v`: per chunk, whole steps after the head up to a 16-byte boundary."""
+    total = 0
+    for start in range(0, v.numel(), chunk):
+        n = min(chunk, v.numel() - start)
+        head = min((-(v.data_ptr() + start * v.element_size()) % 16) // v.element_size(), n)
+        total += (n - head) // step
+    return total
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_misaligned_views_take_the_wide_body_after_their_head(dtype, monkeypatch):
+    """The kernels' unmasked (wide on a GPU) steps, counted under the interpreter: exactly as many as whole steps
+    fit between each chunk's first 16-byte boundary and its end, for aligned tensors and views one element in."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if DEVICE != "cpu":
+        pytest.skip("counts interpreter loads")
+    chunk, block = CONFIGS["tiny"]
+    step = block * 4 // dtype.itemsize  # the scale kernel's body step: 4 * BLOCK bytes
+    gen = torch.Generator().manual_seed(84)
+    views = [placed(n, dtype, offset, gen)[0] for n in (3 * chunk + 5, 2 * chunk) for offset in (0, 1)]
+    assert sum(expected_wide_steps(v, chunk, block) for v in views) > 0
+    loads, stores = [], []
+    builder = interpreter.interpreter_builder
+    real_load, real_store = builder.create_load, builder.create_store
+    monkeypatch.setattr(builder, "create_load", lambda ptr, *a: (loads.append(ptr.data.size), real_load(ptr, *a))[1])
+    monkeypatch.setattr(builder, "create_store", lambda ptr, *a: (stores.append(ptr.data.size), real_store(ptr, *a))[1])
+    b = backend_for("tiny")
+    total, _ = b.norms(views, 2.0, per_tensor=False)
+    assert loads.count(block) == sum(expected_wide_steps(v, chunk, block) for v in views)
+    assert_total_close(total, ref_total_norm(views, 2.0), acc_of(views))
+    loads.clear()
+    original = [v.clone() for v in views]
+    b.scale_(views, torch.tensor(0.5, device=DEVICE))
+    want = sum(expected_wide_steps(v, chunk, step) for v in views)
+    assert loads.count(step) == want and stores.count(step) == want
+    for v, o in zip(views, original):
+        assert_scaled(v, o, 0.5)
+
+
+def test_one_element_chunks():
+    """chunk_size 1 (one program per element): the block is raised to 2, the least the scale and clamp kernels
+    take (their float64 step is block // 2 elements)."""
+    b = triton_backend.TritonBackend(chunk_size=1, block=1)
+    assert b.block == 2
+    gen = torch.Generator().manual_seed(86)
+    views = [placed(n, dtype, offset, gen)[0] for dtype in FLOAT_DTYPES for n in (1, 3) for offset in (0, 1)]
+    total, norms = b.norms(views, 2.0, per_tensor=True)
+    assert_total_close(total, ref_total_norm(views, 2.0), torch.float64)
+    original = [v.clone() for v in views]
+    b.scale_(views, torch.tensor(0.5, device=DEVICE))
+    for v, o in zip(views, original):
+        assert_scaled(v, o, 0.5)
+    expected = [v.clamp(-0.2, 0.2) for v in views]
+    b.clamp_(views, 0.2)
+    assert all(torch.equal(v, e) for v, e in zip(views, expected))
+
+
+def test_many_tensors_mixed_dtypes_and_alignment_gpu_configuration():
+    """320 tensors, all four dtypes, every third one a misaligned view (1 to 5 elements in): norms, clip and clamp
+    with the GPU configuration's chunk and block."""
+    gen = torch.Generator().manual_seed(85)
+    views = []
+    for i in range(320):
+        dtype = FLOAT_DTYPES[i % 4]
+        n = int(torch.randint(1, 60, (1,), generator=gen))
+        views.append(placed(n, dtype, 1 + i % 5 if i % 3 == 0 else 0, gen, scale=0.1 + i % 7)[0])
+    b = backend_for("gpu_sized")
+    for p in (2.0, float("inf")):
+        total, norms = b.norms(views, p, per_tensor=True)
+        assert_total_close(total, ref_total_norm(views, p), torch.float64)
+        ref = torch.tensor([ref_tensor_norm(v, p) for v in views], dtype=torch.float64)
+        torch.testing.assert_close(norms.cpu(), ref, rtol=1e-5, atol=0)
+    original = [v.clone() for v in views]
+    total, coef = b.norm_and_coef(views, 2.0, 1.0)
+    b.scale_(views, coef)
+    for v, o in zip(views, original):
+        assert_scaled(v, o, backends.clip_coef(total, 1.0).item())
+    expected = [v.clamp(-0.05, 0.05) for v in views]
+    b.clamp_(views, 0.05)
+    for v, e in zip(views, expected):
+        assert torch.equal(v, e)
+
+
 # ---- plan cache ---------------------------------------------------------------------------------------------------
 
 

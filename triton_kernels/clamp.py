@@ -11,13 +11,13 @@ import triton.language as tl
 import torch
 from torch import Tensor
 
-from .addressing import BF16, F16, F32, f64_bits
+from .addressing import BF16, CODE_DTYPES, CODE_MATH, CODE_SIZES, F16, F32, WIDE, edge_lanes, f64_bits
 
 # The bound as each dtype holds it, in the kernel's argument order.
 _ROUNDED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit(do_not_specialize=["b64_bits", "b32_bits", "b16_bits", "bb16_bits"])
+@triton.jit(do_not_specialize=["num_tensors", "b64_bits", "b32_bits", "b16_bits", "bb16_bits"])
 def _clamp_kernel(
     meta_ptr,
     chunk_tensor_ptr,
@@ -29,39 +29,52 @@ def _clamp_kernel(
     bb16_bits,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    EDGE: tl.constexpr,
 ):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
     start = tl.load(chunk_start_ptr + c)
     addr = tl.load(meta_ptr + t)
-    end = tl.minimum(start + CHUNK, tl.load(meta_ptr + num_tensors + t))
+    n = tl.minimum(tl.load(meta_ptr + num_tensors + t) - start, CHUNK)  # elements of this chunk
     code = tl.load(meta_ptr + 2 * num_tensors + t)
-    b64 = b64_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    b32 = b32_bits.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)  # exact: already rounded
-    b16 = b16_bits.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    bb16 = bb16_bits.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
-    off = start
-    while off < end:  # a while loop: the interpreter cannot range() over loaded bounds
-        idx = off + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < end
-        # Comparisons with NaN are false, so NaN passes through unchanged.
-        if code == F32:
-            ptr = addr.to(tl.pointer_type(tl.float32)) + idx
-            x = tl.load(ptr, mask=mask)
-            tl.store(ptr, tl.where(x > b32, b32, tl.where(x < -b32, -b32, x)), mask=mask)
-        elif code == F16:
-            ptr = addr.to(tl.pointer_type(tl.float16)) + idx
-            x = tl.load(ptr, mask=mask).to(tl.float32)
-            tl.store(ptr, tl.where(x > b16, b16, tl.where(x < -b16, -b16, x)).to(tl.float16), mask=mask)
-        elif code == BF16:
-            ptr = addr.to(tl.pointer_type(tl.bfloat16)) + idx
-            x = tl.load(ptr, mask=mask).to(tl.float32)
-            tl.store(ptr, tl.where(x > bb16, bb16, tl.where(x < -bb16, -bb16, x)).to(tl.bfloat16), mask=mask)
-        else:
-            ptr = addr.to(tl.pointer_type(tl.float64)) + idx
-            x = tl.load(ptr, mask=mask)
-            tl.store(ptr, tl.where(x > b64, b64, tl.where(x < -b64, -b64, x)), mask=mask)
-        off += BLOCK
+    lanes = tl.arange(0, EDGE)
+    for D in tl.static_range(4):  # one arm per dtype code; see addressing.py for the head / body / tail split
+        if code == D:
+            # The bound as this dtype holds it, widened exactly to the type the comparison runs in.
+            if D == F32:
+                bits = b32_bits
+            elif D == F16:
+                bits = b16_bits
+            elif D == BF16:
+                bits = bb16_bits
+            else:
+                bits = b64_bits
+            b = bits.to(tl.int64).to(tl.float64, bitcast=True).to(CODE_MATH[D])
+            ITEM: tl.constexpr = CODE_SIZES[D]
+            STEP: tl.constexpr = BLOCK * 4 // ITEM  # a body step moves 4 * BLOCK bytes, whatever the dtype
+            base = addr + start * ITEM  # the chunk's first byte
+            skip = -base & (WIDE - 1)  # bytes up to the first 16-byte boundary (a tensor is element-aligned)
+            head = tl.minimum(skip // ITEM, n)  # the elements before it
+            full = (n - head) // STEP  # whole steps from the boundary: aligned, unmasked
+            jump = full * STEP
+            edge = n - jump  # head + tail, masked
+            body = tl.multiple_of((base + skip).to(tl.pointer_type(CODE_DTYPES[D])), WIDE)
+            ptr = base.to(tl.pointer_type(CODE_DTYPES[D]))
+            # Comparisons with NaN are false, so NaN passes through unchanged.
+            i = tl.full([], 0, tl.int64)  # int64 scalars: far cheaper than int32 under the interpreter
+            while i < full:  # a while loop: the interpreter cannot range() over loaded bounds
+                q = body + i * STEP + tl.arange(0, STEP)
+                x = tl.load(q).to(CODE_MATH[D])
+                tl.store(q, tl.where(x > b, b, tl.where(x < -b, -b, x)).to(CODE_DTYPES[D]))
+                i += 1
+            j = tl.full([], 0, tl.int64)
+            while j < edge:
+                v = j + lanes  # position among the edge elements: head, then tail
+                q = ptr + tl.where(v < head, v, v + jump)
+                m = v < edge
+                x = tl.load(q, mask=m).to(CODE_MATH[D])
+                tl.store(q, tl.where(x > b, b, tl.where(x < -b, -b, x)).to(CODE_DTYPES[D]), mask=m)
+                j += EDGE
 
 
 def clamp_(
@@ -79,5 +92,5 @@ def clamp_(
     bounds = [f64_bits(float(torch.tensor(clip_value, dtype=torch.float64).to(d))) for d in _ROUNDED]
     _clamp_kernel[(num_chunks,)](
         meta, chunk_tensor, chunk_start, num_tensors, *bounds,
-        CHUNK=chunk_size, BLOCK=block, num_warps=num_warps,
+        CHUNK=chunk_size, BLOCK=block, EDGE=edge_lanes(block), num_warps=num_warps,
     )

@@ -20,10 +20,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .addressing import BF16, F16, F32, NORM_INF, NORM_L2, NORM_NEG_INF, NORM_P, NORM_ZERO, f64_bits, norm_kind
+from .addressing import (
+    CODE_DTYPES,
+    CODE_SIZES,
+    NORM_INF,
+    NORM_L2,
+    NORM_NEG_INF,
+    NORM_P,
+    NORM_ZERO,
+    WIDE,
+    f64_bits,
+    norm_kind,
+)
 
 
-@triton.jit(do_not_specialize=["p_bits"])
+@triton.jit(do_not_specialize=["num_tensors", "p_bits"])
 def _reduce_kernel(
     meta_ptr,
     chunk_tensor_ptr,
@@ -40,57 +51,68 @@ def _reduce_kernel(
     t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
     start = tl.load(chunk_start_ptr + c)
     addr = tl.load(meta_ptr + t)
-    end = tl.minimum(start + CHUNK, tl.load(meta_ptr + num_tensors + t))
+    n = tl.minimum(tl.load(meta_ptr + num_tensors + t) - start, CHUNK)  # elements of this chunk
     code = tl.load(meta_ptr + 2 * num_tensors + t)
     if NORM == NORM_P:
         p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     else:
         p = 0.0
     if NORM == NORM_NEG_INF:
-        acc = tl.full([BLOCK], float("inf"), ACC)
+        pad = float("inf")  # what a masked-off lane reads: the identity of the combine
     else:
-        acc = tl.full([BLOCK], 0, ACC)
-    nan = tl.full([BLOCK], 0, tl.int32)
-    off = start
-    while off < end:  # a while loop: the interpreter cannot range() over loaded bounds
-        idx = off + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < end
-        # The branch is uniform per program; every arm yields the same type, so one loop serves all dtypes.
-        if code == F32:
-            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + idx, mask=mask, other=0.0).to(ACC)
-        elif code == F16:
-            x = tl.load(addr.to(tl.pointer_type(tl.float16)) + idx, mask=mask, other=0.0).to(ACC)
-        elif code == BF16:
-            x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + idx, mask=mask, other=0.0).to(ACC)
-        else:
-            x = tl.load(addr.to(tl.pointer_type(tl.float64)) + idx, mask=mask, other=0.0).to(ACC)
-        x = tl.abs(x)
-        if NORM == NORM_L2:
-            acc += x * x
-        elif NORM == NORM_ZERO:
-            acc += (x != 0).to(ACC)  # NaN counts as non-zero, as in torch
-        elif NORM == NORM_P:
-            # |x|^p as exp2(p log2|x|); x == 0 kept out of log2 (gives 0). NaN and inf propagate.
-            acc += tl.where(x == 0, 0.0, tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x))))
-        elif NORM == NORM_INF:
-            acc = tl.maximum(acc, x)
-            nan |= (x != x).to(tl.int32)
-        elif NORM == NORM_NEG_INF:
-            acc = tl.minimum(acc, tl.where(mask, x, float("inf")))
-            nan |= (x != x).to(tl.int32)
-        else:  # L1
-            acc += x
-        off += BLOCK
-    if NORM == NORM_INF:
-        part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(acc, 0))
-    elif NORM == NORM_NEG_INF:
-        part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.min(acc, 0))
-    else:
-        part = tl.sum(acc, 0)
-    tl.store(partial_ptr + c, part.to(ACC))
+        pad = 0.0
+    lanes = tl.arange(0, BLOCK)
+    part = tl.full([], 0, ACC)
+    for D in tl.static_range(4):  # one arm per dtype code; the branch is uniform per program
+        if code == D:
+            ITEM: tl.constexpr = CODE_SIZES[D]
+            base = addr + start * ITEM  # the chunk's first byte
+            skip = -base & (WIDE - 1)  # bytes up to the first 16-byte boundary (a tensor is element-aligned)
+            head = tl.minimum(skip // ITEM, n)  # the elements before it
+            full = (n - head) // BLOCK  # whole blocks from the boundary: aligned, read unmasked
+            jump = full * BLOCK
+            edge = n - jump  # head + tail, read masked
+            body = tl.multiple_of((base + skip).to(tl.pointer_type(CODE_DTYPES[D])), WIDE)
+            ptr = base.to(tl.pointer_type(CODE_DTYPES[D]))
+            if NORM == NORM_NEG_INF:
+                acc = tl.full([BLOCK], float("inf"), ACC)
+            else:
+                acc = tl.full([BLOCK], 0, ACC)
+            nan = tl.full([BLOCK], 0, tl.int32)
+            i = tl.full([], 0, tl.int64)  # int64 scalars: far cheaper than int32 under the interpreter
+            while i * BLOCK < n:  # the full blocks, then the edge's (n = full * BLOCK + edge); see addressing.py
+                if i < full:
+                    x = tl.load(body + i * BLOCK + lanes)
+                else:
+                    v = i * BLOCK - jump + lanes  # position among the edge elements: head, then tail
+                    x = tl.load(ptr + tl.where(v < head, v, v + jump), mask=v < edge, other=pad)
+                x = tl.abs(x.to(ACC))
+                if NORM == NORM_L2:
+                    acc += x * x
+                elif NORM == NORM_ZERO:
+                    acc += (x != 0).to(ACC)  # NaN counts as non-zero, as in torch
+                elif NORM == NORM_P:
+                    # |x|^p as exp2(p log2|x|); x == 0 kept out of log2 (gives 0). NaN and inf propagate.
+                    acc += tl.where(x == 0, 0.0, tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x))))
+                elif NORM == NORM_INF:
+                    acc = tl.maximum(acc, x)
+                    nan |= (x != x).to(tl.int32)
+                elif NORM == NORM_NEG_INF:
+                    acc = tl.minimum(acc, x)
+                    nan |= (x != x).to(tl.int32)
+                else:  # L1
+                    acc += x
+                i += 1
+            if NORM == NORM_INF:
+                part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(acc, 0)).to(ACC)
+            elif NORM == NORM_NEG_INF:
+                part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.min(acc, 0)).to(ACC)
+            else:
+                part = tl.sum(acc, 0).to(ACC)
+    tl.store(partial_ptr + c, part)
 
 
-@triton.jit(do_not_specialize=["p_bits", "max_norm_bits"])
+@triton.jit(do_not_specialize=["num_tensors", "p_bits", "max_norm_bits", "per_tensor", "has_coef"])
 def _finalize_kernel(
     partial_ptr,
     tensor_chunks_ptr,
@@ -102,10 +124,10 @@ def _finalize_kernel(
     num_tensors,
     p_bits,
     max_norm_bits,
+    per_tensor,
+    has_coef,
     NORM: tl.constexpr,
     NEUTRAL: tl.constexpr,
-    PER_TENSOR: tl.constexpr,
-    HAS_COEF: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -142,7 +164,7 @@ def _finalize_kernel(
         vals = tl.sum(acc, 1)
     vals = vals.to(ACC)
     tl.store(tensor_val_ptr + ids, vals, mask=tmask)
-    if PER_TENSOR:
+    if per_tensor != 0:
         if NORM == NORM_L2:
             if ACC == tl.float32:
                 tl.store(norms_ptr + ids, tl.sqrt_rn(vals), mask=tmask)  # tl.sqrt may be approximate
@@ -189,7 +211,7 @@ def _finalize_kernel(
         elif NORM == NORM_P:
             total = tl.where(total == 0, 0.0, tl.exp2(tl.log2(tl.where(total == 0, 1.0, total)) / p)).to(ACC)
         tl.store(total_ptr, total)
-        if HAS_COEF:
+        if has_coef != 0:
             # torch: clamp(max_norm / (total + 1e-6), max=1), evaluated as torch does: reciprocal, then times.
             max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
             eps = tl.full([], 1e-6, tl.float64).to(ACC)
@@ -241,10 +263,11 @@ def multi_tensor_norm(
         meta, chunk_tensor, chunk_start, partials, num_tensors, pb,
         NORM=kind, CHUNK=chunk_size, BLOCK=block, ACC=acc, num_warps=num_warps,
     )
+    # per_tensor / has_coef are run-time flags (not specialised), and an absent max_norm passes 1.0's bits (a 64-bit
+    # int, as any positive max_norm's): one compiled variant serves norms, per-tensor norms and the coefficient.
     _finalize_kernel[(triton.cdiv(num_tensors, block_t),)](
         partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors, pb,
-        f64_bits(max_norm if max_norm is not None else 0.0),
-        NORM=kind, NEUTRAL=neutral, PER_TENSOR=per_tensor, HAS_COEF=max_norm is not None,
-        BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_R=block_r, ACC=acc, num_warps=4,
+        f64_bits(max_norm if max_norm is not None else 1.0), int(per_tensor), int(max_norm is not None),
+        NORM=kind, NEUTRAL=neutral, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_R=block_r, ACC=acc, num_warps=4,
     )
     return total, (norms if per_tensor else None), (coef if max_norm is not None else None)

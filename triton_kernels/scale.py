@@ -12,10 +12,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .addressing import BF16, F16, F32
+from .addressing import CODE_DTYPES, CODE_MATH, CODE_SIZES, WIDE, edge_lanes
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors"])
 def _scale_kernel(
     meta_ptr,
     chunk_tensor_ptr,
@@ -25,6 +25,7 @@ def _scale_kernel(
     PER_TENSOR: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    EDGE: tl.constexpr,
 ):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
@@ -35,27 +36,34 @@ def _scale_kernel(
     if coef != 1.0:
         start = tl.load(chunk_start_ptr + c)
         addr = tl.load(meta_ptr + t)
-        end = tl.minimum(start + CHUNK, tl.load(meta_ptr + num_tensors + t))
+        n = tl.minimum(tl.load(meta_ptr + num_tensors + t) - start, CHUNK)  # elements of this chunk
         code = tl.load(meta_ptr + 2 * num_tensors + t)
-        c32 = coef.to(tl.float32)
-        c64 = coef.to(tl.float64)
-        off = start
-        while off < end:  # a while loop: the interpreter cannot range() over loaded bounds
-            idx = off + tl.arange(0, BLOCK).to(tl.int64)
-            mask = idx < end
-            if code == F32:
-                ptr = addr.to(tl.pointer_type(tl.float32)) + idx
-                tl.store(ptr, tl.load(ptr, mask=mask) * c32, mask=mask)
-            elif code == F16:
-                ptr = addr.to(tl.pointer_type(tl.float16)) + idx
-                tl.store(ptr, (tl.load(ptr, mask=mask).to(tl.float32) * c32).to(tl.float16), mask=mask)
-            elif code == BF16:
-                ptr = addr.to(tl.pointer_type(tl.bfloat16)) + idx
-                tl.store(ptr, (tl.load(ptr, mask=mask).to(tl.float32) * c32).to(tl.bfloat16), mask=mask)
-            else:
-                ptr = addr.to(tl.pointer_type(tl.float64)) + idx
-                tl.store(ptr, tl.load(ptr, mask=mask) * c64, mask=mask)
-            off += BLOCK
+        lanes = tl.arange(0, EDGE)
+        for D in tl.static_range(4):  # one arm per dtype code; see addressing.py for the head / body / tail split
+            if code == D:
+                ITEM: tl.constexpr = CODE_SIZES[D]
+                STEP: tl.constexpr = BLOCK * 4 // ITEM  # a body step moves 4 * BLOCK bytes, whatever the dtype
+                f = coef.to(CODE_MATH[D])
+                base = addr + start * ITEM  # the chunk's first byte
+                skip = -base & (WIDE - 1)  # bytes up to the first 16-byte boundary (a tensor is element-aligned)
+                head = tl.minimum(skip // ITEM, n)  # the elements before it
+                full = (n - head) // STEP  # whole steps from the boundary: aligned, unmasked
+                jump = full * STEP
+                edge = n - jump  # head + tail, masked
+                body = tl.multiple_of((base + skip).to(tl.pointer_type(CODE_DTYPES[D])), WIDE)
+                ptr = base.to(tl.pointer_type(CODE_DTYPES[D]))
+                i = tl.full([], 0, tl.int64)  # int64 scalars: far cheaper than int32 under the interpreter
+                while i < full:  # a while loop: the interpreter cannot range() over loaded bounds
+                    q = body + i * STEP + tl.arange(0, STEP)
+                    tl.store(q, (tl.load(q).to(CODE_MATH[D]) * f).to(CODE_DTYPES[D]))
+                    i += 1
+                j = tl.full([], 0, tl.int64)
+                while j < edge:
+                    v = j + lanes  # position among the edge elements: head, then tail
+                    q = ptr + tl.where(v < head, v, v + jump)
+                    m = v < edge
+                    tl.store(q, (tl.load(q, mask=m).to(CODE_MATH[D]) * f).to(CODE_DTYPES[D]), mask=m)
+                    j += EDGE
 
 
 def scale_(
@@ -74,5 +82,5 @@ def scale_(
     contiguous, on the tables' device."""
     _scale_kernel[(num_chunks,)](
         meta, chunk_tensor, chunk_start, coef, num_tensors,
-        PER_TENSOR=per_tensor, CHUNK=chunk_size, BLOCK=block, num_warps=num_warps,
+        PER_TENSOR=per_tensor, CHUNK=chunk_size, BLOCK=block, EDGE=edge_lanes(block), num_warps=num_warps,
     )

@@ -21,9 +21,10 @@ from . import BackendUnavailable, acc_dtype, torch_backend
 from .plan import CACHE_SIZE, DevicePlan, PlanCache, flat_ok
 from .units import UnitKernels
 
-# Chunk = elements one program covers; block = elements per vector step. The interpreter runs programs one by
-# one in Python at a cost per operation, not per element: small chunks (chunk boundaries within reach of small
-# test tensors) of a single step each.
+# Chunk = elements one program covers; block = elements per step of the reduce loop (the scale and clamp loops step
+# 4 * block bytes: block float32 elements, twice as many 16-bit ones). The interpreter runs programs one by one in
+# Python at a cost per operation, not per element: small chunks (chunk boundaries within reach of small test
+# tensors) of a single step each.
 GPU_CHUNK, GPU_BLOCK = 65536, 2048
 INTERPRETER_CHUNK, INTERPRETER_BLOCK = 512, 512
 
@@ -50,7 +51,8 @@ class TritonBackend(UnitKernels):
         self.block = int(block or (INTERPRETER_BLOCK if interp else GPU_BLOCK))
         if self.chunk_size < 1 or self.block < 1 or self.block & (self.block - 1):
             raise ValueError(f"chunk_size must be >= 1 and block a power of two, got {self.chunk_size}, {self.block}")
-        self.block = min(self.block, 1 << max(0, (self.chunk_size - 1).bit_length()))  # no wider than a chunk
+        # No wider than a chunk; at least 2, so that the scale's float64 step (block // 2) is an element at least.
+        self.block = max(2, min(self.block, 1 << max(0, (self.chunk_size - 1).bit_length())))
         self.cache = PlanCache(self.chunk_size, cache_size)
         self.interpreted = _kernels_interpreted()
 
