@@ -363,8 +363,9 @@ def test_tiled_norms_and_clip_replay_in_a_cuda_graph(p):
     multi-chunk tensors among one-chunk ones; three replays with fresh gradients written in place, each against
     float64 references of those gradients."""
     grads = random_grads(4500, (torch.float32, torch.bfloat16), "cuda", seed=43, max_numel=300)
+    gen = torch.Generator().manual_seed(43)
     for i in range(0, len(grads), 701):
-        grads[i] = random_tensor(140_003, grads[i].dtype, "cuda")
+        grads[i] = random_tensor(140_003, grads[i].dtype, "cuda", gen)
     b = _backend()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
