@@ -316,3 +316,81 @@ def test_per_tensor_launch_count_with_many_tensors():
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len([k for k in kernels if "Memset" not in k]) == 1 and len(kernels) <= 2, kernels
+
+
+# ---- writes stay inside each tensor; the counters are reset on every CUDA-graph replay --------------------------
+
+
+def test_scale_and_clamp_write_only_inside_each_view():
+    """Views of one buffer per dtype, back to back with gaps of 1-3 elements: odd lengths (tails), starts at every
+    alignment (the 16-byte vector path and the scalar one), some longer than a chunk. Scale, per-tensor scale and
+    clamp change every element of every view, and none of the gaps."""
+    b = _backend()
+    lengths = [1, 7, 15, 16, 17, 65_535, 65_537, 33, 140_003, 2, 9]
+    for dtype in FLOAT_DTYPES:
+        gen = torch.Generator().manual_seed(47)
+        buf = random_tensor(sum(lengths) + 4 * len(lengths) + 16, dtype, "cuda", gen, scale=2.0)
+        spans, start = [], 1
+        for k, n in enumerate(lengths):
+            spans.append((start, n))
+            start += n + 1 + k % 3
+        gaps = torch.ones(buf.numel(), dtype=torch.bool, device="cuda")
+        for s, n in spans:
+            gaps[s : s + n] = False
+        views = [buf[s : s + n] for s, n in spans]
+        assert len({v.data_ptr() % 16 for v in views}) > 1, "starts at one alignment only"
+        coefs = torch.rand(len(views), generator=gen).tolist()  # float32 values: what the kernel multiplies by
+        for what, cs in (("scale", [0.375] * len(views)), ("per-tensor scale", coefs)):
+            before = buf.clone()
+            if what == "scale":
+                b.scale_(views, torch.tensor(0.375, device="cuda"))
+            else:
+                b.scale_per_tensor_(views, torch.tensor(cs, device="cuda"))
+            assert torch.equal(buf[gaps], before[gaps]), f"{dtype} {what}: wrote between the views"
+            for (s, n), c in zip(spans, cs):
+                assert_scaled(buf[s : s + n], before[s : s + n], c, what=f"{dtype} {what} of a view of {n}")
+        before = buf.clone()
+        b.clamp_(views, 0.01)
+        assert torch.equal(buf[gaps], before[gaps]), f"{dtype} clamp: wrote between the views"
+        for s, n in spans:
+            torch.testing.assert_close(buf[s : s + n], before[s : s + n].clamp(-0.01, 0.01), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [2.0, 0.0, float("inf")])
+def test_tiled_norms_and_clip_replay_in_a_cuda_graph(p):
+    """One memset, captured with the kernel, zeroes the ticket and the per-tile counters: every replay finalizes
+    every tile again (a counter left from the last replay would never reach its tile's chunk count). Three tiles,
+    multi-chunk tensors among one-chunk ones; three replays with fresh gradients written in place, each against
+    float64 references of those gradients."""
+    grads = random_grads(4500, (torch.float32, torch.bfloat16), "cuda", seed=43, max_numel=300)
+    gen = torch.Generator().manual_seed(43)
+    for i in range(0, len(grads), 701):
+        grads[i] = random_tensor(140_003, grads[i].dtype, "cuda", gen)
+    b = _backend()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: plans built and used outside the capture
+        b.norms(grads, p, per_tensor=True)
+        b.norm_and_coef(grads, p, 0.5)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total, norms = b.norms(grads, p, per_tensor=True)
+        total2, coef = b.norm_and_coef(grads, p, 0.5)
+        b.scale_(grads, coef)
+    for seed in (44, 45, 46):
+        gen = torch.Generator().manual_seed(seed)
+        fresh = [random_tensor(g.shape, g.dtype, "cuda", gen, scale=3.0) for g in grads]
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = ref_total_norm(fresh, p)
+        assert_total_close(total, ref, torch.float32, what=f"replay {seed} total")
+        assert_total_close(total2, ref, torch.float32, what=f"replay {seed} total of norm_and_coef")
+        ref_norms = torch.tensor([ref_tensor_norm(f, p) for f in fresh], dtype=torch.float64, device="cuda")
+        _assert_norms_close(norms, ref_norms, 1e-5, f"replay {seed} per-tensor norms")
+        c = coef.item()
+        assert c < 1.0 and abs(c - 0.5 / (total2.item() + 1e-6)) <= 1e-6 * c
+        for g, f in zip(grads[::97], fresh[::97]):
+            assert_scaled(g, f, c, what=f"replay {seed} gradient")
