@@ -11,12 +11,16 @@ import fusedclip
 from reference import (
     FLOAT_DTYPES,
     NORM_TYPES,
+    VALUE_ULPS,
+    assert_rel_close,
     assert_scaled,
     assert_total_close,
+    norm_rtol,
     random_grads,
     random_tensor,
     ref_tensor_norm,
     ref_total_norm,
+    ulp,
 )
 
 from fusedclip.backends import acc_dtype
@@ -264,23 +268,61 @@ def test_clip_by_global_norm_tf_semantics(backend_device):
     assert all(bool(o.isnan().all()) for o in nan_out)
 
 
-def test_clip_by_norm_tf_semantics():
-    x = random_tensor((4, 5, 3), torch.float32)
-    out = fusedclip.clip_by_norm(x, 1.0)
-    n = x.double().norm().item()
-    assert_scaled(out, x, 1.0 / max(n, 1.0))
-    per_row = fusedclip.clip_by_norm(x, 0.5, dim=(1, 2))
-    for i in range(4):
-        ni = x[i].double().norm().item()
-        assert_scaled(per_row[i], x[i], 0.5 / max(ni, 0.5))
-    last = fusedclip.clip_by_norm(x, 0.3, dim=-1)
-    ref = x.double() * 0.3 / x.double().norm(dim=-1, keepdim=True).clamp(min=0.3)
-    torch.testing.assert_close(last.double(), ref, rtol=2e-7, atol=0)
+def clip_by_norm_ref(x: torch.Tensor, clip_norm: float, dim) -> torch.Tensor:
+    """TF's formula in float64 on the stored values; dim=() reduces over nothing (each element is its own slice)."""
+    x64 = x.detach().to("cpu", torch.float64)
+    norm = x64.abs() if dim == () else torch.linalg.vector_norm(x64, 2, dim=dim, keepdim=True)
+    return x64 * clip_norm / norm.clamp(min=clip_norm)
+
+
+def clip_by_norm_rtol(dtype: torch.dtype, terms: int) -> float:
+    """The clipped values' bound: the norm's (accumulated in acc over `terms` values), then the values' own."""
+    return VALUE_ULPS[dtype] * ulp(dtype) + norm_rtol(acc_dtype([dtype]), terms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_clip_by_norm_tf_semantics(dtype):
+    gen = torch.Generator().manual_seed(267)
+    x = random_tensor((4, 5, 3), dtype, gen=gen)
+    for clip_norm, dim, terms in [(1.0, None, 60), (0.5, (1, 2), 15), (0.3, -1, 3), (0.3, [0, 2], 12)]:
+        ref = clip_by_norm_ref(x, clip_norm, dim)
+        assert_rel_close(fusedclip.clip_by_norm(x, clip_norm, dim=dim), ref, clip_by_norm_rtol(dtype, terms), f"{dim=}")
     big = fusedclip.clip_by_norm(x, 1e9)
     assert torch.equal(big, x)
     y = x.clone().requires_grad_()
     fusedclip.clip_by_norm(y, 0.1).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+def test_clip_by_norm_empty_dim_clips_each_element():
+    # tf.clip_by_norm([3., -0.5, 0.2, 4.], 1., axes=[]) gives [1., -0.5, 0.2, 1.]; torch reads dim=() as "all dims".
+    x = torch.tensor([3.0, -0.5, 0.2, 4.0])
+    assert torch.equal(fusedclip.clip_by_norm(x, 1.0, dim=()), torch.tensor([1.0, -0.5, 0.2, 1.0]))
+    assert torch.equal(fusedclip.clip_by_norm(x, 1.0, dim=[]), torch.tensor([1.0, -0.5, 0.2, 1.0]))
+    gen = torch.Generator().manual_seed(268)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        y = random_tensor((6, 7), dtype, gen=gen, scale=2.0)
+        ref = clip_by_norm_ref(y, 1.5, ())
+        assert_rel_close(fusedclip.clip_by_norm(y, 1.5, dim=()), ref, clip_by_norm_rtol(dtype, 1))
+    z = torch.complex(random_tensor((5,), gen=gen, scale=2.0), random_tensor((5,), gen=gen, scale=2.0))
+    got = fusedclip.clip_by_norm(z, 1.0, dim=())
+    expected = z.to(torch.complex128) / z.abs().double().clamp(min=1.0)
+    assert got.dtype == z.dtype and torch.allclose(got.to(torch.complex128), expected, rtol=4 * ulp(torch.float32))
+
+
+def test_clip_by_norm_takes_numpy_and_tensor_integer_dims():
+    np = pytest.importorskip("numpy")
+    x = random_tensor((4, 5, 3), gen=torch.Generator().manual_seed(269))
+    for dim, same in [
+        (np.int64(1), 1),
+        (np.arange(1, 3), (1, 2)),
+        (np.array([-1]), -1),
+        ([np.int32(0), 2], (0, 2)),
+        (torch.tensor(2), 2),
+        (torch.tensor([0, 1]), (0, 1)),
+        (np.array([], dtype=np.int64), ()),
+    ]:
+        assert torch.equal(fusedclip.clip_by_norm(x, 0.5, dim=dim), fusedclip.clip_by_norm(x, 0.5, dim=same)), dim
 
 
 def test_determinism(backend_device):
