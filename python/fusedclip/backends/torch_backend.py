@@ -52,6 +52,19 @@ def _on_host(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def _stored_values(t: Tensor) -> Optional[Tensor]:
+    """The values a sparse tensor stores (COO coalesced: its duplicates add up), an alias that in-place ops write
+    through; None for a strided tensor. Every element not stored is an implicit zero."""
+    if t.is_sparse:
+        return t.coalesce().values() if not t.is_coalesced() else t._values()
+    if t.layout in _COMPRESSED:
+        return t.values()
+    return None
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -103,8 +116,8 @@ class TorchBackend(Backend):
     @staticmethod
     def _one_norm(t: Tensor, norm_type: float) -> Tensor:
         dtype = norm_dtype(t.dtype)
-        if t.is_sparse:
-            values = t.coalesce().values()
+        values = _stored_values(t)
+        if values is not None:
             n = torch.linalg.vector_norm(values, norm_type, dtype=dtype)
             # Implicit zeros count for -inf (min |x|) when not every element is stored.
             if norm_type == float("-inf") and values.numel() < t.numel():
@@ -152,7 +165,7 @@ class TorchBackend(Backend):
                 t._values().mul_(c)
 
     def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
-        dense = [t for t in tensors if not t.is_sparse]
+        dense = [t for t in tensors if t.layout == torch.strided]
         if dense and self._use_foreach(dense) and not _on_host(dense[0]):
             # Two foreach launches beat one launch per tensor on GPUs.
             torch._foreach_clamp_min_(dense, -clip_value)
@@ -162,8 +175,8 @@ class TorchBackend(Backend):
             for t in dense:
                 t.clamp_(min=-clip_value, max=clip_value)
         for t in tensors:
-            if t.is_sparse:  # coalesced: checked by the caller before anything was touched
-                t._values().clamp_(min=-clip_value, max=clip_value)
+            if t.layout != torch.strided:  # a COO one is coalesced: checked by the caller before anything was touched
+                _stored_values(t).clamp_(min=-clip_value, max=clip_value)  # type: ignore[union-attr]
 
 
 _instances = {f: TorchBackend(f) for f in (None, True, False)}
