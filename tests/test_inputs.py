@@ -185,3 +185,20 @@ def test_meta_mixed_with_real_gradients_is_a_clear_error():
     assert torch.equal(params[0].grad, before)
     meta_only = fusedclip.get_total_norm([torch.empty(3, device="meta"), torch.empty(2, device="meta")])
     assert meta_only.device.type == "meta"  # all-meta calls (shape tracing) still work
+
+
+# --- the suite's own randomness -------------------------------------------------------------------------------
+
+
+def test_global_rngs_start_from_the_tests_own_seed(request):
+    # conftest seeds torch, numpy and random per test; a test that draws from them sees the same values every run.
+    import random
+
+    import numpy as np
+    from conftest import seed_for
+
+    seed = seed_for(request.node.nodeid)
+    drawn = (torch.rand(3), np.random.rand(2), random.random())
+    assert torch.equal(drawn[0], torch.rand(3, generator=torch.Generator().manual_seed(seed)))
+    assert np.array_equal(drawn[1], np.random.RandomState(seed).rand(2))
+    assert drawn[2] == random.Random(seed).random()
