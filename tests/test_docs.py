@@ -95,3 +95,41 @@ def test_the_readme_claim_clip_by_global_norm_takes_a_list():
         fusedclip.clip_by_global_norm(grads[0], 1.0)
     clipped, _ = fusedclip.clip_by_global_norm([grads[0], None, grads[1]], 1.0)
     assert clipped[1] is None
+
+
+def pip_requirements(command: str) -> list[str]:
+    """Every requirement named by `pip install` in a shell command line (options and paths left out)."""
+    reqs = []
+    for part in re.split(r"&&|;|\|\|", command):
+        words = part.split()
+        if "pip" in words and "install" in words:
+            args = words[words.index("install") + 1 :]
+            skip_next = False
+            for w in args:
+                if skip_next:
+                    skip_next = False
+                elif w in ("--index-url", "--extra-index-url", "-r", "-c"):
+                    skip_next = True
+                elif not w.startswith("-") and not w.startswith((".", '".')):
+                    reqs.append(w.strip('"'))
+    return reqs
+
+
+def test_readme_installs_are_pinned_and_the_test_command_is_all_ci_runs():
+    readme = README.read_text()
+    quick_start = readme[readme.index("## Quick start") : readme.index("## Usage")]
+    test_command = [ln for ln in between(readme, "test-command").splitlines() if ln and not ln.startswith("```")]
+    assert len(test_command) == 1, test_command
+    # Every install names exact versions: an unpinned torch resolves to the newest CUDA build (~2 GB of nvidia-*).
+    code = "\n".join(re.findall(r"```bash\n(.*?)```", quick_start, flags=re.S))
+    reqs = pip_requirements(code)
+    for name in ("torch", "triton", "accelerate", "zclip"):
+        pins = {r for r in reqs if re.split(r"[=<>!~]", r)[0] == name}
+        assert pins and all(re.fullmatch(rf"{name}==[\d.]+", r) for r in pins), (name, pins)
+        assert len(pins) == 1, f"the Quick start installs two versions of {name}: {pins}"
+    assert set(pip_requirements(test_command[0])) >= {"accelerate==1.15.0", "zclip==1.0.0"}  # CI's optional tests
+    assert "--index-url https://download.pytorch.org/whl/cpu" in quick_start  # how to take the CPU build
+    # CI installs nothing of its own before the README's command: a README user runs exactly what CI runs.
+    ci = (README.parent / ".ci" / "run").read_text()
+    before = ci[: ci.index("<!-- test-command -->")]
+    assert "pip install" not in "\n".join(ln for ln in before.splitlines() if not ln.lstrip().startswith("#"))
