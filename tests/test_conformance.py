@@ -11,6 +11,7 @@ import fusedclip
 from reference import (
     FLOAT_DTYPES,
     NORM_TYPES,
+    TOTAL_RTOL,
     VALUE_ULPS,
     assert_rel_close,
     assert_scaled,
@@ -375,6 +376,29 @@ def test_long_tensor_total_stays_exact(norm_type, dtype):
     grads = [random_tensor((3_000_017,), dtype, gen=gen), random_tensor((5,), dtype, gen=gen)]
     total = fusedclip.get_total_norm(grads, norm_type, backend="torch")
     assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_long_cpu_tensors_stay_exact_without_a_float32_copy(dtype):
+    # On CPU, torch's norm with dtype=float32 converts a whole bf16/fp16 tensor to a fresh float32 copy (page
+    # faults on every call for big tensors); the torch backend converts BLOCK elements at a time into one buffer.
+    # torch's norm of one vector of 200K elements is already 1e-5 off for p = 3 (float32 too): rows keep it exact.
+    from torch.profiler import ProfilerActivity, profile
+
+    from fusedclip.backends.torch_backend import BLOCK, ROW
+
+    gen = torch.Generator().manual_seed(420)
+    sizes = [3 * BLOCK + ROW + 7, BLOCK + 1, 2 * BLOCK, BLOCK, 5, 3 * ROW - 1]
+    grads = [random_tensor((n,), dtype, gen=gen, scale=1.0 + i) for i, n in enumerate(sizes)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fusedclip.get_total_norm(grads, backend="torch")
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest <= 4 * BLOCK, f"a {largest}-byte buffer for tensors of {max(sizes)} elements"
+    for norm_type in [2.0, 1.0, 3.0, 0.5]:
+        total, per = fusedclip.multi_tensor_norm(grads, norm_type, per_tensor=True, backend="torch")
+        assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32, f"p={norm_type}")
+        ref = torch.tensor([ref_tensor_norm(g, norm_type) for g in grads], dtype=torch.float64)
+        assert_rel_close(per, ref, TOTAL_RTOL[torch.float32], f"per-tensor, p={norm_type}")
 
 
 def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):

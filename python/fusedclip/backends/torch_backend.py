@@ -14,31 +14,61 @@ from torch import Tensor
 from . import Backend, acc_dtype, norm_dtype
 
 
-# torch's CPU norm of one long fp32 vector drifts (5e-3 relative seen at 38M elements, against float64): its
-# accumulators each sum millions of terms. Rows of ROW elements, then the norm of the row norms, stay within
-# float32 rounding for any length, at little extra cost.
+# torch's CPU norm of one long vector drifts: its accumulators each sum a share of every element (5e-3 relative
+# seen at 38M float32 elements for p = 2; 1e-5 already at 200K for p = 3). Rows of ROW elements (SHORT_ROW for
+# p other than 2, whose kernel accumulates less exactly), then the norm of the row norms in float64, stay
+# within float32 rounding for any length.
 ROW = 1 << 16
-LONG = 1 << 20
+SHORT_ROW = 1 << 11
+# bf16/fp16: torch's norm with dtype=float32 first converts the whole tensor to float32 (a fresh buffer twice the
+# tensor's size, page-faulted in on every call for big tensors). Here a tensor is converted BLOCK elements at a
+# time into one float32 buffer that stays in cache.
+BLOCK = 1 << 18
+_LOWP = (torch.bfloat16, torch.float16)
 
 
-def _long_cpu(t: Tensor, norm_type: float) -> bool:
+def _row_length(norm_type: float) -> int:
+    return ROW if norm_type == 2.0 else SHORT_ROW
+
+
+def _by_rows(t: Tensor, norm_type: float) -> bool:
+    """Whether `t` takes the row-wise path: a CPU tensor longer than a row, for a finite p > 0."""
     return (
         t.device.type == "cpu"
-        and t.numel() > LONG
+        and 0 < norm_type < float("inf")
+        and t.numel() > _row_length(norm_type)
         and t.layout == torch.strided
         and t.is_contiguous()
-        and 0 < norm_type < float("inf")
+        and not torch.compiler.is_compiling()  # a traced graph fuses the conversion itself
     )
 
 
-def _row_norm(t: Tensor, norm_type: float) -> Tensor:
-    dtype = norm_dtype(t.dtype)
-    flat = t.view(-1)
-    whole = flat.numel() // ROW * ROW
-    parts = [torch.linalg.vector_norm(flat[:whole].view(-1, ROW), norm_type, dim=1, dtype=dtype)]
+def _row_norms(flat: Tensor, norm_type: float) -> list[Tensor]:
+    """Norms of `flat`'s rows (and of its tail), in its dtype."""
+    row = _row_length(norm_type)
+    whole = flat.numel() // row * row
+    parts = []
+    if whole:
+        parts.append(torch.linalg.vector_norm(flat[:whole].view(-1, row), norm_type, dim=1))
     if whole < flat.numel():
-        parts.append(torch.linalg.vector_norm(flat[whole:], norm_type, dtype=dtype).reshape(1))
-    return torch.linalg.vector_norm(torch.cat(parts), norm_type)
+        parts.append(torch.linalg.vector_norm(flat[whole:], norm_type).reshape(1))
+    return parts
+
+
+def _row_norm(t: Tensor, norm_type: float) -> Tensor:
+    flat = t.view(-1)
+    if t.dtype not in _LOWP:
+        parts = _row_norms(flat, norm_type)
+    else:
+        buffer = torch.empty(min(BLOCK, flat.numel()), dtype=torch.float32)
+        parts = []
+        for start in range(0, flat.numel(), BLOCK):
+            block = flat[start : start + BLOCK]
+            converted = buffer[: block.numel()]
+            converted.copy_(block)
+            parts += _row_norms(converted, norm_type)
+    total = torch.linalg.vector_norm(torch.cat(parts).double(), norm_type)
+    return total.to(acc_dtype([t.dtype]))
 
 
 def combine_tensor_norms(norms: Tensor, norm_type: float) -> Tensor:
@@ -92,7 +122,7 @@ class TorchBackend(Backend):
 
     def per_tensor_norms(self, tensors: list[Tensor], norm_type: float) -> Tensor:
         """1-D tensor of per-tensor norms in the accumulation dtype, in input order."""
-        long = [i for i, t in enumerate(tensors) if t.numel() > LONG and _long_cpu(t, norm_type)]
+        long = [i for i, t in enumerate(tensors) if t.numel() > SHORT_ROW and _by_rows(t, norm_type)]
         groups = self._by_dtype(tensors)
         if not long and len(groups) == 1 and self._use_foreach(tensors):  # the common case, in one call
             return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=norm_dtype(tensors[0].dtype)))
