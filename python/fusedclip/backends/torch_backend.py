@@ -14,12 +14,10 @@ from torch import Tensor
 from . import Backend, acc_dtype, norm_dtype
 
 
-# torch's CPU norm of one long vector drifts: its accumulators each sum a share of every element (5e-3 relative
-# seen at 38M float32 elements for p = 2; 1e-5 already at 200K for p = 3). Rows of ROW elements (SHORT_ROW for
-# p other than 2, whose kernel accumulates less exactly), then the norm of the row norms in float64, stay
-# within float32 rounding for any length.
-ROW = 1 << 16
-SHORT_ROW = 1 << 11
+# torch's CPU norm of one long vector drifts: its vector accumulators each sum a share of every element (5e-3
+# relative seen at 38M float32 elements; 4.6e-5 at 65536 equal values; 1.9e-5 at 262K elements for p = 3).
+# Rows of ROW elements, reduced row by row, then combined in float64, stay within 1.5e-6 for any length.
+ROW = 1 << 11
 # bf16/fp16: torch's norm with dtype=float32 first converts the whole tensor to float32 (a fresh buffer twice the
 # tensor's size, page-faulted in on every call for big tensors). Here a tensor is converted BLOCK elements at a
 # time into one float32 buffer that stays in cache.
@@ -27,48 +25,50 @@ BLOCK = 1 << 18
 _LOWP = (torch.bfloat16, torch.float16)
 
 
-def _row_length(norm_type: float) -> int:
-    return ROW if norm_type == 2.0 else SHORT_ROW
-
-
 def _by_rows(t: Tensor, norm_type: float) -> bool:
     """Whether `t` takes the row-wise path: a CPU tensor longer than a row, for a finite p > 0."""
     return (
-        t.device.type == "cpu"
+        t.numel() > ROW
+        and t.device.type == "cpu"
         and 0 < norm_type < float("inf")
-        and t.numel() > _row_length(norm_type)
         and t.layout == torch.strided
         and t.is_contiguous()
         and not torch.compiler.is_compiling()  # a traced graph fuses the conversion itself
     )
 
 
-def _row_norms(flat: Tensor, norm_type: float) -> list[Tensor]:
-    """Norms of `flat`'s rows (and of its tail), in its dtype."""
-    row = _row_length(norm_type)
-    whole = flat.numel() // row * row
-    parts = []
+def _row_norms(flat: Tensor, norm_type: float, parts: list[Tensor]) -> int:
+    """Append the norms of `flat`'s rows (and of its tail) to `parts`; return how many."""
+    whole = flat.numel() // ROW * ROW
     if whole:
-        parts.append(torch.linalg.vector_norm(flat[:whole].view(-1, row), norm_type, dim=1))
+        parts.append(torch.linalg.vector_norm(flat[:whole].view(-1, ROW), norm_type, dim=1))
     if whole < flat.numel():
         parts.append(torch.linalg.vector_norm(flat[whole:], norm_type).reshape(1))
-    return parts
+    return whole // ROW + (whole < flat.numel())
 
 
-def _row_norm(t: Tensor, norm_type: float) -> Tensor:
-    flat = t.view(-1)
-    if t.dtype not in _LOWP:
-        parts = _row_norms(flat, norm_type)
-    else:
-        buffer = torch.empty(min(BLOCK, flat.numel()), dtype=torch.float32)
-        parts = []
+def norms_by_rows(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
+    """Each tensor's norm (float32; float64 for float64) from its row norms, combined in float64 for all of
+    them at once. bf16/fp16 rows are converted a BLOCK at a time into one reused float32 buffer."""
+    parts: list[Tensor] = []
+    counts = []
+    buffer: Optional[Tensor] = None
+    for t in tensors:
+        flat = t.view(-1)
+        if t.dtype not in _LOWP:
+            counts.append(_row_norms(flat, norm_type, parts))
+            continue
+        if buffer is None or buffer.numel() < min(BLOCK, flat.numel()):
+            buffer = torch.empty(min(BLOCK, flat.numel()), dtype=torch.float32)
+        count = 0
         for start in range(0, flat.numel(), BLOCK):
             block = flat[start : start + BLOCK]
             converted = buffer[: block.numel()]
             converted.copy_(block)
-            parts += _row_norms(converted, norm_type)
-    total = torch.linalg.vector_norm(torch.cat(parts).double(), norm_type)
-    return total.to(acc_dtype([t.dtype]))
+            count += _row_norms(converted, norm_type, parts)
+        counts.append(count)
+    rows = torch.cat(parts).double().split(counts)
+    return [n.to(acc_dtype([t.dtype])) for t, n in zip(tensors, torch._foreach_norm(rows, norm_type))]
 
 
 def combine_tensor_norms(norms: Tensor, norm_type: float) -> Tensor:
@@ -122,13 +122,14 @@ class TorchBackend(Backend):
 
     def per_tensor_norms(self, tensors: list[Tensor], norm_type: float) -> Tensor:
         """1-D tensor of per-tensor norms in the accumulation dtype, in input order."""
-        long = [i for i, t in enumerate(tensors) if t.numel() > SHORT_ROW and _by_rows(t, norm_type)]
+        long = [i for i, t in enumerate(tensors) if _by_rows(t, norm_type)]
         groups = self._by_dtype(tensors)
         if not long and len(groups) == 1 and self._use_foreach(tensors):  # the common case, in one call
             return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=norm_dtype(tensors[0].dtype)))
         out: list[Optional[Tensor]] = [None] * len(tensors)
-        for i in long:
-            out[i] = _row_norm(tensors[i], norm_type)
+        if long:
+            for i, n in zip(long, norms_by_rows([tensors[i] for i in long], norm_type)):
+                out[i] = n
         for idx in groups:
             idx = [i for i in idx if out[i] is None]
             group = [tensors[i] for i in idx]
