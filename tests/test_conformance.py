@@ -25,6 +25,7 @@ from reference import (
 )
 
 from fusedclip.backends import acc_dtype
+from fusedclip.backends.torch_backend import BLOCK as BLOCK_ELEMENTS
 
 
 def params_with_grads(grads):
@@ -399,6 +400,17 @@ def test_long_cpu_tensors_stay_exact_without_a_float32_copy(dtype):
         assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32, f"p={norm_type}")
         ref = torch.tensor([ref_tensor_norm(g, norm_type) for g in grads], dtype=torch.float64)
         assert_rel_close(per, ref, TOTAL_RTOL[torch.float32], f"per-tensor, p={norm_type}")
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 0.7])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, 0.5])
+def test_equal_values_stay_exact_on_cpu(value, norm_type):
+    # The rounding of equal terms does not average out: torch's CPU norm of 65536 equal float32 values is 5e-5
+    # off for p = 2 (its vector lanes each sum 8192 of them).
+    grads = [torch.full((65_537,), value), torch.full((3 * BLOCK_ELEMENTS + 5,), value, dtype=torch.bfloat16)]
+    for g in grads:
+        total = fusedclip.get_total_norm([g], norm_type, backend="torch")
+        assert_total_close(total, ref_total_norm([g], norm_type), torch.float32, f"{g.dtype} x {g.numel()}")
 
 
 def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):

@@ -14,10 +14,12 @@ from torch import Tensor
 from . import Backend, acc_dtype, norm_dtype
 
 
-# torch's CPU norm of one long vector drifts: its vector accumulators each sum a share of every element (5e-3
-# relative seen at 38M float32 elements; 4.6e-5 at 65536 equal values; 1.9e-5 at 262K elements for p = 3).
-# Rows of ROW elements, reduced row by row, then combined in float64, stay within 1.5e-6 for any length.
+# torch's CPU norm of one long vector drifts: its accumulators each sum a share of every element (5e-3 relative
+# seen at 38M float32 elements; 4.6e-5 at 65536 equal values; 1.9e-5 at 262K elements for p = 3). Rows of ROW
+# elements (SHORT_ROW for p other than 2, whose kernel sums a row in one scalar), reduced row by row, then
+# combined in float64, stay within 3e-6 for any length.
 ROW = 1 << 11
+SHORT_ROW = 1 << 7
 # bf16/fp16: torch's norm with dtype=float32 first converts the whole tensor to float32 (a fresh buffer twice the
 # tensor's size, page-faulted in on every call for big tensors). Here a tensor is converted BLOCK elements at a
 # time into one float32 buffer that stays in cache.
@@ -25,10 +27,14 @@ BLOCK = 1 << 18
 _LOWP = (torch.bfloat16, torch.float16)
 
 
+def _row_length(norm_type: float) -> int:
+    return ROW if norm_type == 2.0 else SHORT_ROW
+
+
 def _by_rows(t: Tensor, norm_type: float) -> bool:
     """Whether `t` takes the row-wise path: a CPU tensor longer than a row, for a finite p > 0."""
     return (
-        t.numel() > ROW
+        t.numel() > _row_length(norm_type)
         and t.device.type == "cpu"
         and 0 < norm_type < float("inf")
         and t.layout == torch.strided
@@ -39,12 +45,13 @@ def _by_rows(t: Tensor, norm_type: float) -> bool:
 
 def _row_norms(flat: Tensor, norm_type: float, parts: list[Tensor]) -> int:
     """Append the norms of `flat`'s rows (and of its tail) to `parts`; return how many."""
-    whole = flat.numel() // ROW * ROW
+    row = _row_length(norm_type)
+    whole = flat.numel() // row * row
     if whole:
-        parts.append(torch.linalg.vector_norm(flat[:whole].view(-1, ROW), norm_type, dim=1))
+        parts.append(torch.linalg.vector_norm(flat[:whole].view(-1, row), norm_type, dim=1))
     if whole < flat.numel():
         parts.append(torch.linalg.vector_norm(flat[whole:], norm_type).reshape(1))
-    return whole // ROW + (whole < flat.numel())
+    return whole // row + (whole < flat.numel())
 
 
 def norms_by_rows(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
