@@ -60,23 +60,30 @@ def norms_by_rows(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     them at once. bf16/fp16 rows are converted a BLOCK at a time into one reused float32 buffer."""
     parts: list[Tensor] = []
     counts = []
-    buffer: Optional[Tensor] = None
+    lowp = [t.numel() for t in tensors if t.dtype in _LOWP]
+    buffer = torch.empty(min(BLOCK, max(lowp)), dtype=torch.float32) if lowp else None
+    row = _row_length(norm_type)
+    # Whole blocks are converted into the buffer and its rows reduced in place (BLOCK is a multiple of both row
+    # lengths); the rest of a tensor, shorter than a block, through a slice of the buffer.
+    rows = buffer.view(-1, row) if buffer is not None and buffer.numel() == BLOCK else None
     for t in tensors:
         flat = t.view(-1)
         if t.dtype not in _LOWP:
             counts.append(_row_norms(flat, norm_type, parts))
             continue
-        if buffer is None or buffer.numel() < min(BLOCK, flat.numel()):
-            buffer = torch.empty(min(BLOCK, flat.numel()), dtype=torch.float32)
-        count = 0
-        for start in range(0, flat.numel(), BLOCK):
-            block = flat[start : start + BLOCK]
-            converted = buffer[: block.numel()]
-            converted.copy_(block)
+        assert buffer is not None
+        whole = flat.numel() // BLOCK * BLOCK if rows is not None else 0
+        for start in range(0, whole, BLOCK):
+            buffer.copy_(flat[start : start + BLOCK])
+            parts.append(torch.linalg.vector_norm(rows, norm_type, dim=1))  # type: ignore[arg-type]
+        count = whole // row
+        if whole < flat.numel():
+            converted = buffer[: flat.numel() - whole]
+            converted.copy_(flat[whole:])
             count += _row_norms(converted, norm_type, parts)
         counts.append(count)
-    rows = torch.cat(parts).double().split(counts)
-    return [n.to(acc_dtype([t.dtype])) for t, n in zip(tensors, torch._foreach_norm(rows, norm_type))]
+    combined = torch.cat(parts).double().split(counts)
+    return [n.to(acc_dtype([t.dtype])) for t, n in zip(tensors, torch._foreach_norm(combined, norm_type))]
 
 
 def combine_tensor_norms(norms: Tensor, norm_type: float) -> Tensor:
