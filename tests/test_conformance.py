@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -438,3 +439,52 @@ def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):
             assert_scaled(g, o, coef * coef, f"grad {i}", ulps=2 * VALUE_ULPS[torch.float32])
         else:
             assert_scaled(g, o, coef, f"grad {i}")
+
+
+@pytest.fixture
+def fused_cpu_norm(monkeypatch):
+    """The torch backend's compiled bf16/fp16 norm, switched on for small inputs (normally only from 16M elements)."""
+    from fusedclip.backends import torch_backend
+
+    monkeypatch.delenv("FUSEDCLIP_CPU_COMPILE", raising=False)
+    monkeypatch.setattr(torch_backend, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch_backend, "_fused_failed", None)
+    return torch_backend
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_half_precision_norm_is_exact(fused_cpu_norm, monkeypatch, dtype):
+    calls = []
+    real = fused_cpu_norm._fused_row_norms
+    monkeypatch.setattr(fused_cpu_norm, "_fused_row_norms", lambda rows: calls.append(rows.shape) or real(rows))
+    gen = torch.Generator().manual_seed(430)
+    row = fused_cpu_norm.ROW
+    grads = [random_tensor((n,), dtype, gen=gen, scale=1.0 + i) for i, n in enumerate([5 * row + 7, 3 * row, 99])]
+    grads.append(torch.full((4 * row + 1,), 1 / 3, dtype=dtype))  # equal values: rounding that does not cancel
+    total, per = fusedclip.multi_tensor_norm(grads, per_tensor=True, backend="torch")
+    assert calls == [(5, row), (3, row), (4, row)]  # the compiled path ran, on every tensor of 2 rows or more
+    assert_total_close(total, ref_total_norm(grads, 2.0), torch.float32)
+    ref = torch.tensor([ref_tensor_norm(g, 2.0) for g in grads], dtype=torch.float64)
+    assert_rel_close(per, ref, TOTAL_RTOL[torch.float32], "per-tensor")
+
+
+def test_compiled_norm_falls_back_with_one_warning(fused_cpu_norm, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(fused_cpu_norm, "_fused_rows", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    grads = [random_tensor((9 * fused_cpu_norm.ROW + 3,), torch.bfloat16, gen=torch.Generator().manual_seed(431))]
+    with pytest.warns(UserWarning, match="no C.. compiler here"):
+        first = fusedclip.get_total_norm(grads, backend="torch")
+    assert_total_close(first, ref_total_norm(grads, 2.0), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(fusedclip.get_total_norm(grads, backend="torch"), first)
+
+
+def test_compiled_norm_can_be_switched_off(fused_cpu_norm, monkeypatch):
+    monkeypatch.setenv("FUSEDCLIP_CPU_COMPILE", "0")
+    monkeypatch.setattr(fused_cpu_norm, "_fused_row_norms", lambda rows: pytest.fail("compiled path used"))
+    grads = [random_tensor((9 * fused_cpu_norm.ROW,), torch.bfloat16, gen=torch.Generator().manual_seed(432))]
+    assert_total_close(fusedclip.get_total_norm(grads, backend="torch"), ref_total_norm(grads, 2.0), torch.float32)
