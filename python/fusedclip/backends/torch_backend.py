@@ -17,16 +17,20 @@ from torch import Tensor
 from . import Backend, acc_dtype, norm_dtype
 
 
-# torch's CPU norm of one long vector drifts: its accumulators each sum a share of every element (5e-3 relative
-# seen at 38M float32 elements; 4.6e-5 at 65536 equal values; 1.9e-5 at 262K elements for p = 3). Rows of ROW
-# elements (SHORT_ROW for p other than 2, whose kernel sums a row in one scalar), reduced row by row, then
-# combined in float64, stay within 3e-6 for any length.
+# torch's CPU norm of one long vector drifts: its accumulators each sum a share of every element. For p = 2 it
+# stays within 2e-6 of float64 on random values up to 256K elements (1.1e-5 at 1M, 5e-3 at 38M), but not on
+# equal values (4.6e-5 at 65536: their rounding does not cancel); for other p its kernel sums in one scalar
+# (1.9e-5 at 262K random values for p = 3). Tensors above LONG elements (SHORT for p other than 2) are reduced
+# in rows of ROW (SHORT_ROW) elements and the row norms combined in float64: within 3e-6 for any length, equal
+# values included. Shorter ones keep torch's one-call foreach norm: a row pass per tensor would cost more than
+# the norm itself for thousands of small tensors.
+LONG = 1 << 18
+SHORT = 1 << 12
 ROW = 1 << 11
 SHORT_ROW = 1 << 7
 # bf16/fp16: torch's norm with dtype=float32 first converts the whole tensor to float32 (a fresh buffer twice the
-# tensor's size, page-faulted in on every call for big tensors). Here a tensor is converted BLOCK elements at a
-# time into one reused float32 buffer (4 MiB: in the last-level cache). On 2 cores, 1M-element blocks cost 2.6x
-# stock's bf16 norm on one thread, 256K ones 3.1x (more calls); the conversion alone costs as much as that norm.
+# tensor's size, page-faulted in on every call for big tensors). Long ones are converted BLOCK elements at a time
+# into one reused float32 buffer (4 MiB: in the last-level cache), or fused (below).
 BLOCK = 1 << 20
 _LOWP = (torch.bfloat16, torch.float16)
 
@@ -36,9 +40,9 @@ def _row_length(norm_type: float) -> int:
 
 
 def _by_rows(t: Tensor, norm_type: float) -> bool:
-    """Whether `t` takes the row-wise path: a CPU tensor longer than a row, for a finite p > 0."""
+    """Whether `t` takes the row-wise path: a long CPU tensor, for a finite p > 0."""
     return (
-        t.numel() > _row_length(norm_type)
+        t.numel() > (LONG if norm_type == 2.0 else SHORT)
         and t.device.type == "cpu"
         and 0 < norm_type < float("inf")
         and t.layout == torch.strided
