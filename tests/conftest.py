@@ -2,6 +2,8 @@
 before triton is first imported, which is why this happens at the top of conftest."""
 
 import os
+import random
+import zlib
 
 import pytest
 import torch
@@ -39,6 +41,27 @@ BACKEND_DEVICES = backend_device_pairs()
 @pytest.fixture(params=BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
 def backend_device(request) -> tuple[str, str]:
     return request.param
+
+
+def seed_for(nodeid: str) -> int:
+    """Each test's own fixed seed, from its id: stable across runs, machines and test order."""
+    return zlib.crc32(nodeid.encode())
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs(request):
+    """A safety net under the explicit generators the tests use for their inputs: every test starts the global
+    torch, numpy and random RNGs from its own seed, so nothing (a module's weight init, a stray randn) can
+    make a test pass or fail by chance."""
+    seed = seed_for(request.node.nodeid)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:
+        pass
+    else:
+        numpy.random.seed(seed)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,6 +22,24 @@ def ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+def norm_rtol(acc: torch.dtype, terms: int) -> float:
+    """Bound on the relative error of a 2-norm of `terms` values accumulated in `acc`, whatever the summation
+    order: the squares and the sum round at most `terms` times by u = ulp/2 (relative to the sum), the square
+    root halves that and rounds once more."""
+    return (terms / 2 + 1) * ulp(acc) / 2
+
+
+def assert_rel_close(got: Tensor, ref: Tensor, rtol: float, what: str = "values") -> None:
+    """Every element of `got` within `rtol` (relative) of the float64 reference `ref` (zeros must match exactly)."""
+    actual = got.detach().to("cpu", torch.float64)
+    err = (actual - ref).abs()
+    bad = ~(err <= rtol * ref.abs())
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {got.numel()} off by more than {rtol:.1e} relative; "
+        f"worst {float((err / ref.abs()).max()):.2e}"
+    )
+
+
 def random_tensor(shape, dtype=torch.float32, device="cpu", gen: torch.Generator | None = None, scale=1.0) -> Tensor:
     """Normal values times `scale`, with no exact zeros (a zero would hide a missing element)."""
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale

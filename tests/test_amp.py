@@ -16,7 +16,8 @@ torch_clip = TORCH_ORIGINALS["clip_grad_norm_"]  # torch's own, even if a test l
 
 def make_params(seed, count=9):
     grads = random_grads(count, (torch.float32,), seed=seed, max_numel=70)
-    return [torch.nn.Parameter(torch.randn_like(g)) for g in grads]
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(random_tensor(g.shape, g.dtype, gen=gen)) for g in grads]
 
 
 def clone_params(ps):

@@ -1,5 +1,10 @@
 """Backend choice: auto, explicit names, the FUSEDCLIP_BACKEND default, and clear errors."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -56,3 +61,36 @@ def test_env_var_sets_default(monkeypatch):
 def test_explicit_argument_beats_env_var(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "fastest")
     assert backends.check_backend_name("torch") == "torch"
+
+
+def backends_in_fresh_process(**env: str) -> tuple[list[str], dict[str, str]]:
+    """available_backends() and unavailable_reasons() of a new interpreter with `env` (TRITON_INTERPRET unset
+    unless given): what a user sees, not what this test process (interpreter on, via conftest) sees."""
+    code = (
+        "import json, fusedclip; from fusedclip import backends; "
+        "print(json.dumps([fusedclip.available_backends(), backends.unavailable_reasons()]))"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", backends.ENV_VAR)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    available, reasons = json.loads(out.splitlines()[-1])
+    return available, reasons
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only answer")
+def test_triton_is_listed_only_where_it_can_run():
+    available, reasons = backends_in_fresh_process()
+    assert "triton" not in available and "torch" in available
+    assert "no CUDA device" in reasons["triton"] and "TRITON_INTERPRET=1" in reasons["triton"]
+    # tests/conftest.py's path: the interpreter, switched on before triton is imported.
+    available, reasons = backends_in_fresh_process(TRITON_INTERPRET="1")
+    if "triton cannot be imported" not in reasons.get("triton", ""):
+        assert "triton" in available
+
+
+@pytest.mark.gpu
+def test_triton_is_listed_on_a_gpu():
+    available, reasons = backends_in_fresh_process()
+    if "triton cannot be imported" not in reasons.get("triton", ""):
+        assert "triton" in available, reasons

@@ -1,10 +1,12 @@
 """The command line: bench writes a complete, truthful record; info names every backend."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fusedclip import __main__ as cli
 from fusedclip.presets import PRESETS
@@ -43,21 +45,103 @@ def test_bench_writes_record(tmp_path, capsys, dtype):
     assert all(str(out) in line and "fusedclip torch" in line for line in md[2:])
 
 
-def test_bench_refuses_what_does_not_fit(monkeypatch):
+def test_bench_refuses_what_does_not_fit(monkeypatch, capsys):
     import fusedclip.bench
 
     monkeypatch.setattr(fusedclip.bench, "free_memory", lambda device: 1 << 30)
-    with pytest.raises(SystemExit, match="GiB"):
-        cli.main(["bench", "--preset", "gpt2", "--device", "cpu"])
+    assert cli.main(["bench", "--preset", "gpt2", "--device", "cpu"]) == 2
+    assert "GiB" in capsys.readouterr().err
 
 
-def test_bench_rejects_bad_arguments():
+def test_bench_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--preset", "gpt5"])
     with pytest.raises(SystemExit):
         cli.main(["bench", "--preset", "tiny", "--reps", "0"])
-    with pytest.raises(SystemExit, match="unknown or unavailable"):
-        cli.main(["bench", "--preset", "tiny", "--device", "cpu", "--impl", "fusedclip cudnn"])
+    capsys.readouterr()
+    assert cli.main(["bench", "--preset", "tiny", "--device", "cpu", "--impl", "fusedclip cudnn"]) == 2
+    err = capsys.readouterr().err
+    assert "not an implementation" in err and "'fusedclip torch'" in err
+    for device, why in [("gpu", "not a device"), ("meta", "cpu or cuda")]:
+        assert cli.main(["bench", "--preset", "tiny", "--device", device]) == 2
+        assert why in capsys.readouterr().err
+
+
+def one_line_error(*args: str, env: dict | None = None) -> str:
+    """Run the command line in a fresh process; it must fail with exit status 2 and one line on stderr."""
+    clean = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "fusedclip", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**clean, **(env or {})})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the answer of a machine without CUDA")
+def test_bench_on_missing_cuda_or_triton_is_a_one_line_error():
+    assert "no CUDA device here" in one_line_error("bench", "--preset", "tiny", "--device", "cuda")
+    # the --help example, without a GPU or Triton's interpreter
+    err = one_line_error("bench", "--preset", "tiny", "--impl", "fusedclip triton")
+    assert "'fusedclip triton' cannot run on cpu" in err and "TRITON_INTERPRET=1" in err
+
+
+def test_bench_help_shows_defaults_and_every_option():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "fusedclip", "bench", "--help"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    flat = " ".join(help_text.split())
+    assert "(default: 10)" in flat and "(default: gpt2)" in flat and "(default: both)" in flat
+    assert "--warmup WARMUP untimed calls" in flat and "(default: 2)" in flat
+    assert "tiny: GPT-2 layout at toy size" in flat
+
+
+def test_bench_labels_a_clip_case_that_never_clips(tmp_path, capsys):
+    out = tmp_path / "never.json"
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--case", "clip", "--max-norm", "1e9", "--reps", "3"]
+    assert cli.main(args + ["--impl", "fusedclip torch", "--impl", "torch foreach", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(out.read_text())
+    nbytes = record["preset"]["bytes"]
+    for r in record["results"]:
+        assert r["case"] == "clip" and r["clipped_calls"] == 0 and r["timed_calls"] == 3 and r["coef"] == 1.0
+        assert r["bytes_moved"] == nbytes  # one read: nothing to clip
+    assert "not every timed call clipped" in captured.err
+    assert "clip (0/3 calls clipped)" in captured.out
+    assert cli.main(["table", str(out)]) == 0
+    assert "clip (0/3 calls clipped)" in capsys.readouterr().out
+
+
+def test_bench_flags_a_working_set_in_cache_and_measures_memory_bandwidth(tmp_path, capsys):
+    from fusedclip.bench import last_level_cache_bytes
+
+    out = tmp_path / "tiny.json"
+    assert cli.main(["bench", "--preset", "tiny", "--device", "cpu", "--reps", "2", "--cold", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "--cold flushes a GPU's L2" in err and "does nothing" in err
+    record = json.loads(out.read_text())
+    assert record["settings"]["cold_l2"] is False
+    cache = last_level_cache_bytes(torch.device("cpu"))
+    if cache is None:
+        pytest.skip("this machine does not report its cache sizes")
+    assert record["last_level_cache_bytes"] == cache and record["copy_bytes"] >= 4 * cache
+    assert record["preset"]["bytes"] < cache and record["fits_in_cache"] is True
+    assert all(r["pct_of_copy_bandwidth"] is None for r in record["results"])
+    assert "fit in the" in err
+
+
+def test_bench_reports_spread_and_warns_when_runs_disagree(monkeypatch, tmp_path, capsys):
+    import fusedclip.bench
+
+    calls = iter(range(10_000))
+    # Every 5th call takes twice as long: the spread is 100% of the median.
+    monkeypatch.setattr(fusedclip.bench, "timed", lambda fn, device: (fn(), 2e-3 if next(calls) % 5 == 0 else 1e-3)[1])
+    out = tmp_path / "spread.json"
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--reps", "5", "--case", "noclip", "--out", str(out)]
+    assert cli.main(args + ["--impl", "torch foreach"]) == 0
+    captured = capsys.readouterr()
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["min_ms"] == 1.0 and row["max_ms"] == 2.0 and row["median_ms"] == 1.0 and row["spread"] == 1.0
+    assert "1.000-2.000 !" in captured.out and "apart" in captured.err
 
 
 def test_info_runs_as_a_module():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,15 +12,21 @@ import fusedclip
 from reference import (
     FLOAT_DTYPES,
     NORM_TYPES,
+    TOTAL_RTOL,
+    VALUE_ULPS,
+    assert_rel_close,
     assert_scaled,
     assert_total_close,
+    norm_rtol,
     random_grads,
     random_tensor,
     ref_tensor_norm,
     ref_total_norm,
+    ulp,
 )
 
 from fusedclip.backends import acc_dtype
+from fusedclip.backends.torch_backend import BLOCK as BLOCK_ELEMENTS
 
 
 def params_with_grads(grads):
@@ -119,8 +126,9 @@ def test_mixed_dtypes_clip(backend_device):
 def test_non_contiguous_and_complex_fold_into_one_total(backend_device):
     backend, device = backend_device
     dense = random_grads(6, (torch.float32,), device, seed=2)
-    strided = random_tensor((9, 8), torch.float32, device)[:, ::2]
-    cplx = torch.complex(random_tensor((7,), device=device), random_tensor((7,), device=device))
+    gen = torch.Generator().manual_seed(126)
+    strided = random_tensor((9, 8), torch.float32, device, gen)[:, ::2]
+    cplx = torch.complex(random_tensor((7,), device=device, gen=gen), random_tensor((7,), device=device, gen=gen))
     grads = dense + [strided, cplx]
     original = clone_all(grads)
     ref = ref_total_norm(original, 2.0)
@@ -129,7 +137,9 @@ def test_non_contiguous_and_complex_fold_into_one_total(backend_device):
     coef = ref_coef(total.item(), ref / 2)
     for g, o in zip(grads[:-1], original[:-1]):
         assert_scaled(g, o, coef)
-    torch.testing.assert_close(grads[-1], original[-1] * coef, rtol=2e-7, atol=0)
+    # complex64: the coefficient (rounded to float32) times each part, one rounding each
+    rtol = VALUE_ULPS[torch.float32] * ulp(torch.float32)
+    torch.testing.assert_close(grads[-1], original[-1] * coef, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, float("inf"), float("-inf"), 0.0])
@@ -227,8 +237,9 @@ def test_grad_clipper_follows_replaced_and_freed_grads(backend_device):
     grads = random_grads(9, device=device, seed=15)
     params = params_with_grads(grads)
     clipper = fusedclip.GradClipper(params, 1.0, backend=backend)
+    gen = torch.Generator().manual_seed(235)
     for step in range(3):
-        fresh = [torch.randn_like(g) * (step + 1) for g in grads]
+        fresh = [random_tensor(g.shape, g.dtype, device, gen, scale=step + 1.0) for g in grads]
         for p, g in zip(params, fresh):
             p.grad = g.clone()
         params[step].grad = None  # freed
@@ -264,23 +275,61 @@ def test_clip_by_global_norm_tf_semantics(backend_device):
     assert all(bool(o.isnan().all()) for o in nan_out)
 
 
-def test_clip_by_norm_tf_semantics():
-    x = random_tensor((4, 5, 3), torch.float32)
-    out = fusedclip.clip_by_norm(x, 1.0)
-    n = x.double().norm().item()
-    assert_scaled(out, x, 1.0 / max(n, 1.0))
-    per_row = fusedclip.clip_by_norm(x, 0.5, dim=(1, 2))
-    for i in range(4):
-        ni = x[i].double().norm().item()
-        assert_scaled(per_row[i], x[i], 0.5 / max(ni, 0.5))
-    last = fusedclip.clip_by_norm(x, 0.3, dim=-1)
-    ref = x.double() * 0.3 / x.double().norm(dim=-1, keepdim=True).clamp(min=0.3)
-    torch.testing.assert_close(last.double(), ref, rtol=2e-7, atol=0)
+def clip_by_norm_ref(x: torch.Tensor, clip_norm: float, dim) -> torch.Tensor:
+    """TF's formula in float64 on the stored values; dim=() reduces over nothing (each element is its own slice)."""
+    x64 = x.detach().to("cpu", torch.float64)
+    norm = x64.abs() if dim == () else torch.linalg.vector_norm(x64, 2, dim=dim, keepdim=True)
+    return x64 * clip_norm / norm.clamp(min=clip_norm)
+
+
+def clip_by_norm_rtol(dtype: torch.dtype, terms: int) -> float:
+    """The clipped values' bound: the norm's (accumulated in acc over `terms` values), then the values' own."""
+    return VALUE_ULPS[dtype] * ulp(dtype) + norm_rtol(acc_dtype([dtype]), terms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_clip_by_norm_tf_semantics(dtype):
+    gen = torch.Generator().manual_seed(267)
+    x = random_tensor((4, 5, 3), dtype, gen=gen)
+    for clip_norm, dim, terms in [(1.0, None, 60), (0.5, (1, 2), 15), (0.3, -1, 3), (0.3, [0, 2], 12)]:
+        ref = clip_by_norm_ref(x, clip_norm, dim)
+        assert_rel_close(fusedclip.clip_by_norm(x, clip_norm, dim=dim), ref, clip_by_norm_rtol(dtype, terms), f"{dim=}")
     big = fusedclip.clip_by_norm(x, 1e9)
     assert torch.equal(big, x)
     y = x.clone().requires_grad_()
     fusedclip.clip_by_norm(y, 0.1).sum().backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+def test_clip_by_norm_empty_dim_clips_each_element():
+    # tf.clip_by_norm([3., -0.5, 0.2, 4.], 1., axes=[]) gives [1., -0.5, 0.2, 1.]; torch reads dim=() as "all dims".
+    x = torch.tensor([3.0, -0.5, 0.2, 4.0])
+    assert torch.equal(fusedclip.clip_by_norm(x, 1.0, dim=()), torch.tensor([1.0, -0.5, 0.2, 1.0]))
+    assert torch.equal(fusedclip.clip_by_norm(x, 1.0, dim=[]), torch.tensor([1.0, -0.5, 0.2, 1.0]))
+    gen = torch.Generator().manual_seed(268)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        y = random_tensor((6, 7), dtype, gen=gen, scale=2.0)
+        ref = clip_by_norm_ref(y, 1.5, ())
+        assert_rel_close(fusedclip.clip_by_norm(y, 1.5, dim=()), ref, clip_by_norm_rtol(dtype, 1))
+    z = torch.complex(random_tensor((5,), gen=gen, scale=2.0), random_tensor((5,), gen=gen, scale=2.0))
+    got = fusedclip.clip_by_norm(z, 1.0, dim=())
+    expected = z.to(torch.complex128) / z.abs().double().clamp(min=1.0)
+    assert got.dtype == z.dtype and torch.allclose(got.to(torch.complex128), expected, rtol=4 * ulp(torch.float32))
+
+
+def test_clip_by_norm_takes_numpy_and_tensor_integer_dims():
+    np = pytest.importorskip("numpy")
+    x = random_tensor((4, 5, 3), gen=torch.Generator().manual_seed(269))
+    for dim, same in [
+        (np.int64(1), 1),
+        (np.arange(1, 3), (1, 2)),
+        (np.array([-1]), -1),
+        ([np.int32(0), 2], (0, 2)),
+        (torch.tensor(2), 2),
+        (torch.tensor([0, 1]), (0, 1)),
+        (np.array([], dtype=np.int64), ()),
+    ]:
+        assert torch.equal(fusedclip.clip_by_norm(x, 0.5, dim=dim), fusedclip.clip_by_norm(x, 0.5, dim=same)), dim
 
 
 def test_determinism(backend_device):
@@ -292,10 +341,11 @@ def test_determinism(backend_device):
 
 
 def test_sparse_gradients_on_torch_path():
-    emb = torch.nn.Embedding(20, 4, sparse=True)
+    gen = torch.Generator().manual_seed(337)
+    emb = torch.nn.Embedding(20, 4, sparse=True, _weight=random_tensor((20, 4), gen=gen))
     emb(torch.tensor([1, 3, 3, 7])).pow(2).sum().backward()
-    dense = torch.nn.Parameter(torch.randn(3))
-    dense.grad = random_tensor((3,))
+    dense = torch.nn.Parameter(random_tensor((3,), gen=gen))
+    dense.grad = random_tensor((3,), gen=gen)
     grad_dense = emb.weight.grad.to_dense()
     ref = ref_total_norm([grad_dense, dense.grad], 2.0)
     total = fusedclip.clip_grad_norm_([emb.weight, dense], ref / 2)
@@ -324,9 +374,46 @@ def test_mixed_devices_combine_on_first_device():
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0])
 def test_long_tensor_total_stays_exact(norm_type, dtype):
     # torch's own CPU norm of a 3M-element vector drifts well past 1e-5; ours must not.
-    grads = [random_tensor((3_000_017,), dtype), random_tensor((5,), dtype)]
+    gen = torch.Generator().manual_seed(369)
+    grads = [random_tensor((3_000_017,), dtype, gen=gen), random_tensor((5,), dtype, gen=gen)]
     total = fusedclip.get_total_norm(grads, norm_type, backend="torch")
     assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_long_cpu_tensors_stay_exact_without_a_float32_copy(dtype):
+    # On CPU, torch's norm with dtype=float32 converts a whole bf16/fp16 tensor to a fresh float32 copy (page
+    # faults on every call for big tensors); the torch backend converts BLOCK elements at a time into one buffer.
+    # torch's norm of one vector of 262K elements is already 1.9e-5 off for p = 3 (float32 too): rows keep it exact.
+    from torch.profiler import ProfilerActivity, profile
+
+    from fusedclip.backends.torch_backend import BLOCK, ROW
+
+    gen = torch.Generator().manual_seed(420)
+    sizes = [3 * BLOCK + ROW + 7, BLOCK + 1, 2 * BLOCK, BLOCK, 5, 3 * ROW - 1, (1 << 18) + 1]
+    grads = [random_tensor((n,), dtype, gen=gen, scale=1.0 + i) for i, n in enumerate(sizes)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fusedclip.get_total_norm(grads, backend="torch")
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest <= 4 * BLOCK, f"a {largest}-byte buffer for tensors of {max(sizes)} elements"
+    for norm_type in [2.0, 1.0, 3.0, 0.5]:
+        total, per = fusedclip.multi_tensor_norm(grads, norm_type, per_tensor=True, backend="torch")
+        assert_total_close(total, ref_total_norm(grads, norm_type), torch.float32, f"p={norm_type}")
+        ref = torch.tensor([ref_tensor_norm(g, norm_type) for g in grads], dtype=torch.float64)
+        assert_rel_close(per, ref, TOTAL_RTOL[torch.float32], f"per-tensor, p={norm_type}")
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 0.7])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, 0.5])
+def test_equal_values_stay_exact_on_cpu(value, norm_type):
+    # The rounding of equal terms does not average out: torch's CPU norm of 256K equal float32 values is ~2e-4
+    # off for p = 2 (its vector lanes each sum 32768 of them). The torch backend's rows keep long tensors exact.
+    from fusedclip.backends.torch_backend import LONG
+
+    grads = [torch.full((LONG + 1,), value), torch.full((3 * BLOCK_ELEMENTS + 5,), value, dtype=torch.bfloat16)]
+    for g in grads:
+        total = fusedclip.get_total_norm([g], norm_type, backend="torch")
+        assert_total_close(total, ref_total_norm([g], norm_type), torch.float32, f"{g.dtype} x {g.numel()}")
 
 
 def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):
@@ -341,9 +428,67 @@ def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):
 
     grads = random_grads(5, device=device, seed=18)
     stock_grads = clone_all(grads)
+    original = clone_all(grads)
     max_norm = ref_total_norm(grads + [grads[2]], 2.0) / 3
-    total = fusedclip.clip_grad_norm_(with_shared(grads), max_norm, backend=backend)
+    with pytest.warns(UserWarning, match=r"parameters\[5\].grad is the same tensor as parameters\[2\].grad"):
+        total = fusedclip.clip_grad_norm_(with_shared(grads), max_norm, backend=backend)
     stock_total = torch.nn.utils.clip_grad_norm_(with_shared(stock_grads), max_norm)
     assert_total_close(total, stock_total.item(), torch.float32)
-    for i, (g, s) in enumerate(zip(grads, stock_grads)):
-        torch.testing.assert_close(g, s, rtol=4e-7, atol=0, msg=f"grad {i}")
+    assert_total_close(total, ref_total_norm(original + [original[2]], 2.0), torch.float32)
+    coef = ref_coef(total.item(), max_norm)
+    for i, (g, o) in enumerate(zip(grads, original)):
+        if i == 2:  # scaled twice: twice the rounding
+            assert_scaled(g, o, coef * coef, f"grad {i}", ulps=2 * VALUE_ULPS[torch.float32])
+        else:
+            assert_scaled(g, o, coef, f"grad {i}")
+
+
+@pytest.fixture
+def fused_cpu_norm(monkeypatch):
+    """The torch backend's compiled bf16/fp16 norm, switched on for small inputs (normally only for tensors of 1M
+    elements and more, 16M in all)."""
+    from fusedclip.backends import torch_backend
+
+    monkeypatch.delenv("FUSEDCLIP_CPU_COMPILE", raising=False)
+    monkeypatch.setattr(torch_backend, "LONG", torch_backend.ROW)
+    monkeypatch.setattr(torch_backend, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(torch_backend, "_fused_failed", None)
+    return torch_backend
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_half_precision_norm_is_exact(fused_cpu_norm, monkeypatch, dtype):
+    calls = []
+    real = fused_cpu_norm._fused_row_norms
+    monkeypatch.setattr(fused_cpu_norm, "_fused_row_norms", lambda rows: calls.append(rows.shape) or real(rows))
+    gen = torch.Generator().manual_seed(430)
+    row = fused_cpu_norm.ROW
+    grads = [random_tensor((n,), dtype, gen=gen, scale=1.0 + i) for i, n in enumerate([5 * row + 7, 3 * row, 99])]
+    grads.append(torch.full((4 * row + 1,), 1 / 3, dtype=dtype))  # equal values: rounding that does not cancel
+    total, per = fusedclip.multi_tensor_norm(grads, per_tensor=True, backend="torch")
+    assert calls == [(5, row), (3, row), (4, row)]  # the compiled path ran, on every tensor of 2 rows or more
+    assert_total_close(total, ref_total_norm(grads, 2.0), torch.float32)
+    ref = torch.tensor([ref_tensor_norm(g, 2.0) for g in grads], dtype=torch.float64)
+    assert_rel_close(per, ref, TOTAL_RTOL[torch.float32], "per-tensor")
+
+
+def test_compiled_norm_falls_back_with_one_warning(fused_cpu_norm, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(fused_cpu_norm, "_fused_rows", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    grads = [random_tensor((9 * fused_cpu_norm.ROW + 3,), torch.bfloat16, gen=torch.Generator().manual_seed(431))]
+    with pytest.warns(UserWarning, match="no C.. compiler here"):
+        first = fusedclip.get_total_norm(grads, backend="torch")
+    assert_total_close(first, ref_total_norm(grads, 2.0), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(fusedclip.get_total_norm(grads, backend="torch"), first)
+
+
+def test_compiled_norm_can_be_switched_off(fused_cpu_norm, monkeypatch):
+    monkeypatch.setenv("FUSEDCLIP_CPU_COMPILE", "0")
+    monkeypatch.setattr(fused_cpu_norm, "_fused_row_norms", lambda rows: pytest.fail("compiled path used"))
+    grads = [random_tensor((9 * fused_cpu_norm.ROW,), torch.bfloat16, gen=torch.Generator().manual_seed(432))]
+    assert_total_close(fusedclip.get_total_norm(grads, backend="torch"), ref_total_norm(grads, 2.0), torch.float32)

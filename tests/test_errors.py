@@ -57,6 +57,12 @@ def test_bad_clip_norm_tf():
         fusedclip.clip_by_norm(ts[0], float("nan"))
     with pytest.raises(ValueError, match="dim"):
         fusedclip.clip_by_norm(ts[0], 1.0, dim=5)
+    x = ts[0].reshape(-1, 1)
+    for bad in (True, 1.0, [0, 0.5], "0"):
+        with pytest.raises(TypeError, match="dim"):
+            fusedclip.clip_by_norm(x, 1.0, dim=bad)
+    with pytest.raises(ValueError, match="twice"):
+        fusedclip.clip_by_norm(x, 1.0, dim=[1, -1])
     with pytest.raises(TypeError, match="list"):
         fusedclip.clip_by_global_norm(ts[0], 1.0)
 

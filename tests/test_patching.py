@@ -7,7 +7,7 @@ import torch.nn.utils.clip_grad as clip_grad_mod
 import fusedclip
 from fusedclip import clip as fc_clip
 
-from reference import random_grads
+from reference import random_grads, random_tensor
 
 NAMES = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_"]
 PRIVATE = {"get_total_norm": "_get_total_norm", "clip_grads_with_norm_": "_clip_grads_with_norm_"}
@@ -31,7 +31,8 @@ def always_unpatch():
 
 def params_with_grads(seed=0):
     grads = random_grads(11, (torch.float32, torch.float64), seed=seed)
-    ps = [torch.nn.Parameter(torch.randn_like(g)) for g in grads]
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(random_tensor(g.shape, g.dtype, gen=gen)) for g in grads]
     for p, g in zip(ps, grads):
         p.grad = g.clone()
     return ps

@@ -9,19 +9,24 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .bench import DTYPES
+    from .bench import DTYPES, BenchError
     from .presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fusedclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    presets = ", ".join(f"{p.name} ({p.tensors} tensors, {p.params / 1e6:.0f}M)" for p in PRESETS.values())
-    b = sub.add_parser(
-        "bench", help="time stock torch against every available fusedclip backend", description=f"Presets: {presets}."
+    presets = "; ".join(
+        f"{p.name}: {p.description} ({p.tensors} tensors, {_params(p.params)})" for p in PRESETS.values()
     )
-    b.add_argument("--preset", choices=sorted(PRESETS), default="gpt2")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    b = sub.add_parser(
+        "bench",
+        help="time stock torch against every available fusedclip backend",
+        description=f"Presets: {presets}.",
+        formatter_class=_DefaultsShown,
+    )
+    b.add_argument("--preset", choices=list(PRESETS), default="gpt2", help="parameter set (see above)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="gradient dtype")
+    b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     b.add_argument(
         "--max-norm",
         type=float,
@@ -35,13 +40,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="clip: coefficient < 1 on every call; noclip: coefficient 1",
     )
     b.add_argument("--reps", type=int, default=10, help="timed calls per implementation (median reported)")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--cold", action="store_true", help="flush the L2 cache before every timed call (GPU)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation before the timed ones")
+    b.add_argument("--cold", action="store_true", help="flush the L2 cache before every timed call (GPU only)")
     b.add_argument(
         "--impl",
         action="append",
         default=None,
-        help="only this implementation (repeatable), e.g. 'torch foreach' or 'fusedclip triton'",
+        help="only this implementation (repeatable), e.g. 'torch foreach' or 'fusedclip torch' (default: all that "
+        "run here; the Triton interpreter only when named)",
     )
     b.add_argument("--out", default=None, help="write the JSON record here")
     b.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
@@ -53,6 +59,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     i.add_argument("--json", action="store_true")
 
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except BenchError as e:
+        print(f"python -m fusedclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown, except where the help text already says it in words (None, flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.1f}M params"
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .bench import BenchError
+
     if args.command == "info":
         from .info import collect, format_info
 
@@ -63,7 +92,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "table":
         from .bench import markdown_table
 
-        print(markdown_table([(path, json.loads(open(path).read())) for path in args.records]))
+        records = []
+        for path in args.records:
+            try:
+                records.append((path, json.loads(open(path).read())))
+            except (OSError, ValueError) as e:
+                raise BenchError(f"cannot read the record {path}: {e}") from None
+        print(markdown_table(records))
         return 0
 
     from .bench import format_table, run, write_record
@@ -77,7 +112,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.preset, args.dtype, args.device, args.max_norm, args.reps, args.warmup, cases, args.cold, args.impl
     )
     if args.out:
-        write_record(record, args.out)
+        try:
+            write_record(record, args.out)
+        except OSError as e:
+            raise BenchError(f"cannot write the record to {args.out}: {e}") from None
     print(json.dumps(record, indent=2) if args.json else format_table(record))
     if args.out:
         print(f"record written to {args.out}", file=sys.stderr)

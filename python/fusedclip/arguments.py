@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import types
+import warnings
 from collections.abc import Iterable
 from typing import Optional, Union
 
@@ -36,6 +38,33 @@ def as_list(parameters: TensorOrTensors, what: str = "parameters") -> list:
         return list(parameters)
     except TypeError:
         raise TypeError(f"{what} must be a Tensor or an iterable of Tensors, got {type(parameters).__name__}") from None
+
+
+def warn_if_empty_generator(parameters: object, items: list, stacklevel: int) -> None:
+    """torch.nn.utils.clip_grad_norm_'s warning for a generator that yields nothing (often model.parameters()
+    consumed by an earlier call). `stacklevel` counts from the caller of this function."""
+    if not items and isinstance(parameters, types.GeneratorType):
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=stacklevel + 1)
+
+
+def warn_if_repeated(parameters: list, grads: list[Tensor], stacklevel: int) -> None:
+    """A gradient listed twice is scaled twice (torch does the same): say so, once per call, naming both places.
+    A set of ids is the cheap check; the positions are looked up only when there is a repeat."""
+    if torch.compiler.is_compiling() or len(set(map(id, grads))) == len(grads):
+        return
+    first: dict[int, int] = {}
+    for i, p in enumerate(parameters):
+        g = p.grad
+        if g is None:
+            continue
+        j = first.setdefault(id(g), i)
+        if j != i:
+            if p is parameters[j]:
+                msg = f"parameters[{i}] is parameters[{j}] again: its gradient will be scaled twice"
+            else:
+                msg = f"parameters[{i}].grad is the same tensor as parameters[{j}].grad: it will be scaled twice"
+            warnings.warn(f"{msg} (as torch.nn.utils does); list each gradient once", stacklevel=stacklevel + 1)
+            return
 
 
 def collect_grads(parameters: list) -> list[Tensor]:

@@ -4,7 +4,10 @@ Each implementation starts from the same gradients (copied from one master set o
 is checked against a float64 reference before it is timed. Two cases:
   clip    every timed call clips (max_norm follows the shrinking norm, so the coefficient stays below 1)
   noclip  max_norm far above the norm: coefficient 1, where fusedclip's kernels skip the scale pass
-Bytes counted per call are what the clip must move: 3B when clipping (read, read + write), B when not.
+Bytes counted per call are what the clip must move: 3B when it clips (read, read + write), B when not; each
+timed call's total is read back (after its timing) to know which happened. The copy bandwidth that the
+"% of copy bandwidth" compares against is measured on buffers 4x the last-level cache; a parameter set that fits
+in that cache gets no such percentage (its speed is the cache's). The median is reported with the min-max spread.
 """
 
 from __future__ import annotations
@@ -47,24 +50,56 @@ class Impl:
     fn: Callable[[list[Tensor], list[Tensor], float], Tensor]  # (params, grads, max_norm) -> total
 
 
+class BenchError(Exception):
+    """A bad or impossible request: the command line prints the message (one line, no traceback), exit status 2."""
+
+
 def implementations(device: torch.device, only: Optional[list[str]]) -> list[Impl]:
     impls = [
         Impl("torch foreach", lambda params, grads, m: stock_clip(params, m, foreach=True)),
         Impl("torch loop", lambda params, grads, m: stock_clip(params, m, foreach=False)),
     ]
+    why_not: dict[str, str] = {f"fusedclip {n}": why for n, why in backends.unavailable_reasons().items()}
     for name in backends.available_backends():
-        if name == "triton" and device.type != "cuda" and not (only and f"fusedclip {name}" in only):
+        label = f"fusedclip {name}"
+        if name == "triton" and device.type != "cuda" and not (only and label in only):
             continue  # the Triton interpreter is a correctness tool, far too slow to time by default
-        if backends.select(name, device).runs_on(device):
-            impls.append(
-                Impl(f"fusedclip {name}", lambda params, grads, m, n=name: clip_grad_norm_(params, m, backend=n))
-            )
+        try:
+            backends.select(name, device)
+        except (RuntimeError, ValueError) as e:
+            why_not[label] = str(e)
+            continue
+        impls.append(Impl(label, lambda params, grads, m, n=name: clip_grad_norm_(params, m, backend=n)))
     if only:
-        unknown = set(only) - {i.name for i in impls}
-        if unknown:
-            raise SystemExit(f"--impl: unknown or unavailable here: {sorted(unknown)}; have {[i.name for i in impls]}")
+        have = {i.name for i in impls}
+        for name in only:
+            if name in have:
+                continue
+            if name in why_not:
+                raise BenchError(f"--impl {name!r} cannot run on {device} here: {why_not[name]}")
+            known = ["torch foreach", "torch loop"] + [f"fusedclip {n}" for n in backends.BACKEND_NAMES]
+            raise BenchError(f"--impl {name!r} is not an implementation; choose from {', '.join(map(repr, known))}")
         impls = [i for i in impls if i.name in only]
     return impls
+
+
+def parse_device(device_name: Optional[str]) -> torch.device:
+    """cpu or cuda[:N], checked before anything is allocated (a CPU build of torch has no CUDA at all)."""
+    if device_name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise BenchError(f"--device {device_name!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise BenchError(f"--device {device_name}: no CUDA device here (torch {torch.__version__}, {build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BenchError(f"--device {device_name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise BenchError(f"--device {device_name}: the benchmark runs on cpu or cuda[:N]")
+    return device
 
 
 def free_memory(device: torch.device) -> int:
@@ -101,13 +136,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
-    """Device-to-device copy bandwidth in GB/s, counting the read and the write."""
-    n = max(nbytes // 4, 1 << 20)
-    src = torch.randn(n, device=device)
+def last_level_cache_bytes(device: torch.device) -> Optional[int]:
+    """The largest cache between the processor and memory: the GPU's L2, or the CPU's highest-level cache."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or None
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            level = int((index / "level").read_text())
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        sizes.append((level, size))
+    return max(sizes)[1] if sizes else None
+
+
+def copy_bandwidth(device: torch.device, cache_bytes: Optional[int], reps: int) -> tuple[float, int]:
+    """Device-to-device copy bandwidth in GB/s (read + write counted) and the bytes per copy: each buffer 4x the
+    last-level cache (at least 64 MiB, at most 1 GiB), so the figure is memory's, not the cache's."""
+    nbytes = min(max(4 * (cache_bytes or 0), 64 << 20), 1 << 30)
+    n = nbytes // 4
+    src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     times = [timed(lambda: dst.copy_(src), device) for _ in range(reps + 2)][2:]
-    return 2 * n * 4 / statistics.median(times) / 1e9
+    return 2 * n * 4 / statistics.median(times) / 1e9, n * 4
 
 
 class _L2Flush:
@@ -153,9 +207,17 @@ def check(impl: Impl, master: list[Tensor], work: list[Tensor], params: list, ma
         "total": got,
         "total_dtype": str(total.dtype).replace("torch.", ""),
         "total_rel_err": total_err,
+        "coef": coef,
         "grad_max_rel_err": grad_err,
         "matched": total_err <= total_tol and grad_err <= 2 * eps + total_err,
     }
+
+
+SPREAD_WARN = 0.10  # (max - min) / median above which the timings of one implementation disagree
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def run(
@@ -172,14 +234,17 @@ def run(
 ) -> dict:
     preset = PRESETS[preset_name]
     dtype = DTYPES[dtype_name]
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device_name)
     nbytes = preset.params * dtype.itemsize
     need = 2 * nbytes + (256 << 20)
     if need > free_memory(device):
-        raise SystemExit(
+        raise BenchError(
             f"preset {preset.name} in {dtype_name} needs about {need / 2**30:.1f} GiB on {device} (two gradient sets), "
             f"only {free_memory(device) / 2**30:.1f} GiB free; pick a smaller --preset or --dtype"
         )
+    if cold and device.type != "cuda":
+        warn(f"--cold flushes a GPU's L2 cache between calls; on {device} it does nothing")
+        cold = False
     impls = implementations(device, only)
     progress(
         f"fusedclip bench: {preset.name} ({preset.tensors} tensors, {preset.params / 1e6:.1f}M params, "
@@ -190,7 +255,14 @@ def run(
     params = shell_params(work)
     progress("  float64 reference and copy bandwidth ...")
     ref = reference_total(master)
-    bandwidth = copy_bandwidth(device, min(nbytes, 1 << 30), reps)
+    cache = last_level_cache_bytes(device)
+    bandwidth, copy_bytes = copy_bandwidth(device, cache, reps)
+    in_cache = cache is not None and nbytes <= cache
+    if in_cache:
+        warn(
+            f"the gradients ({nbytes / 2**20:.1f} MiB) fit in the {(cache or 0) / 2**20:.0f} MiB last-level cache: "
+            "'% of copy bandwidth' compares cache speed with memory speed and is not reported"
+        )
     flush = _L2Flush(device) if cold else (lambda: None)
 
     results = []
@@ -198,7 +270,6 @@ def run(
         base = ref * 0.5 if max_norm is None else max_norm
         if case == "noclip":
             base = ref * 1e6
-        moved = 3 * nbytes if case == "clip" else nbytes
         rows = []
         for impl in impls:
             progress(f"  {case:6s} check  {impl.name} against float64 ...")
@@ -209,35 +280,57 @@ def run(
             w.copy_(m)
         norm_now = ref
         times: list[list[float]] = [[] for _ in impls]
+        clipped: list[int] = [0 for _ in impls]
         for k in range(warmup + reps):
             progress(f"  {case:6s} round {k + 1}/{warmup + reps}" + (" (warm-up)" if k < warmup else ""))
             for i, impl in enumerate(impls):
                 m = base if (case == "noclip" or max_norm is not None) else norm_now * DECAY
                 flush()
-                t = timed(lambda: impl.fn(params, work, m), device)
+                out: list[Tensor] = []
+                t = timed(lambda: out.append(impl.fn(params, work, m)), device)
+                total = float(out[0])  # read after the timed region: did this call clip?
                 if case == "clip" and max_norm is None:
                     norm_now = m  # the clip left the norm at (just under) m
                 if k >= warmup:
                     times[i].append(t)
+                    clipped[i] += m / (total + 1e-6) < 1
         torch_med = None
-        for row, ts in zip(rows, times):
+        for row, ts, n_clipped in zip(rows, times, clipped):
             med = statistics.median(ts)
             if row["impl"] == "torch foreach":
                 torch_med = med
+            # The bytes a call must move: 3B when it clips (read; read + write), B when it need not.
+            moved = (n_clipped * 3 * nbytes + (len(ts) - n_clipped) * nbytes) / len(ts)
+            spread = (max(ts) - min(ts)) / med
             row.update(
                 median_ms=med * 1e3,
                 min_ms=min(ts) * 1e3,
                 max_ms=max(ts) * 1e3,
+                spread=spread,
+                clipped_calls=n_clipped,
+                timed_calls=len(ts),
                 bytes_moved=moved,
                 GBps=moved / med / 1e9,
-                pct_of_copy_bandwidth=100 * moved / med / 1e9 / bandwidth,
+                pct_of_copy_bandwidth=None if in_cache else 100 * moved / med / 1e9 / bandwidth,
             )
+            if spread > SPREAD_WARN:
+                warn(
+                    f"{case} {row['impl']}: timings range {row['min_ms']:.3f}-{row['max_ms']:.3f} ms around a median "
+                    f"of {row['median_ms']:.3f} ms ({spread:.0%} apart): the machine may be busy; rerun or add --reps"
+                )
         for row in rows:
             row["speedup_vs_torch_foreach"] = torch_med / (row["median_ms"] / 1e3) if torch_med else None
+        if case == "clip" and any(r["clipped_calls"] < r["timed_calls"] for r in rows):
+            counts = ", ".join(f"{r['impl']} {r['clipped_calls']}/{r['timed_calls']}" for r in rows)
+            why = f" (--max-norm {max_norm:g}, total norm {ref:.4g})" if max_norm is not None else ""
+            warn(
+                f"--case clip: not every timed call clipped{why}: {counts}. The bytes counted follow what happened; "
+                "leave --max-norm out to have every call clip"
+            )
         results += rows
 
     return {
-        "schema": 1,
+        "schema": 2,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "environment": environment(device),
@@ -259,6 +352,9 @@ def run(
             "statistic": "median",
         },
         "copy_bandwidth_GBps": bandwidth,
+        "copy_bytes": copy_bytes,
+        "last_level_cache_bytes": cache,
+        "fits_in_cache": in_cache,
         "results": results,
     }
 
@@ -317,42 +413,65 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _case_label(rows: list[dict], case: str) -> str:
+    """The case as it happened: a clip case some of whose calls found nothing to clip says so."""
+    if case != "clip":
+        return case
+    worst = min(rows, key=lambda r: r.get("clipped_calls", r.get("timed_calls", 0)))
+    if "clipped_calls" in worst and worst["clipped_calls"] < worst["timed_calls"]:
+        return f"clip ({worst['clipped_calls']}/{worst['timed_calls']} calls clipped)"
+    return case
+
+
 def format_table(record: dict) -> str:
-    head = ["case", "implementation", "median ms", "vs torch", "GB/s", "% copy bw", "total err", "exact"]
+    head = ["case", "implementation", "median ms", "min-max ms", "vs torch", "GB/s", "% copy bw", "total err", "exact"]
     rows = []
-    for r in record["results"]:
-        ratio = r.get("speedup_vs_torch_foreach")
-        rows.append(
-            [
-                r["case"],
-                r["impl"],
-                f"{r['median_ms']:.3f}",
-                f"{ratio:.2f}x" if ratio else "-",
-                f"{r['GBps']:.1f}",
-                f"{r['pct_of_copy_bandwidth']:.0f}%",
-                f"{r['total_rel_err']:.1e}",
-                "yes" if r["matched"] else "NO",
-            ]
-        )
+    for case in dict.fromkeys(r["case"] for r in record["results"]):
+        in_case = [r for r in record["results"] if r["case"] == case]
+        label = _case_label(in_case, case)
+        for r in in_case:
+            ratio = r.get("speedup_vs_torch_foreach")
+            pct = r.get("pct_of_copy_bandwidth")
+            rows.append(
+                [
+                    label,
+                    r["impl"],
+                    f"{r['median_ms']:.3f}",
+                    f"{r['min_ms']:.3f}-{r['max_ms']:.3f}" + (" !" if r.get("spread", 0) > SPREAD_WARN else ""),
+                    f"{ratio:.2f}x" if ratio else "-",
+                    f"{r['GBps']:.1f}",
+                    f"{pct:.0f}%" if pct is not None else "in cache",
+                    f"{r['total_rel_err']:.1e}",
+                    "yes" if r["matched"] else "NO",
+                ]
+            )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
     p = record["preset"]
     env = record["environment"]
+    cache = record.get("last_level_cache_bytes")
     title = (
         f"{p['name']}: {p['tensors']} tensors, {p['params'] / 1e6:.1f}M params, {p['dtype']}, "
         f"{p['bytes'] / 1e6:.0f} MB on {env['device']} ({env['device_name']}); "
-        f"copy bandwidth {record['copy_bandwidth_GBps']:.1f} GB/s; torch {env['torch']}"
+        f"copy bandwidth {record['copy_bandwidth_GBps']:.1f} GB/s"
+        + (f" (last-level cache {cache / 2**20:.0f} MiB)" if cache else "")
+        + f"; torch {env['torch']}"
     )
-    return title + "\n" + "\n".join(lines)
+    notes = []
+    if record.get("fits_in_cache"):
+        notes.append("the gradients fit in the last-level cache: no % of (memory) copy bandwidth is given")
+    if any(r.get("spread", 0) > SPREAD_WARN for r in record["results"]):
+        notes.append(f"! timings more than {SPREAD_WARN:.0%} apart (max - min against the median): a busy machine?")
+    return title + "\n" + "\n".join(lines + notes)
 
 
 def markdown_table(records: list[tuple[str, dict]]) -> str:
     """A README table of (path, record) pairs: one row per preset, case and fusedclip implementation."""
     lines = [
-        "| record | machine | preset | case | implementation | median ms | stock torch foreach ms | speed-up "
-        "| total error: fusedclip / torch |",
+        "| record | machine | preset | case | implementation | median ms (min-max) | stock torch foreach ms "
+        "| speed-up | total error: fusedclip / torch |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path, rec in records:
@@ -361,12 +480,14 @@ def markdown_table(records: list[tuple[str, dict]]) -> str:
         for case in dict.fromkeys(r["case"] for r in rec["results"]):
             rows = [r for r in rec["results"] if r["case"] == case]
             stock = next(r for r in rows if r["impl"] == "torch foreach")
+            label = _case_label(rows, case)
             for r in rows:
                 if not r["impl"].startswith("fusedclip"):
                     continue
                 lines.append(
-                    f"| `{path}` | {machine} | {p['name']} {p['dtype']} | {case} | {r['impl']} | "
-                    f"{r['median_ms']:.2f} | {stock['median_ms']:.2f} | {r['speedup_vs_torch_foreach']:.2f}x | "
+                    f"| `{path}` | {machine} | {p['name']} {p['dtype']} | {label} | {r['impl']} | "
+                    f"{r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | {stock['median_ms']:.2f} | "
+                    f"{r['speedup_vs_torch_foreach']:.2f}x | "
                     f"{r['total_rel_err']:.0e} / {stock['total_rel_err']:.0e} |"
                 )
     return "\n".join(lines)

@@ -17,6 +17,8 @@ from .arguments import (
     collect_tensors,
     has_dtensor,
     parse_norm_type,
+    warn_if_empty_generator,
+    warn_if_repeated,
 )
 from .backends import clip_coef
 
@@ -108,6 +110,7 @@ def clip_grads_with_norm_(
         total_norm = torch.tensor(float(total_norm))
     if not grads:
         return
+    warn_if_repeated(params, grads, stacklevel=3)
     if has_dtensor(grads) or distributed.is_dtensor(total_norm):
         distributed.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend)
         return
@@ -173,9 +176,11 @@ def clip_grad_norm_(
     their mesh, placed as torch places it (Replicate; Partial(max/min) for +/-inf), so `.full_tensor()` works.
     """
     params = as_list(parameters)
+    warn_if_empty_generator(parameters, params, stacklevel=3)  # as torch: this function, no_grad's wrapper, caller
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)
+    warn_if_repeated(params, grads, stacklevel=3)
     if distributed.needed(grads, process_group, replicated):
         owners = [q for q in params if q.grad is not None]
         return distributed.clip_grad_norm_(
@@ -238,6 +243,7 @@ def clip_grad_norm_per_tensor_(
         raise NotImplementedError("clip_grad_norm_per_tensor_ does not take DTensor gradients yet")
     if not grads:
         return torch.zeros(0, dtype=torch.float32)
+    warn_if_repeated(params, grads, stacklevel=3)
     plan = dispatch.make_plan(grads, backend)
     _, norms = dispatch.total_norm(plan, p, per_tensor=True)
     dispatch.scale_per_tensor_(plan, clip_coef(norms, max_norm))  # type: ignore[arg-type]

@@ -75,6 +75,7 @@ def make_plan(tensors: list[Tensor], backend: Optional[str], foreach: Optional[b
             groups.append(Group(fallback, [tensors[i] for i in rest], rest))
         return Plan(groups, len(tensors), device, dtype)
 
+    check_no_meta_mix(devices)
     chosen: dict[torch.device, Backend] = {}
     by_key: dict[tuple[torch.device, str], Group] = {}
     for i in kept:
@@ -88,6 +89,19 @@ def make_plan(tensors: list[Tensor], backend: Optional[str], foreach: Optional[b
         g.tensors.append(t)
         g.positions.append(i)
     return Plan(list(by_key.values()), len(tensors), device, dtype)
+
+
+def check_no_meta_mix(devices: list[torch.device]) -> None:
+    """Meta tensors have no values: a norm over meta and real tensors together cannot be combined (torch fails
+    with "Cannot copy out of meta tensor"). Only the multi-device path pays for this check."""
+    meta = [d.type == "meta" for d in devices]
+    if any(meta) and not all(meta):
+        i, j = meta.index(True), meta.index(False)
+        raise ValueError(
+            f"gradient {i} (of the tensors given, counting from 0, None skipped) is on the meta device and gradient "
+            f"{j} on {devices[j]}: a meta tensor has no values to combine with real ones; pass the meta tensors "
+            "in a call of their own"
+        )
 
 
 def combine_totals(totals: list[Tensor], norm_type: float, plan: Plan) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -58,21 +59,52 @@ def clip_by_global_norm(
 def clip_by_norm(tensor: Tensor, clip_norm: Number, dim: Optional[Union[int, Sequence[int]]] = None) -> Tensor:
     """tf.clip_by_norm: ``t * clip_norm / max(l2norm(t), clip_norm)``, out of place.
 
-    `dim` (TF's `axes`: an int or a tuple of ints) clips each slice over those dimensions separately;
-    None takes the whole tensor. The norm is accumulated in float32 (float64 for float64). Differentiable.
+    `dim` (TF's `axes`: an int, or a sequence of ints; numpy integers too) clips each slice over those dimensions
+    separately; None takes the whole tensor, and an empty sequence reduces over nothing (each element is clipped
+    on its own, as TF's ``axes=[]``). The norm is accumulated in float32 (float64 for float64). Differentiable.
     """
     if not isinstance(tensor, Tensor):
         raise TypeError(f"tensor must be a Tensor, got {type(tensor).__name__}")
     collect_tensors(tensor, "tensor")
     clip_norm = check_nonnegative(clip_norm, "clip_norm")
-    if dim is not None:
-        dims = (dim,) if isinstance(dim, int) else tuple(dim)
-        for d in dims:
-            if not isinstance(d, int) or not -tensor.dim() <= d < max(tensor.dim(), 1):
-                raise ValueError(f"dim={dim!r} is out of range for a tensor with {tensor.dim()} dimensions")
-    else:
-        dims = None
+    dims = None if dim is None else _parse_dims(dim, tensor.dim())
     acc = acc_dtype([tensor.dtype])
-    norm = torch.linalg.vector_norm(tensor, 2, dim=dims, keepdim=True, dtype=None if tensor.is_complex() else acc)
+    if dims == ():
+        # torch reads an empty dim list as "every dim"; TF's axes=[] reduces over none: each element's norm is |x|.
+        norm = tensor.abs() if tensor.is_complex() else tensor.to(acc).abs()
+    else:
+        norm = torch.linalg.vector_norm(tensor, 2, dim=dims, keepdim=True, dtype=None if tensor.is_complex() else acc)
     scale = clip_norm / torch.clamp(norm, min=clip_norm)
     return (tensor * scale).to(tensor.dtype)
+
+
+def _parse_dims(dim: object, ndim: int) -> tuple[int, ...]:
+    """TF's axes as a tuple of distinct ints: an int or a sequence of ints, numpy/torch integers included."""
+    try:
+        items = [dim] if _is_integer(dim) else list(dim)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"dim must be an int or a sequence of ints, got {type(dim).__name__}") from None
+    dims = []
+    for d in items:
+        if not _is_integer(d):
+            raise TypeError(f"dim={dim!r}: {d!r} is not an integer; dim must be an int or a sequence of ints")
+        d = operator.index(d)
+        if not -ndim <= d < max(ndim, 1):
+            raise ValueError(f"dim={dim!r} is out of range for a tensor with {ndim} dimensions")
+        dims.append(d % max(ndim, 1))
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dim={dim!r} names a dimension twice")
+    return tuple(dims)
+
+
+def _is_integer(x: object) -> bool:
+    """int, numpy integers and integer 0-d tensors; not bool (True would silently mean dim 1)."""
+    if isinstance(x, bool) or type(x).__name__ == "bool_":
+        return False
+    if isinstance(x, Tensor):
+        return x.dim() == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True

@@ -184,16 +184,38 @@ def preload_backends() -> None:
         _load(os.environ[ENV_VAR].strip())
 
 
+def _devices_here() -> list[torch.device]:
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def _why_not(name: str) -> Optional[str]:
+    """Why backend `name` cannot run in this process, or None when it runs on at least one device here.
+    A backend can load and still run nowhere: triton without a GPU, unless its interpreter is on."""
+    b = _load(name)
+    if b is None:
+        return _reasons[name]
+    devices = _devices_here()
+    if any(b.runs_on(d) for d in devices):
+        return None
+    if name == "triton" and not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "no CUDA device, and TRITON_INTERPRET=1 was set after the Triton kernels were loaded (set it before)"
+        return (
+            "no CUDA device, and TRITON_INTERPRET=1 was not set before triton was imported (Triton runs on CPU "
+            "only under its interpreter, a testing tool)"
+        )
+    return f"it runs on none of this process's devices ({', '.join(str(d) for d in devices)})"
+
+
 def available_backends() -> list[str]:
-    """Names of the backends that can run in this process, best first."""
-    return [n for n in BACKEND_NAMES if _load(n) is not None]
+    """Names of the backends that can run in this process (on at least one of its devices), best first."""
+    return [n for n in BACKEND_NAMES if _why_not(n) is None]
 
 
 def unavailable_reasons() -> dict[str, str]:
     """For each backend that cannot run here, why not."""
-    for n in BACKEND_NAMES:
-        _load(n)
-    return dict(_reasons)
+    reasons = {n: _why_not(n) for n in BACKEND_NAMES}
+    return {n: why for n, why in reasons.items() if why is not None}
 
 
 def check_backend_name(name: Optional[str]) -> Optional[str]:
