@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .addressing import BF16, CODE_DTYPES, CODE_MATH, CODE_SIZES, F16, F32, WIDE, edge_lanes, f64_bits
+from .launch import Launcher
 
 # The bound as each dtype holds it, in the kernel's argument order.
 _ROUNDED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -90,7 +91,11 @@ def clamp_(
 ) -> None:
     """One launch: every tensor of the tables clamped to [-clip_value, clip_value] in place."""
     bounds = [f64_bits(float(torch.tensor(clip_value, dtype=torch.float64).to(d))) for d in _ROUNDED]
-    _clamp_kernel[(num_chunks,)](
-        meta, chunk_tensor, chunk_start, num_tensors, *bounds,
-        CHUNK=chunk_size, BLOCK=block, EDGE=edge_lanes(block), num_warps=num_warps,
+    # Constexprs positional, in the kernel's order: CHUNK, BLOCK, EDGE.
+    _CLAMP(
+        (num_chunks,), meta, chunk_tensor, chunk_start, num_tensors, *bounds, chunk_size, block, edge_lanes(block),
+        num_warps=num_warps,
     )
+
+
+_CLAMP = Launcher(globals(), "_clamp_kernel")

@@ -11,7 +11,9 @@ cannot follow device addresses).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -60,7 +62,7 @@ class TritonBackend(UnitKernels):
         if device.type == "cuda":
             return not self.interpreted and torch.cuda.is_available()
         if device.type == "cpu":
-            return self.interpreted and _interpreting()
+            return (self.interpreted and _interpreting()) or _launch.is_stubbed()
         return False
 
     def accepts(self, t: Tensor) -> bool:
@@ -155,6 +157,7 @@ class TritonBackend(UnitKernels):
 # call these ops only while torch.compile traces; eager calls skip the op layer's overhead.
 
 _default: Optional[TritonBackend] = None
+_launch = None  # fusedclip.triton_kernels.launch, set by load() (importing it imports triton)
 
 
 def _backend() -> TritonBackend:
@@ -208,6 +211,17 @@ def _(tensors: list[Tensor], clip_value: float) -> None:
     return None
 
 
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """The host-overhead benchmark's mode (`python -m fusedclip bench --host` on CPU): within it every launch of the
+    Triton kernels is a no-op (after its host work: argument packing, allocations, the launch cache), and the
+    backend takes CPU tensors without Triton's interpreter. The kernels do not run: totals and gradients are not
+    computed. What remains is the host time of a call. Raises BackendUnavailable where triton cannot load."""
+    load()
+    with _launch.stubbed():
+        yield
+
+
 def _kernels_interpreted() -> bool:
     """Whether triton built our kernels for its CPU interpreter (decided when triton first saw them)."""
     from fusedclip.triton_kernels import multi_tensor_norm
@@ -216,6 +230,7 @@ def _kernels_interpreted() -> bool:
 
 
 def load() -> TritonBackend:
+    global _launch
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -225,6 +240,8 @@ def load() -> TritonBackend:
         import fusedclip.triton_kernels.multi_tensor_norm  # noqa: F401
         import fusedclip.triton_kernels.scale  # noqa: F401
         import fusedclip.triton_kernels.clamp  # noqa: F401
+        from fusedclip.triton_kernels import launch
     except Exception as e:
         raise BackendUnavailable(f"the Triton kernels failed to load: {type(e).__name__}: {e}") from e
+    _launch = launch
     return _backend()
