@@ -246,12 +246,16 @@ class TorchBackend(Backend):
             return n
         return torch.linalg.vector_norm(t, norm_type, dtype=dtype)
 
-    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+    # `plan` (see Backend): this backend has none, and ignores it.
+
+    def norms(
+        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, plan: Optional[object] = None
+    ) -> tuple[Tensor, Optional[Tensor]]:
         norms = self.per_tensor_norms(tensors, norm_type)
         total = combine_tensor_norms(norms, norm_type)
         return total, (norms if per_tensor else None)
 
-    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+    def scale_(self, tensors: list[Tensor], coef: Tensor, plan: Optional[object] = None) -> None:
         # Only an exact 1 may be skipped: AMP folds inv_scale into coef, which can then exceed 1.
         if _host_reads(coef) and bool(coef == 1):  # False for NaN: NaN still propagates
             return
@@ -268,7 +272,7 @@ class TorchBackend(Backend):
                 else:
                     t.mul_(coef)
 
-    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor, plan: Optional[object] = None) -> None:
         if _host_reads(coefs):
             pairs = [(t, c) for t, c in zip(tensors, coefs.tolist()) if c != 1]  # NaN != 1: still applied
             factors: list = [c for _, c in pairs]
@@ -285,7 +289,7 @@ class TorchBackend(Backend):
             if t.is_sparse:
                 t._values().mul_(c)
 
-    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+    def clamp_(self, tensors: list[Tensor], clip_value: float, plan: Optional[object] = None) -> None:
         dense = [t for t in tensors if t.layout == torch.strided]
         if dense and self._use_foreach(dense) and not _on_host(dense[0]):
             # Two foreach launches beat one launch per tensor on GPUs.
