@@ -291,18 +291,28 @@ class TorchBackend(Backend):
 
     def clamp_(self, tensors: list[Tensor], clip_value: float, plan: Optional[object] = None) -> None:
         dense = [t for t in tensors if t.layout == torch.strided]
-        if dense and self._use_foreach(dense) and not _on_host(dense[0]):
-            # Two foreach launches beat one launch per tensor on GPUs.
-            torch._foreach_clamp_min_(dense, -clip_value)
-            torch._foreach_clamp_max_(dense, clip_value)
+        one_pass: list[Tensor] = []
+        if dense and self._use_foreach(dense):
+            if _on_host(dense[0]) and not torch.compiler.is_compiling():
+                # On CPU one pass per tensor beats the two foreach passes over a large tensor (memory bound), but
+                # a Python call per tensor costs far more than the passes over a small one (host bound).
+                one_pass = [t for t in dense if t.numel() >= _CPU_ONE_PASS_NUMEL]
+                if one_pass:
+                    dense = [t for t in dense if t.numel() < _CPU_ONE_PASS_NUMEL]
+            if dense:
+                torch._foreach_clamp_min_(dense, -clip_value)
+                torch._foreach_clamp_max_(dense, clip_value)
         else:
-            # On CPU a single pass per tensor beats two foreach passes.
-            for t in dense:
-                t.clamp_(min=-clip_value, max=clip_value)
+            one_pass = dense
+        for t in one_pass:
+            t.clamp_(min=-clip_value, max=clip_value)
         for t in tensors:
             if t.layout != torch.strided:  # a COO one is coalesced: checked by the caller before anything was touched
                 _stored_values(t).clamp_(min=-clip_value, max=clip_value)  # type: ignore[union-attr]
 
+
+# CPU clamp: tensors from this size on are clamped one pass each, smaller ones by two foreach passes (see clamp_).
+_CPU_ONE_PASS_NUMEL = 1 << 16
 
 _instances = {f: TorchBackend(f) for f in (None, True, False)}
 
