@@ -451,6 +451,10 @@ def test_host_benchmark_smoke(tmp_path):
             assert r["fast_path_hit_rate"] == 0.0, r
     fresh = [r for r in rows if r["mode"] == "fresh"]
     assert all(r["address_reuse"] == 1.0 for r in fresh)
+    from fusedclip.bench import markdown_host_table
+
+    table = markdown_host_table([("host.json", record)])
+    assert "| 20 | kept | GradClipper | " in table and "| 20 | moved | clip_grad_value_ | " in table
 
 
 # ---- the torch backend's clamp on CPU ----------------------------------------------------------------------------

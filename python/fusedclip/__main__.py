@@ -74,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t = sub.add_parser("table", help="a markdown table of benchmark records (for the README)")
     t.add_argument("records", nargs="+", help="JSON records written by bench --out")
+    t.add_argument("--tensors", default=None, help="host records: only these tensor counts, comma-separated")
 
     i = sub.add_parser("info", help="versions, devices, available backends and why others are missing")
     i.add_argument("--json", action="store_true")
@@ -126,7 +127,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "table":
-        from .bench import markdown_table
+        from .bench import markdown_host_table, markdown_table
 
         records = []
         for path in args.records:
@@ -134,7 +135,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 records.append((path, json.loads(open(path).read())))
             except (OSError, ValueError) as e:
                 raise BenchError(f"cannot read the record {path}: {e}") from None
-        print(markdown_table(records))
+        host = [r for r in records if r[1].get("kind") == "host"]
+        clip = [r for r in records if r[1].get("kind") != "host"]
+        tables = [markdown_table(clip)] if clip else []
+        if host:
+            sizes = [int(n) for n in args.tensors.split(",")] if args.tensors else None
+            tables.append(markdown_host_table(host, sizes))
+        print("\n\n".join(tables))
         return 0
 
     from .bench import format_host_table, format_table, run, run_host

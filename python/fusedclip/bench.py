@@ -493,6 +493,50 @@ def markdown_table(records: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_host_table(records: list[tuple[str, dict]], sizes: Optional[list[int]] = None) -> str:
+    """A README table of host records (bench --host): one row per tensor count, mode and entry point, each
+    fusedclip backend's median host time per call with its ratio to the stock path and its fast-path hit rate.
+    `sizes`: only these tensor counts."""
+    lines = []
+    for path, rec in records:
+        env, st = rec["environment"], rec["settings"]
+        impls = [i for i in dict.fromkeys(r["impl"] for r in rec["results"]) if i != STOCK]
+        lines += [
+            f"`{path}`: {env['device_name']} ({env['device']}, {env.get('cpu_count')} cores), torch {env['torch']}, "
+            f"commit {rec.get('git_commit')}; launches {st['launches'].split(':')[0]}; fast path: {st['fast_path']}",
+            "",
+            "| tensors | mode | path | stock torch us | " + " | ".join(f"{i} us (vs stock, fast path)" for i in impls)
+            + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in impls) + " |",
+        ]
+        keys = dict.fromkeys((r["tensors"], r["mode"], r["path"]) for r in rec["results"] if r["impl"] != STOCK)
+        for count, mode, entry in keys:
+            if sizes and count not in sizes:
+                continue
+            key = (count, mode, entry)
+            mine = {r["impl"]: r for r in rec["results"] if (r["tensors"], r["mode"], r["path"]) == key}
+            first = next(iter(mine.values()))
+            stock = first["stock_median_us"]
+            cells = []
+            for i in impls:
+                r = mine.get(i)
+                if r is None:
+                    cells.append("-")
+                    continue
+                hit = r["fast_path_hit_rate"]
+                cells.append(f"{r['median_us']:.0f} ({r['ratio_to_stock']:.3f}x, {hit:.0%})" if hit is not None
+                             else f"{r['median_us']:.0f} ({r['ratio_to_stock']:.3f}x)")
+            stock_cell = f"{stock:.0f} ({first['stock_path']})" if first["stock_path"] != entry else f"{stock:.0f}"
+            lines.append(f"| {count} | {mode} | {entry} | {stock_cell} | " + " | ".join(cells) + " |")
+        reuse = sorted({(r["tensors"], r["mode"]): r["address_reuse"] for r in rec["results"]
+                        if r["mode"] == "fresh" and r["address_reuse"] is not None}.items())
+        if reuse:
+            lines += ["", "fresh: new gradients at the old addresses in " + ", ".join(
+                f"{a:.0%} of steps ({n} tensors)" for (n, _), a in reuse if not sizes or n in sizes)]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
 def write_record(record: dict, out: str) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
