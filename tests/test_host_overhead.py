@@ -461,7 +461,7 @@ def test_host_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("foreach", [None, True, False])
-def test_torch_backend_clamp_on_cpu_matches_torch(foreach):
+def test_torch_backend_clamp_on_cpu_matches_torch(check, foreach):
     """Small tensors go through two foreach passes, large ones one pass each: the same values as stock torch's
     clip_grad_value_, NaN and inf included, for every dtype."""
     gen = torch.Generator().manual_seed(70)
@@ -470,9 +470,18 @@ def test_torch_backend_clamp_on_cpu_matches_torch(foreach):
     grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtypes[i % 4]) for i, n in enumerate(sizes)]
     grads[1][2] = math.nan
     grads[3][5] = -math.inf
-    stock = make_params([g.clone() for g in grads])
-    torch.nn.utils.clip_grad_value_(stock, 1.25, foreach=foreach)
     ours = make_params(grads)
-    fusedclip.clip_grad_value_(ours, 1.25, foreach=foreach, backend="torch")
-    for i, (p, s) in enumerate(zip(ours, stock)):
-        torch.testing.assert_close(p.grad, s.grad, rtol=0, atol=0, equal_nan=True, msg=f"gradient {i}")
+    for bound in (1.25, 0.5, 0.125):  # the general path, then the kept plan (with what it learnt) twice
+        stock = make_params([g.clone() for g in grads])
+        torch.nn.utils.clip_grad_value_(stock, bound, foreach=foreach)
+        fusedclip.clip_grad_value_(ours, bound, foreach=foreach, backend="torch")
+        for i, (p, s) in enumerate(zip(ours, stock)):
+            torch.testing.assert_close(p.grad, s.grad, rtol=0, atol=0, equal_nan=True, msg=f"gradient {i}")
+    small = make_params([g[:100].clone() * 4 for g in grads])  # every tensor small: all to the foreach passes
+    for bound in (1.0, 0.25):
+        stock = make_params([p.grad.clone() for p in small])
+        torch.nn.utils.clip_grad_value_(stock, bound, foreach=foreach)
+        fusedclip.clip_grad_value_(small, bound, foreach=foreach, backend="torch")
+        for i, (p, s) in enumerate(zip(small, stock)):
+            torch.testing.assert_close(p.grad, s.grad, rtol=0, atol=0, equal_nan=True, msg=f"gradient {i}")
+    assert fastpath.stats.hits >= 3

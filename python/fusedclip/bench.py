@@ -713,7 +713,13 @@ def run_host(
         except backends.BackendUnavailable as e:
             launches = f"no kernel backend here ({e})"
     results: list[dict] = []
-    with context:
+    # One intra-op thread: a host-time figure is the calling thread's work. With more, an op past torch's
+    # parallel grain (a plan build's tables at 2,000 tensors) starts an OpenMP region, and on a busy machine the
+    # calling thread's spin-wait for the pool (milliseconds here) would be charged to whichever path ran it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with context, contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
         names, why_not = host_backends(device, only)
         paths = host_paths(names)
         progress(
@@ -795,7 +801,7 @@ def run_host(
             "warmup": warmup,
             "launches": launches,
             "timing": "time.thread_time_ns around each call (CPU time of the calling thread), round robin; "
-            "garbage collection off while timing",
+            "garbage collection off while timing; torch.set_num_threads(1) while timing",
             "statistic": "median",
             "fast_path": _fast_path_description(),
         },

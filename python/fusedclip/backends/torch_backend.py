@@ -289,8 +289,21 @@ class TorchBackend(Backend):
             if t.is_sparse:
                 t._values().mul_(c)
 
+    def plan(self, tensors: list[Tensor]) -> Optional[TorchPlan]:
+        return None if torch.compiler.is_compiling() else TorchPlan()
+
     def clamp_(self, tensors: list[Tensor], clip_value: float, plan: Optional[object] = None) -> None:
+        known = isinstance(plan, TorchPlan)
+        if known and plan.all_foreach:  # type: ignore[union-attr]
+            torch._foreach_clamp_min_(tensors, -clip_value)
+            torch._foreach_clamp_max_(tensors, clip_value)
+            return
         dense = [t for t in tensors if t.layout == torch.strided]
+        if known:
+            plan.all_foreach = (  # type: ignore[union-attr]
+                len(dense) == len(tensors) > 0 and self._use_foreach(dense)
+                and (not _on_host(dense[0]) or all(t.numel() < _CPU_ONE_PASS_NUMEL for t in dense))
+            )
         one_pass: list[Tensor] = []
         if dense and self._use_foreach(dense):
             if _on_host(dense[0]) and not torch.compiler.is_compiling():
@@ -313,6 +326,18 @@ class TorchBackend(Backend):
 
 # CPU clamp: tensors from this size on are clamped one pass each, smaller ones by two foreach passes (see clamp_).
 _CPU_ONE_PASS_NUMEL = 1 << 16
+
+
+class TorchPlan:
+    """The torch backend's plan of a call's tensors (Backend.plan): what its methods decided from their sizes and
+    layouts, kept with a steady-state fast-path plan (fusedclip.fastpath), whose check guarantees the same sizes and
+    layouts at every call, so that a later call skips the per-tensor passes that decided it. A fresh one knows
+    nothing yet."""
+
+    __slots__ = ("all_foreach",)
+
+    def __init__(self) -> None:
+        self.all_foreach: Optional[bool] = None  # clamp_: every tensor goes to the two foreach passes
 
 _instances = {f: TorchBackend(f) for f in (None, True, False)}
 
