@@ -485,3 +485,84 @@ def test_torch_backend_clamp_on_cpu_matches_torch(check, foreach):
         for i, (p, s) in enumerate(zip(small, stock)):
             torch.testing.assert_close(p.grad, s.grad, rtol=0, atol=0, equal_nan=True, msg=f"gradient {i}")
     assert fastpath.stats.hits >= 3
+
+
+# ---- the Triton launchers: no-op mode (CPU) and the direct launch of a compiled kernel (GPU) ----------------------
+
+
+def _triton_or_skip():
+    if "triton" not in fusedclip.available_backends():
+        pytest.skip("triton is not available")
+    from fusedclip.backends import triton_backend
+
+    triton_backend.load()
+    return triton_backend
+
+
+def test_stubbed_launches_do_the_host_work_and_no_kernel(check):
+    """In stubbed_launches() every launch is a no-op after its host work: the Triton backend takes CPU tensors,
+    keys each launch as a real one would be keyed, and leaves every gradient untouched. After the block the same
+    calls run for real (the interpreter here) and clip as torch does."""
+    triton_backend = _triton_or_skip()
+    from fusedclip.triton_kernels import clamp, launch, multi_tensor_norm, scale
+
+    params = make_params(new_grads(9, "cpu", seed=80))
+    before = [p.grad.clone() for p in params]
+    launchers = [multi_tensor_norm._REDUCE, multi_tensor_norm._FINALIZE, scale._SCALE, clamp._CLAMP]
+    stubs = [len(x.stubs) for x in launchers]
+    with triton_backend.stubbed_launches():
+        assert launch.is_stubbed()
+        for _ in range(2):
+            fusedclip.clip_grad_norm_(params, 1e-3, backend="triton")
+            fusedclip.clip_grad_value_(params, 1e-3, backend="triton")
+        assert fastpath.stats.hits == 3  # clip_grad_value_ shares the plan clip_grad_norm_ kept for this list
+    assert not launch.is_stubbed()
+    assert all(len(x.stubs) >= n for x, n in zip(launchers, stubs)) and any(x.stubs for x in launchers)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b), "a stubbed launch ran a kernel"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        fastpath.clear()
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+
+
+def test_launch_keys_separate_what_triton_specialises_on():
+    """Launcher.key is never coarser than Triton's own specialisation: tensors by dtype and 16-byte alignment, ints
+    by width, ==1 and %16, constexprs by value."""
+    _triton_or_skip()
+    from fusedclip.triton_kernels import launch, scale
+
+    buf = torch.zeros(64, dtype=torch.float32)
+    assert launch.spec(buf) != launch.spec(buf[1:])  # 4-byte offset: not 16-byte aligned
+    assert launch.spec(buf) != launch.spec(buf.double())
+    assert launch.spec(buf[4:]) == launch.spec(buf)
+    specs = [launch.spec(n) for n in (1, 2, 16, 32, 2**31, 2**63)]
+    assert specs[0] != specs[1] and specs[2] != specs[1] and specs[2] == specs[3]
+    assert specs[4][0] == "i64" and specs[5][0] == "u64" and specs[1][0] == "i32"
+    assert launch.spec(True) != launch.spec(1)
+    s = scale._SCALE
+    args = [0] * len(s.constexpr)
+    other = list(args)
+    k = s.constexpr.index(True)
+    other[k] = 7  # a constexpr: by value
+    assert s.key(0, 4, tuple(args)) != s.key(0, 4, tuple(other))
+    assert s.key(0, 4, tuple(args)) != s.key(0, 8, tuple(args))  # num_warps
+
+
+@pytest.mark.gpu
+def test_gpu_launchers_call_the_compiled_kernel_directly_and_match_torch():
+    """After the first launch of a specialisation (through JITFunction.run), later launches call the compiled kernel
+    directly; the results stay torch's, for clip_grad_norm_ (reduce, finalize, scale) and clip_grad_value_."""
+    _triton_or_skip()
+    from fusedclip.triton_kernels import clamp, multi_tensor_norm, scale
+
+    launchers = [multi_tensor_norm._REDUCE, multi_tensor_norm._FINALIZE, scale._SCALE, clamp._CLAMP]
+    params = make_params(new_grads(40, "cuda", seed=81))
+    direct = [x.direct for x in launchers]
+    for _ in range(3):
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+        originals = [p.grad.clone() for p in params]
+        fusedclip.clip_grad_value_(params, 1e-3, backend="triton")
+        for p, o in zip(params, originals):
+            assert torch.equal(p.grad, o.clamp(-1e-3, 1e-3))
+    assert all(x.direct > d for x, d in zip(launchers, direct)), "no launch took the direct path"
+    assert fastpath.stats.hits >= 4
