@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import torch_backend
+from .backends.plan import DevicePlan
 from .dispatch import Group, Plan
 
 ENV_NO_EXT = "FUSEDCLIP_NO_HOST_EXT"
@@ -256,8 +257,8 @@ class Entry:
                 return None
         elif not self.sigs.matches(items):
             return None
-        if self.device_plan is not None and self.device.type == "cuda":
-            self.device_plan.packed.before_use()  # type: ignore[attr-defined]  (another stream: wait for the tables)
+        if self.device.type == "cuda" and isinstance(self.device_plan, DevicePlan):  # (the torch backend's: none)
+            self.device_plan.packed.before_use()  # another stream: wait for the tables
         return Plan([Group(self.backend, tensors, range(self.count), self.device, self.device_plan)], self.count,
                     self.device, self.dtype)
 
