@@ -7,14 +7,14 @@ that gives the same answer every step, as long as every tensor is where it was. 
 element count, dtype, device, kind (dispatch keys: dense, not a subclass, not a negative or conjugate view) and
 contiguity. The next call over a list of the same length (`find`) compares every element with its signature: in C++
 when the extension fusedclip._host is built (one type check, one .grad read and a few integer compares per element),
-in Python otherwise (same decisions, about 1 us per element). If all match, the kept plan is used: no validation, no
-grouping, no plan lookup. Anything else (a gradient moved, resized, re-typed, made non-contiguous, set to None or newly
-there, an element added, removed or replaced by another kind of object, a different backend chosen) fails the check and
-the call takes the general path, which validates, warns and builds as it always does, then keeps the new state. A kept
-plan can never be read stale: a device plan holds addresses only, and the check proves that the tensors at those
-addresses are the ones it describes, in the same order. With zero_grad(set_to_none=True) every .grad is a new tensor
-each step; the check passes as long as the allocator hands back the same addresses (torch's CUDA caching allocator
-does in a steady loop).
+in Python otherwise (same decisions, column by column: about 0.8 us per element against 35 ns in C++). If all match,
+the kept plan is used: no validation, no grouping, no plan lookup. Anything else (a gradient moved, resized,
+re-typed, made non-contiguous, set to None or newly there, an element added, removed or replaced by another kind of
+object, a different backend chosen) fails the check and the call takes the general path, which validates, warns and
+builds as it always does, then keeps the new state. A kept plan can never be read stale: a device plan holds
+addresses only, and the check proves that the tensors at those addresses are the ones it describes, in the same
+order. With zero_grad(set_to_none=True) every .grad is a new tensor each step; the check passes as long as the
+allocator hands back the same addresses (torch's CUDA caching allocator does in a steady loop).
 
 A list qualifies when the general path found it simple: one device (CPU or CUDA), one backend taking every tensor,
 plain dense contiguous tensors of a kernel dtype (no subclass, no sparse, no view with a negative or conjugate bit), no
