@@ -1,9 +1,12 @@
 """Build: the `fusedclip` package lives in python/fusedclip, the Triton kernels in triton_kernels/ (installed as
 fusedclip.triton_kernels). The optional CUDA extension fusedclip._C (csrc/) is built when torch has CUDA and a CUDA
 toolkit is found (CUDA_HOME, CUDA_PATH, the nvcc on PATH, /usr/local/cuda: see find_cuda_home); no GPU needs to be
-visible. Environment:
+visible. The optional host extension fusedclip._host (csrc/host/, C++ only: the steady-state fast path's per-call
+check) is built whenever torch is importable and a C++ compiler is found; if its build fails, the install goes on
+without it (fusedclip then checks in Python, more slowly) and says why. Environment:
   FUSEDCLIP_FORCE_CUDA=1   build the extension even when the checks say no (fails loudly if it cannot)
   FUSEDCLIP_SKIP_CUDA=1    never build it (pure Python install)
+  FUSEDCLIP_SKIP_HOST_EXT=1  never build fusedclip._host
   TORCH_CUDA_ARCH_LIST     archs to compile for (default "8.0;9.0+PTX")
   MAX_JOBS                 parallel compile jobs (read by torch's BuildExtension)
 Install with `pip install --no-build-isolation .` so the build sees the torch you already have."""
@@ -132,10 +135,99 @@ def _cuda_extension() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
+HOST_EXT = "fusedclip._host"
+
+
+def host_build_decision(env: Optional[dict] = None, torch_version: Optional[str] = "detect") -> tuple[bool, str]:
+    """(build fusedclip._host?, why). torch_version defaults to the importable torch's; tests pass it in."""
+    env = dict(os.environ if env is None else env)
+    if _flag(env, "FUSEDCLIP_SKIP_HOST_EXT"):
+        return False, "FUSEDCLIP_SKIP_HOST_EXT is set"
+    if torch_version == "detect":
+        try:
+            import torch
+
+            torch_version = torch.__version__
+        except ImportError:
+            torch_version = None
+    if not torch_version:
+        return False, "torch is not importable at build time (install with --no-build-isolation)"
+    cxx = (env.get("CXX") or "c++").split()[0]  # the compiler torch's BuildExtension runs
+    found = shutil.which(cxx, path=env.get("PATH"))
+    if found is None:
+        return False, f"no C++ compiler: {cxx} is not on PATH (set CXX)"
+    return True, f"torch {torch_version}, C++ compiler {found}"
+
+
+def _host_extension():
+    import torch
+    from torch.utils.cpp_extension import CppExtension
+
+    # torch.__version__ as one bare token (see arch_token): the loader refuses a build for another torch.
+    version = "-DFUSEDCLIP_TORCH_VERSION=" + arch_token(torch.__version__)
+    return CppExtension(
+        name=HOST_EXT, sources=[os.path.join("csrc", "host", "signatures.cpp")], extra_compile_args=["-O3", version]
+    )
+
+
+def _tolerant(build_ext_class: type) -> type:
+    """torch's BuildExtension, except that a failed build of fusedclip._host is reported and skipped."""
+
+    class BuildExtension(build_ext_class):
+        def _skip(self, e: Exception) -> None:
+            self.skipped = getattr(self, "skipped", set()) | {HOST_EXT}
+            stale = self.get_ext_fullpath(HOST_EXT)  # an earlier build's output would be installed with the rest
+            if os.path.exists(stale):
+                os.remove(stale)
+            print(
+                f"fusedclip: the optional host extension {HOST_EXT} failed to build ({type(e).__name__}: {e}); "
+                "installing without it: the steady-state check runs in Python, more slowly "
+                "(`python -m fusedclip info` says which one is used)"
+            )
+
+        def build_extensions(self) -> None:
+            try:
+                super().build_extensions()  # torch checks the compiler here, before any extension is built
+            except Exception as e:
+                if any(ext.name != HOST_EXT for ext in self.extensions):
+                    raise  # the CUDA extension was asked for: its build fails as it always did
+                self._skip(e)
+
+        def build_extension(self, ext) -> None:
+            if ext.name != HOST_EXT:
+                super().build_extension(ext)
+                return
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # a compile or link error: fusedclip works without it
+                self._skip(e)
+
+        def copy_extensions_to_source(self) -> None:  # an editable install copies only what was built
+            skipped = getattr(self, "skipped", set())
+            self.extensions = [e for e in self.extensions if e.name not in skipped]
+            super().copy_extensions_to_source()
+
+        def get_outputs(self) -> list:
+            missing = {self.get_ext_filename(name) for name in getattr(self, "skipped", set())}
+            return [o for o in super().get_outputs() if not any(o.endswith(m) for m in missing)]
+
+    return BuildExtension
+
+
 def _extensions() -> tuple[list, dict]:
     build, why = cuda_build_decision()
     print(f"fusedclip: {'building' if build else 'not building'} the CUDA extension fusedclip._C: {why}")
-    return _cuda_extension() if build else ([], {})
+    ext_modules, cmdclass = _cuda_extension() if build else ([], {})  # first: it settles CUDA_HOME for cpp_extension
+    build_host, why = host_build_decision()
+    print(f"fusedclip: {'building' if build_host else 'not building'} the host extension {HOST_EXT}: {why}")
+    if build_host:
+        from torch.utils.cpp_extension import BuildExtension
+
+        ext_modules.append(_host_extension())
+        cmdclass = cmdclass or {"build_ext": BuildExtension}
+    if cmdclass:
+        cmdclass = {"build_ext": _tolerant(cmdclass["build_ext"])}
+    return ext_modules, cmdclass
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fusedclip.fastpath
 from fusedclip import __main__ as cli
 from fusedclip.presets import PRESETS
 
@@ -151,3 +152,5 @@ def test_info_runs_as_a_module():
     info = json.loads(out)
     assert "torch" in info["available_backends"]
     assert set(info["available_backends"]) | set(info["unavailable_backends"]) == {"cuda", "triton", "torch"}
+    assert info["host_fast_path"].startswith("on; per-call check in ")
+    assert ("C++" in info["host_fast_path"]) == fusedclip.fastpath.uses_extension()

@@ -374,7 +374,7 @@ def test_setup_decision_on_this_machine():
 def test_setup_py_install_skips_extension_when_told(tmp_path):
     """A real (non-editable) install with FUSEDCLIP_SKIP_CUDA=1 is pure Python and the package imports."""
     target = tmp_path / "site"
-    env = dict(os.environ, FUSEDCLIP_SKIP_CUDA="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env = dict(os.environ, FUSEDCLIP_SKIP_CUDA="1", FUSEDCLIP_SKIP_HOST_EXT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     out = subprocess.run(
         [
             sys.executable,
@@ -398,6 +398,42 @@ def test_setup_py_install_skips_extension_when_told(tmp_path):
     pkg = target / "fusedclip"
     assert (pkg / "backends" / "cuda_backend.py").exists()
     assert not list(pkg.glob("_C*")), "extension built although FUSEDCLIP_SKIP_CUDA=1"
+    assert not list(pkg.glob("_host*")), "host extension built although FUSEDCLIP_SKIP_HOST_EXT=1"
+
+
+def test_host_extension_decision():
+    setup = _setup()
+    assert setup.host_build_decision({"FUSEDCLIP_SKIP_HOST_EXT": "1"}, "2.13.0")[0] is False
+    assert setup.host_build_decision({"PATH": os.environ.get("PATH", "")}, None)[0] is False  # no torch
+    build, why = setup.host_build_decision({"PATH": "", "CXX": "no-such-c++"}, "2.13.0")
+    assert build is False and "no-such-c++" in why
+    compiler = Path(sys.executable)  # any executable on PATH stands for a compiler here
+    build, why = setup.host_build_decision({"PATH": str(compiler.parent), "CXX": compiler.name}, "2.13.0")
+    assert build is True and "2.13.0" in why
+
+
+def test_a_failed_host_extension_build_does_not_fail_the_install(tmp_path):
+    """A compiler that fails: the install goes on without fusedclip._host (an earlier build's output left in build/
+    is not installed either) and says why. (What fusedclip does without it: tests/test_host_overhead.py.)"""
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text("#!/bin/sh\necho 'broken-c++: refusing to compile' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    source = tmp_path / "src"  # without this checkout's build outputs (an editable install's _host, build/)
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "*.so", "*.egg-info", "__pycache__"))
+    (source / "build" / "lib" / "fusedclip").mkdir(parents=True, exist_ok=True)
+    stale = source / "build" / "lib" / "fusedclip" / ("_host" + sysconfig.get_config_var("EXT_SUFFIX"))
+    stale.write_text("an earlier build's output: must not be installed")
+    target = tmp_path / "site"
+    env = dict(os.environ, FUSEDCLIP_SKIP_CUDA="1", CXX=str(cxx), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("FUSEDCLIP_SKIP_HOST_EXT", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v",
+         "--target", str(target), str(source)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "fusedclip._host failed to build" in out.stdout + out.stderr
+    assert not list((target / "fusedclip").glob("_host*"))
 
 
 @needs_cmake

@@ -144,9 +144,10 @@ def test_pinned_non_blocking_copy_only_for_cuda(monkeypatch):
     copies.clear()
     monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)  # what a CUDA device gets
     packed, views = pack_tables(torch.device("meta"), tables)
-    assert requests == [True] and packed.pinned and packed.host is not packed.device
+    assert requests == [True] and packed.pinned and packed.device.device.type == "meta"
     to_device = [c for c in copies if c[0] == "meta"]
-    assert to_device == [("meta", "cpu", packed.host.numel(), True)]  # one copy, non-blocking
+    assert to_device == [("meta", "cpu", packed.device.numel(), True)]  # one copy, non-blocking
+    assert packed.host is None  # built outside capture: the host buffer is dropped once its copy is issued
     assert [v.shape for v in views] == [(2, 3), (5,)] and [v.dtype for v in views] == [torch.int64, torch.int32]
     assert all(v.untyped_storage().data_ptr() == packed.device.untyped_storage().data_ptr() for v in views)
 
@@ -235,6 +236,24 @@ def test_an_eager_plan_used_while_capturing_is_kept_and_stays_shared(monkeypatch
     cache.clear()
     assert len(cache) == 0 and cache.get(grads) is not p
     assert keep
+
+
+def test_the_host_buffer_is_kept_only_for_plans_built_while_capturing(monkeypatch):
+    """A device plan's pinned host source is dropped once its copy is issued (torch's caching host allocator holds
+    the block until the copy ran), except for one built while capturing: the graph's copy node re-reads it at every
+    replay, and a later capture re-issues the copy from it. The meta device stands in for CUDA."""
+    cap = Capture(monkeypatch)
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))  # CPU torch: no pins
+    monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)
+    tables = [torch.arange(7, dtype=torch.int64)]
+    eager, _ = pack_tables(torch.device("meta"), tables)
+    assert eager.host is None and cap.uploads == 1
+    cap.on = True
+    captured, _ = pack_tables(torch.device("meta"), tables)
+    assert captured.host is not None and torch.equal(captured.host.view(torch.int64), tables[0])
+    captured.upload()  # what TableCache does when a later capture finds it
+    assert captured.host is not None and cap.uploads == 3
 
 
 def test_an_evicted_plans_host_buffer_is_freed(monkeypatch):
@@ -412,3 +431,27 @@ def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
         assert coef < 1.0
         for g, f in zip(grads, fresh):
             assert_scaled(g, f, coef)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_a_plan_used_from_another_stream_waits_for_its_tables(backend):
+    """A plan built (tables copied) on one stream and found from another: the other stream waits for the copy's
+    event and is recorded on the device buffer, once; the results match torch."""
+    if backend not in _kernel_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    grads = random_grads(30, (torch.float32, torch.bfloat16), "cuda", seed=91, max_numel=4000)
+    cache = fusedclip.backends.select(backend, grads[0].device).cache  # type: ignore[attr-defined]
+    cache.clear()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        p = cache.get(grads)
+        assert p.packed.host is None and p.packed.streams == {side}
+    main = torch.cuda.current_stream()
+    total = fusedclip.get_total_norm(grads, backend=backend)  # finds the plan from the main stream
+    assert cache.get(grads) is p and p.packed.streams == {side, main}
+    torch.testing.assert_close(total.double().cpu(), torch.tensor(ref_total_norm(grads, 2.0)), rtol=1e-5, atol=0)
+    with torch.cuda.stream(side):  # and the other way round, through the fast path's kept plan
+        again = fusedclip.get_total_norm(grads, backend=backend)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(again.double().cpu(), torch.tensor(ref_total_norm(grads, 2.0)), rtol=1e-5, atol=0)

@@ -6,12 +6,15 @@ representable and no in-kernel down-cast decides it (Triton's interpreter trunca
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 import torch
 from torch import Tensor
 
 from .addressing import BF16, CODE_DTYPES, CODE_MATH, CODE_SIZES, F16, F32, WIDE, edge_lanes, f64_bits
+from .launch import Launcher
 
 # The bound as each dtype holds it, in the kernel's argument order.
 _ROUNDED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -89,8 +92,19 @@ def clamp_(
     num_warps: int = 4,
 ) -> None:
     """One launch: every tensor of the tables clamped to [-clip_value, clip_value] in place."""
-    bounds = [f64_bits(float(torch.tensor(clip_value, dtype=torch.float64).to(d))) for d in _ROUNDED]
-    _clamp_kernel[(num_chunks,)](
-        meta, chunk_tensor, chunk_start, num_tensors, *bounds,
-        CHUNK=chunk_size, BLOCK=block, EDGE=edge_lanes(block), num_warps=num_warps,
+    bounds = _bounds(float(clip_value))
+    # Constexprs positional, in the kernel's order: CHUNK, BLOCK, EDGE.
+    _CLAMP(
+        (num_chunks,), meta, chunk_tensor, chunk_start, num_tensors, *bounds, chunk_size, block, edge_lanes(block),
+        num_warps=num_warps,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(clip_value: float) -> tuple[int, ...]:
+    """clip_value rounded to each dtype of _ROUNDED, as float64 bit patterns (cached: a training loop passes one
+    value every step, and these four conversions are most of a steady-state call's host time)."""
+    return tuple(f64_bits(float(torch.tensor(clip_value, dtype=torch.float64).to(d))) for d in _ROUNDED)
+
+
+_CLAMP = Launcher(globals(), "_clamp_kernel")

@@ -32,6 +32,7 @@ from .addressing import (
     f64_bits,
     norm_kind,
 )
+from .launch import Launcher
 
 
 @triton.jit(do_not_specialize=["num_tensors", "p_bits"])
@@ -259,15 +260,21 @@ def multi_tensor_norm(
     total = torch.empty((), dtype=acc_dtype, device=device)
     norms = torch.empty(num_tensors, dtype=acc_dtype, device=device) if per_tensor else tensor_vals
     coef = torch.empty((), dtype=acc_dtype, device=device) if max_norm is not None else total
-    _reduce_kernel[(num_chunks,)](
-        meta, chunk_tensor, chunk_start, partials, num_tensors, pb,
-        NORM=kind, CHUNK=chunk_size, BLOCK=block, ACC=acc, num_warps=num_warps,
+    # Constexprs positional, in the kernel's order: NORM, CHUNK, BLOCK, ACC.
+    _REDUCE(
+        (num_chunks,), meta, chunk_tensor, chunk_start, partials, num_tensors, pb, kind, chunk_size, block, acc,
+        num_warps=num_warps,
     )
     # per_tensor / has_coef are run-time flags (not specialised), and an absent max_norm passes 1.0's bits (a 64-bit
     # int, as any positive max_norm's): one compiled variant serves norms, per-tensor norms and the coefficient.
-    _finalize_kernel[(triton.cdiv(num_tensors, block_t),)](
-        partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors, pb,
-        f64_bits(max_norm if max_norm is not None else 1.0), int(per_tensor), int(max_norm is not None),
-        NORM=kind, NEUTRAL=neutral, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_R=block_r, ACC=acc, num_warps=4,
+    # Constexprs: NORM, NEUTRAL, BLOCK_T, BLOCK_J, BLOCK_R, ACC.
+    _FINALIZE(
+        (-(-num_tensors // block_t),), partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors,
+        pb, f64_bits(max_norm if max_norm is not None else 1.0), int(per_tensor), int(max_norm is not None),
+        kind, neutral, block_t, block_j, block_r, acc, num_warps=4,
     )
     return total, (norms if per_tensor else None), (coef if max_norm is not None else None)
+
+
+_REDUCE = Launcher(globals(), "_reduce_kernel")
+_FINALIZE = Launcher(globals(), "_finalize_kernel")

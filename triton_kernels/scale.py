@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .addressing import CODE_DTYPES, CODE_MATH, CODE_SIZES, WIDE, edge_lanes
+from .launch import Launcher
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -80,7 +81,11 @@ def scale_(
 ) -> None:
     """One launch: tensor t *= coef[0], or *= coef[t] when per_tensor. `coef` is float32 or float64,
     contiguous, on the tables' device."""
-    _scale_kernel[(num_chunks,)](
-        meta, chunk_tensor, chunk_start, coef, num_tensors,
-        PER_TENSOR=per_tensor, CHUNK=chunk_size, BLOCK=block, EDGE=edge_lanes(block), num_warps=num_warps,
+    # Constexprs positional, in the kernel's order: PER_TENSOR, CHUNK, BLOCK, EDGE.
+    _SCALE(
+        (num_chunks,), meta, chunk_tensor, chunk_start, coef, num_tensors, per_tensor, chunk_size, block,
+        edge_lanes(block), num_warps=num_warps,
     )
+
+
+_SCALE = Launcher(globals(), "_scale_kernel")

@@ -9,7 +9,7 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .bench import DTYPES, BenchError
+    from .bench import DTYPES, HOST_SIZES, BenchError
     from .presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fusedclip", description=__doc__)
@@ -39,7 +39,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         default="both",
         help="clip: coefficient < 1 on every call; noclip: coefficient 1",
     )
-    b.add_argument("--reps", type=int, default=10, help="timed calls per implementation (median reported)")
+    b.add_argument(
+        "--reps", type=int, default=None,
+        help="timed calls per implementation, median reported (default: 10); with --host, 30 to 300 by tensor count "
+        "unless given",
+    )
     b.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation before the timed ones")
     b.add_argument("--cold", action="store_true", help="flush the L2 cache before every timed call (GPU only)")
     b.add_argument(
@@ -51,9 +55,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     b.add_argument("--out", default=None, help="write the JSON record here")
     b.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
+    h = b.add_argument_group(
+        "host overhead (--host)",
+        "Host CPU time per call of every entry point, stock torch in the same run, on many tiny tensors. On CPU the "
+        "Triton kernels' launches are no-ops (what remains is fusedclip's host work); on a GPU they are real. "
+        "--preset, --dtype, --case, --max-norm and --cold do not apply; --impl takes 'fusedclip <backend>'.",
+    )
+    h.add_argument("--host", action="store_true", help="measure host overhead instead of the clip itself")
+    h.add_argument(
+        "--tensors", default=",".join(map(str, HOST_SIZES)), help="tensor counts, comma-separated",
+    )
+    h.add_argument("--numel", type=int, default=1, help="elements per tensor")
+    h.add_argument(
+        "--mode", choices=["kept", "fresh", "moved", "all"], default="all",
+        help="kept: gradients stay in place; fresh: new .grad tensors before every call (set_to_none), at the old "
+        "addresses as a caching allocator gives them; moved: new gradients at new addresses",
+    )
 
     t = sub.add_parser("table", help="a markdown table of benchmark records (for the README)")
     t.add_argument("records", nargs="+", help="JSON records written by bench --out")
+    t.add_argument("--tensors", default=None, help="host records: only these tensor counts, comma-separated")
 
     i = sub.add_parser("info", help="versions, devices, available backends and why others are missing")
     i.add_argument("--json", action="store_true")
@@ -64,6 +85,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BenchError as e:
         print(f"python -m fusedclip {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _emit(record: dict, args: argparse.Namespace, table) -> int:
+    """Write the record (--out), print it (--json) or its table."""
+    from .bench import BenchError, write_record
+
+    if args.out:
+        try:
+            write_record(record, args.out)
+        except OSError as e:
+            raise BenchError(f"cannot write the record to {args.out}: {e}") from None
+    print(json.dumps(record, indent=2) if args.json else table(record))
+    if args.out:
+        print(f"record written to {args.out}", file=sys.stderr)
+    return 0
 
 
 class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,7 +116,8 @@ def _params(n: int) -> str:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .bench import BenchError
+    from .backends import BACKEND_NAMES
+    from .bench import HOST_MODES, BenchError
 
     if args.command == "info":
         from .info import collect, format_info
@@ -90,7 +127,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "table":
-        from .bench import markdown_table
+        from .bench import markdown_host_table, markdown_table
 
         records = []
         for path in args.records:
@@ -98,27 +135,41 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 records.append((path, json.loads(open(path).read())))
             except (OSError, ValueError) as e:
                 raise BenchError(f"cannot read the record {path}: {e}") from None
-        print(markdown_table(records))
+        host = [r for r in records if r[1].get("kind") == "host"]
+        clip = [r for r in records if r[1].get("kind") != "host"]
+        tables = [markdown_table(clip)] if clip else []
+        if host:
+            sizes = [int(n) for n in args.tensors.split(",")] if args.tensors else None
+            tables.append(markdown_host_table(host, sizes))
+        print("\n\n".join(tables))
         return 0
 
-    from .bench import format_table, run, write_record
+    from .bench import format_host_table, format_table, run, run_host
 
-    if args.reps < 1 or args.warmup < 0:
+    if (args.reps is not None and args.reps < 1) or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
+    if args.host:
+        try:
+            sizes = tuple(int(x) for x in args.tensors.split(","))
+        except ValueError:
+            parser.error(f"--tensors must be comma-separated counts, got {args.tensors!r}")
+        if not sizes or min(sizes) < 1 or args.numel < 1:
+            parser.error("--tensors and --numel must be >= 1")
+        only = None
+        if args.impl:
+            only = [name.removeprefix("fusedclip ").strip() for name in args.impl]
+            unknown = [n for n in only if n not in BACKEND_NAMES]
+            if unknown:
+                raise BenchError(f"--impl {unknown[0]!r}: with --host, name a backend as 'fusedclip <backend>'")
+        modes = HOST_MODES if args.mode == "all" else (args.mode,)
+        record = run_host(sizes, modes, args.device, args.reps, args.warmup, args.numel, only)
+        return _emit(record, args, format_host_table)
     if args.max_norm is not None and not args.max_norm >= 0:
         parser.error("--max-norm must be >= 0")
     cases = ("clip", "noclip") if args.case == "both" else (args.case,)
-    record = run(
-        args.preset, args.dtype, args.device, args.max_norm, args.reps, args.warmup, cases, args.cold, args.impl
-    )
-    if args.out:
-        try:
-            write_record(record, args.out)
-        except OSError as e:
-            raise BenchError(f"cannot write the record to {args.out}: {e}") from None
-    print(json.dumps(record, indent=2) if args.json else format_table(record))
-    if args.out:
-        print(f"record written to {args.out}", file=sys.stderr)
+    reps = args.reps if args.reps is not None else 10
+    record = run(args.preset, args.dtype, args.device, args.max_norm, reps, args.warmup, cases, args.cold, args.impl)
+    _emit(record, args, format_table)
     for r in record["results"]:
         if not r["matched"] and not r["impl"].startswith("fusedclip"):
             print(

@@ -67,6 +67,24 @@ def warn_if_repeated(parameters: list, grads: list[Tensor], stacklevel: int) -> 
             return
 
 
+def warn_if_listed_twice(parameters: list, stacklevel: int) -> bool:
+    """GradClipper's check, made once when it is built: a parameter listed twice has its gradient scaled twice at
+    every call (as torch.nn.utils does). Returns whether one is."""
+    if len(set(map(id, parameters))) == len(parameters):
+        return False
+    first: dict[int, int] = {}
+    for i, p in enumerate(parameters):
+        j = first.setdefault(id(p), i)
+        if j != i:
+            warnings.warn(
+                f"parameters[{i}] is parameters[{j}] again: its gradient will be scaled twice at every call (as "
+                "torch.nn.utils does); list each parameter once",
+                stacklevel=stacklevel + 1,
+            )
+            break
+    return True
+
+
 def collect_grads(parameters: list) -> list[Tensor]:
     """The .grad of every parameter that has one (parameters: the list from as_list)."""
     if not all(isinstance(p, Tensor) for p in parameters):

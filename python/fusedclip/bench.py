@@ -493,9 +493,352 @@ def markdown_table(records: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_host_table(records: list[tuple[str, dict]], sizes: Optional[list[int]] = None) -> str:
+    """A README table of host records (bench --host): one row per tensor count, mode and entry point, each
+    fusedclip backend's median host time per call with its ratio to the stock path and its fast-path hit rate.
+    `sizes`: only these tensor counts."""
+    lines = []
+    for path, rec in records:
+        env, st = rec["environment"], rec["settings"]
+        impls = [i for i in dict.fromkeys(r["impl"] for r in rec["results"]) if i != STOCK]
+        lines += [
+            f"`{path}`: {env['device_name']} ({env['device']}, {env.get('cpu_count')} cores), torch {env['torch']}, "
+            f"commit {rec.get('git_commit')}; launches {st['launches'].split(':')[0]}; fast path: {st['fast_path']}",
+            "",
+            "| tensors | mode | path | stock torch us | " + " | ".join(f"{i} us (vs stock, fast path)" for i in impls)
+            + " |",
+            "| --- | --- | --- | --- | " + " | ".join("---" for _ in impls) + " |",
+        ]
+        keys = dict.fromkeys((r["tensors"], r["mode"], r["path"]) for r in rec["results"] if r["impl"] != STOCK)
+        for count, mode, entry in keys:
+            if sizes and count not in sizes:
+                continue
+            key = (count, mode, entry)
+            mine = {r["impl"]: r for r in rec["results"] if (r["tensors"], r["mode"], r["path"]) == key}
+            first = next(iter(mine.values()))
+            stock = first["stock_median_us"]
+            cells = []
+            for i in impls:
+                r = mine.get(i)
+                if r is None:
+                    cells.append("-")
+                    continue
+                hit = r["fast_path_hit_rate"]
+                cells.append(f"{r['median_us']:.0f} ({r['ratio_to_stock']:.3f}x, {hit:.0%})" if hit is not None
+                             else f"{r['median_us']:.0f} ({r['ratio_to_stock']:.3f}x)")
+            stock_cell = f"{stock:.0f} ({first['stock_path']})" if first["stock_path"] != entry else f"{stock:.0f}"
+            lines.append(f"| {count} | {mode} | {entry} | {stock_cell} | " + " | ".join(cells) + " |")
+        reuse = sorted({(r["tensors"], r["mode"]): r["address_reuse"] for r in rec["results"]
+                        if r["mode"] == "fresh" and r["address_reuse"] is not None}.items())
+        if reuse:
+            lines += ["", "fresh: new gradients at the old addresses in " + ", ".join(
+                f"{a:.0%} of steps ({n} tensors)" for (n, _), a in reuse if not sizes or n in sizes)]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
 def write_record(record: dict, out: str) -> None:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)  # never leave a half-written record behind
+
+
+# ---- host overhead: `python -m fusedclip bench --host` ---------------------------------------------------------------
+#
+# What a call costs the host (the CPU thread that makes it), with tensors so small that their compute is nothing:
+# thread CPU time (time.thread_time_ns) of each call, median of many, stock torch timed round robin with fusedclip
+# in the same run. On CPU the kernel backends run with their launches replaced by no-ops (the Triton backend's
+# stubbed_launches(); the CUDA backend needs a GPU), so what is left is our host work; the torch backend and stock
+# torch run for real (their compute on 1-element tensors is small next to their host work). On a GPU every
+# launch is real: the time is the host's share of an asynchronous call.
+#
+# Modes:
+#   kept   the gradients stay in place between calls;
+#   fresh  before each call every .grad is set to None (zero_grad(set_to_none=True)), then new gradients are made in
+#          reverse parameter order, as backward makes them. On a GPU they come from torch's caching allocator, which
+#          in a steady loop hands back the same addresses (`address_reuse` says how often it did). The CPU's system
+#          allocator does not (glibc gives new addresses almost every time), so on CPU the benchmark stands in for a
+#          caching allocator: each new .grad is a new tensor over the memory the previous one had;
+#   moved  new gradients at new addresses before each call (the old ones are released only after the new ones
+#          exist): every call must find that its gradients moved and rebuild its plan.
+HOST_SIZES = (148, 2000, 10000)
+HOST_MODES = ("kept", "fresh", "moved")
+STOCK = "stock torch"
+stock_value = TORCH_ORIGINALS["clip_grad_value_"]
+stock_total_norm = TORCH_ORIGINALS["get_total_norm"]
+
+
+class _Pair(torch.nn.Module):
+    """A layer's worth of parameters (weight and bias), so that model.parameters() walks a module tree."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        for i, p in enumerate(params):
+            self.register_parameter(f"p{i}", p)
+
+
+class HostSet:
+    """`count` parameters of `numel` elements in a model of two-parameter modules, with gradients."""
+
+    def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device, seed: int) -> None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.masters = [torch.randn(numel, generator=gen, dtype=dtype, device=device) for _ in range(count)]
+        self.params = [torch.nn.Parameter(torch.empty(numel, dtype=dtype, device=device)) for _ in range(count)]
+        self.model = torch.nn.ModuleList(_Pair(self.params[i : i + 2]) for i in range(0, count, 2))
+        # The CPU's stand-in for a caching allocator (see the modes above): the memory each .grad is made in.
+        self.blocks = [m.clone() for m in self.masters] if device.type == "cpu" else None
+        self.grads: list[Tensor] = []
+        self.new_grads("moved")
+
+    def new_grads(self, mode: str) -> None:
+        """Replace every .grad: `fresh` in the memory the old ones had (as a caching allocator does), `moved`
+        elsewhere. Either way set_to_none first, then new tensors in reverse parameter order."""
+        old = self.grads  # alive until the new ones exist, for `moved`
+        for p in self.params:
+            p.grad = None
+        if mode == "fresh":
+            old = []
+        for i in reversed(range(len(self.params))):
+            m = self.masters[i]
+            if mode == "fresh" and self.blocks is not None:
+                block = self.blocks[i]
+                g = torch.empty(0, dtype=m.dtype, device=m.device).set_(block.untyped_storage(), 0, block.shape)
+                g.copy_(m)
+            else:
+                g = m.clone()
+            self.params[i].grad = g
+        self.grads = [p.grad for p in self.params]
+        del old
+
+    def addresses(self) -> list[int]:
+        return [g.data_ptr() for g in self.grads]
+
+
+@dataclass
+class HostPath:
+    path: str  # the public entry point (and how it is called)
+    impl: str  # "stock torch" or "fusedclip <backend>"
+    stock: str  # the stock path it is compared with
+    make: Callable[[HostSet], Callable[[], object]]  # the call, bound to a parameter set
+
+
+def host_paths(backend_names: list[str]) -> list[HostPath]:
+    from .clip import clip_grad_value_, get_total_norm, multi_tensor_norm
+    from .clipper import GradClipper
+
+    norm_list, norm_gen = "clip_grad_norm_ (list)", "clip_grad_norm_ (model.parameters())"
+    out = [
+        HostPath(norm_list, STOCK, norm_list, lambda s: lambda: stock_clip(s.params, 1.0)),
+        HostPath(norm_gen, STOCK, norm_gen, lambda s: lambda: stock_clip(s.model.parameters(), 1.0)),
+        HostPath("clip_grad_value_", STOCK, "clip_grad_value_", lambda s: lambda: stock_value(s.params, 1.0)),
+        HostPath("get_total_norm", STOCK, "get_total_norm", lambda s: lambda: stock_total_norm(s.grads)),
+    ]
+    for name in backend_names:
+        impl = f"fusedclip {name}"
+        out += [
+            HostPath(norm_list, impl, norm_list, lambda s, n=name: lambda: clip_grad_norm_(s.params, 1.0, backend=n)),
+            HostPath(
+                norm_gen, impl, norm_gen,
+                lambda s, n=name: lambda: clip_grad_norm_(s.model.parameters(), 1.0, backend=n),
+            ),
+            HostPath("GradClipper", impl, norm_list, lambda s, n=name: GradClipper(s.params, 1.0, backend=n)),
+            HostPath(
+                "clip_grad_value_", impl, "clip_grad_value_",
+                lambda s, n=name: lambda: clip_grad_value_(s.params, 1.0, backend=n),
+            ),
+            HostPath(
+                "multi_tensor_norm", impl, "get_total_norm",
+                lambda s, n=name: lambda: multi_tensor_norm(s.grads, backend=n),
+            ),
+            HostPath(
+                "get_total_norm", impl, "get_total_norm", lambda s, n=name: lambda: get_total_norm(s.grads, backend=n)
+            ),
+        ]
+    return out
+
+
+def _fast_path_counts() -> tuple[int, int]:
+    """(hits, misses) of fusedclip's steady-state fast path so far."""
+    from . import fastpath
+
+    return fastpath.stats.hits, fastpath.stats.misses
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def host_backends(device: torch.device, only: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
+    """The fusedclip backends to time on `device` (names), and why the others are left out."""
+    names, why_not = [], {}
+    for name in backends.BACKEND_NAMES:
+        if only and name not in only:
+            continue
+        try:
+            backends.select(name, device)
+        except (RuntimeError, ValueError) as e:
+            why_not[name] = str(e)
+            continue
+        names.append(name)
+    return names, why_not
+
+
+def run_host(
+    sizes: tuple[int, ...] = HOST_SIZES,
+    modes: tuple[str, ...] = HOST_MODES,
+    device_name: Optional[str] = None,
+    reps: Optional[int] = None,
+    warmup: int = 3,
+    numel: int = 1,
+    only: Optional[list[str]] = None,
+    seed: int = 0,
+) -> dict:
+    """The host-overhead record (see above). `reps` None: enough calls per size for a stable median."""
+    import contextlib
+    import gc
+
+    device = parse_device(device_name)
+    stub = device.type == "cpu"
+    launches = "real"
+    context: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if stub:
+        try:
+            from .backends import triton_backend
+
+            context = triton_backend.stubbed_launches()
+            launches = "stubbed: every Triton kernel launch is a no-op after its host work (CPU, no interpreter)"
+        except backends.BackendUnavailable as e:
+            launches = f"no kernel backend here ({e})"
+    results: list[dict] = []
+    # One intra-op thread: a host-time figure is the calling thread's work. With more, an op past torch's
+    # parallel grain (a plan build's tables at 2,000 tensors) starts an OpenMP region, and on a busy machine the
+    # calling thread's spin-wait for the pool (milliseconds here) would be charged to whichever path ran it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with context, contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
+        names, why_not = host_backends(device, only)
+        paths = host_paths(names)
+        progress(
+            f"fusedclip bench --host: {', '.join(map(str, sizes))} tensors of {numel} element(s) on {device}; "
+            f"backends {', '.join(names) or 'none'}; launches {launches.split(':')[0]}"
+        )
+        for count in sizes:
+            n_reps = reps if reps is not None else max(30, min(300, 300_000 // count))
+            for mode in modes:
+                state = HostSet(count, numel, torch.float32, device, seed)
+                calls = [p.make(state) for p in paths]
+                times: list[list[float]] = [[] for _ in paths]
+                hits = [0 for _ in paths]
+                misses = [0 for _ in paths]
+                reused = steps = 0
+                progress(f"  {count} tensors, {mode}: {len(paths)} paths x ({warmup} + {n_reps}) calls ...")
+                gc.collect()
+                gc.disable()  # a collection inside a timed call would be charged to whichever path it hit
+                try:
+                    for k in range(warmup + n_reps):
+                        for i, call in enumerate(calls):
+                            if mode != "kept":
+                                before = state.addresses()
+                                state.new_grads(mode)
+                                if k >= warmup:  # the warm-up reaches the steady state
+                                    reused += before == state.addresses()
+                                    steps += 1
+                            h0, m0 = _fast_path_counts()
+                            sync(device)
+                            t0 = time.thread_time_ns()
+                            call()
+                            t1 = time.thread_time_ns()
+                            sync(device)
+                            h1, m1 = _fast_path_counts()
+                            if k >= warmup:
+                                times[i].append((t1 - t0) / 1e3)
+                                hits[i] += h1 - h0
+                                misses[i] += m1 - m0
+                        gc.collect()
+                finally:
+                    gc.enable()
+                medians = {}
+                for path, ts in zip(paths, times):
+                    if path.impl == STOCK:
+                        medians[path.path] = statistics.median(ts)
+                for i, (path, ts) in enumerate(zip(paths, times)):
+                    med = statistics.median(ts)
+                    stock_med = medians.get(path.stock)
+                    attempts = hits[i] + misses[i]
+                    results.append({
+                        "path": path.path,
+                        "impl": path.impl,
+                        "stock_path": path.stock,
+                        "tensors": count,
+                        "mode": mode,
+                        "calls": len(ts),
+                        "median_us": med,
+                        "min_us": min(ts),
+                        "p10_us": _percentile(ts, 0.1),
+                        "p90_us": _percentile(ts, 0.9),
+                        "max_us": max(ts),
+                        "stock_median_us": stock_med,
+                        "ratio_to_stock": med / stock_med if stock_med else None,
+                        "fast_path_hit_rate": hits[i] / attempts if attempts else None,
+                        "address_reuse": reused / steps if steps else None,
+                    })
+    return {
+        "schema": 1,
+        "kind": "host",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "environment": environment(device),
+        "settings": {
+            "sizes": list(sizes),
+            "modes": list(modes),
+            "numel_per_tensor": numel,
+            "dtype": "float32",
+            "reps": reps,
+            "warmup": warmup,
+            "launches": launches,
+            "timing": "time.thread_time_ns around each call (CPU time of the calling thread), round robin; "
+            "garbage collection off while timing; torch.set_num_threads(1) while timing",
+            "statistic": "median",
+            "fast_path": _fast_path_description(),
+        },
+        "left_out": why_not,
+        "results": results,
+    }
+
+
+def _fast_path_description() -> str:
+    from . import fastpath
+
+    return "per-call check in " + fastpath.describe()
+
+
+def format_host_table(record: dict) -> str:
+    head = ["tensors", "mode", "path", "implementation", "median us", "p10-p90 us", "vs stock", "fast path"]
+    rows = []
+    for r in record["results"]:
+        ratio = r.get("ratio_to_stock")
+        hit = r.get("fast_path_hit_rate")
+        rows.append([
+            str(r["tensors"]), r["mode"], r["path"], r["impl"], f"{r['median_us']:.1f}",
+            f"{r['p10_us']:.1f}-{r['p90_us']:.1f}", f"{ratio:.3f}x" if ratio is not None else "-",
+            f"{hit:.0%}" if hit is not None else "-",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    env, s = record["environment"], record["settings"]
+    title = (
+        f"host time per call on {env['device']} ({env['device_name']}), torch {env['torch']}; launches: "
+        f"{s['launches']}; fast path: {s['fast_path']}"
+    )
+    notes = []
+    for mode in ("fresh", "moved"):
+        reuse = sorted({r["tensors"]: r["address_reuse"] for r in record["results"] if r["mode"] == mode}.items())
+        if reuse:
+            notes.append(f"{mode}: the new gradients had the old ones' addresses in " + ", ".join(
+                f"{a:.0%} of steps ({n} tensors)" for n, a in reuse if a is not None))
+    return title + "\n" + "\n".join(lines + notes)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import dispatch
 from . import distributed
+from . import fastpath
 from .arguments import (
     TensorOrTensors,
     as_list,
@@ -51,11 +52,18 @@ def multi_tensor_norm(
     The total (float32, float64 if any input is float64, on the first tensor's device), or
     ``(total, per_tensor_norms)``.
     """
-    ts = collect_tensors(tensors)
-    p = parse_norm_type(norm_type)
-    if has_dtensor(ts):
-        raise NotImplementedError("multi_tensor_norm does not take DTensor inputs yet; use get_total_norm")
-    plan = dispatch.make_plan(ts, backend)
+    items = as_list(tensors, "tensors")
+    plan = None if torch.compiler.is_compiling() else fastpath.find(items, False, backend, None)
+    if plan is not None:
+        p = parse_norm_type(norm_type)
+    else:
+        ts = collect_tensors(items)
+        p = parse_norm_type(norm_type)
+        if has_dtensor(ts):
+            raise NotImplementedError("multi_tensor_norm does not take DTensor inputs yet; use get_total_norm")
+        plan = dispatch.make_plan(ts, backend)
+        if not torch.compiler.is_compiling():
+            fastpath.remember(items, False, backend, None, plan)
     total, norms = dispatch.total_norm(plan, p, per_tensor)
     if not per_tensor:
         return total
@@ -79,15 +87,25 @@ def get_total_norm(
     `error_if_nonfinite=True` raises RuntimeError on a NaN/inf total (a host sync, as in torch).
     DTensor inputs and `process_group=` / `replicated=`: see `clip_grad_norm_`.
     """
-    ts = collect_tensors(tensors)
-    p = parse_norm_type(norm_type)
-    if distributed.needed(ts, process_group, replicated):
-        return distributed.get_total_norm(
-            ts, ts, p, error_if_nonfinite, foreach, backend, process_group, replicated
-        )
-    if not ts:
-        return torch.tensor(0.0)
-    total, _ = dispatch.total_norm(dispatch.make_plan(ts, backend, foreach), p)
+    items = as_list(tensors, "tensors")
+    plan = None
+    if process_group is None and replicated is None and not torch.compiler.is_compiling():
+        plan = fastpath.find(items, False, backend, foreach)
+    if plan is not None:
+        p = parse_norm_type(norm_type)
+    else:
+        ts = collect_tensors(items)
+        p = parse_norm_type(norm_type)
+        if distributed.needed(ts, process_group, replicated):
+            return distributed.get_total_norm(
+                ts, ts, p, error_if_nonfinite, foreach, backend, process_group, replicated
+            )
+        if not ts:
+            return torch.tensor(0.0)
+        plan = dispatch.make_plan(ts, backend, foreach)
+        if not torch.compiler.is_compiling():
+            fastpath.remember(items, False, backend, foreach, plan)
+    total, _ = dispatch.total_norm(plan, p)
     if error_if_nonfinite:
         total = dispatch.check_finite(total, p)
     return total
@@ -104,6 +122,14 @@ def clip_grads_with_norm_(
 ) -> None:
     """Drop-in for torch.nn.utils.clip_grads_with_norm_: g *= min(max_norm / (total_norm + 1e-6), 1)."""
     params = as_list(parameters)
+    if not torch.compiler.is_compiling() and not distributed.is_dtensor(total_norm):
+        plan = fastpath.find(params, True, backend, foreach)
+        if plan is not None:
+            max_norm = check_nonnegative(max_norm, "max_norm")
+            if not isinstance(total_norm, Tensor):
+                total_norm = torch.tensor(float(total_norm))
+            dispatch.scale_(plan, clip_coef(total_norm, max_norm))
+            return
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
     if not isinstance(total_norm, Tensor):
@@ -115,6 +141,8 @@ def clip_grads_with_norm_(
         distributed.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend)
         return
     plan = dispatch.make_plan(grads, backend, foreach)
+    if not torch.compiler.is_compiling():
+        fastpath.remember(params, True, backend, foreach, plan)
     dispatch.scale_(plan, clip_coef(total_norm, max_norm))
 
 
@@ -126,14 +154,21 @@ def clip_norm_of_grads_(
     foreach: Optional[bool],
     backend: Optional[str],
 ) -> Tensor:
-    """clip_grad_norm_ on validated arguments (shared with GradClipper). A tensor max_norm comes from
-    check_nonnegative under torch.compile only."""
-    plan = dispatch.make_plan(grads, backend, foreach)
+    """clip_grad_norm_ on validated arguments. A tensor max_norm comes from check_nonnegative under torch.compile
+    only."""
+    return clip_norm_(dispatch.make_plan(grads, backend, foreach), max_norm, norm_type, error_if_nonfinite)
+
+
+def clip_norm_(
+    plan: dispatch.Plan, max_norm: Union[float, Tensor], norm_type: float, error_if_nonfinite: bool
+) -> Tensor:
+    """clip_grad_norm_ over a plan (the general path's or a kept one: fusedclip.fastpath), arguments validated."""
     single = plan.single
     if single is not None and not error_if_nonfinite and not isinstance(max_norm, Tensor):
         # One device, one backend: total and coefficient come from the backend's own finalize.
-        total, coef = single.backend.norm_and_coef(single.tensors, norm_type, max_norm)
-        single.backend.scale_(single.tensors, coef)
+        device_plan = single.device_plan()
+        total, coef = single.backend.norm_and_coef(single.tensors, norm_type, max_norm, device_plan)
+        single.backend.scale_(single.tensors, coef, device_plan)
         return total
     total, _ = dispatch.total_norm(plan, norm_type)
     if error_if_nonfinite:
@@ -176,6 +211,11 @@ def clip_grad_norm_(
     their mesh, placed as torch places it (Replicate; Partial(max/min) for +/-inf), so `.full_tensor()` works.
     """
     params = as_list(parameters)
+    if process_group is None and replicated is None and not torch.compiler.is_compiling():
+        plan = fastpath.find(params, True, backend, foreach)
+        if plan is not None:  # the same gradients as a call before: validated then
+            return clip_norm_(plan, check_nonnegative(max_norm, "max_norm"), parse_norm_type(norm_type),
+                              error_if_nonfinite)
     warn_if_empty_generator(parameters, params, stacklevel=3)  # as torch: this function, no_grad's wrapper, caller
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
@@ -188,7 +228,10 @@ def clip_grad_norm_(
         )
     if not grads:
         return torch.tensor(0.0)
-    return clip_norm_of_grads_(grads, max_norm, p, error_if_nonfinite, foreach, backend)
+    plan = dispatch.make_plan(grads, backend, foreach)
+    if not torch.compiler.is_compiling():
+        fastpath.remember(params, True, backend, foreach, plan)
+    return clip_norm_(plan, max_norm, p, error_if_nonfinite)
 
 
 @torch.no_grad()
@@ -201,6 +244,11 @@ def clip_grad_value_(
 ) -> None:
     """Drop-in for torch.nn.utils.clip_grad_value_: clamp every gradient to [-clip_value, clip_value]."""
     params = as_list(parameters)
+    if not torch.compiler.is_compiling():
+        plan = fastpath.find(params, True, backend, foreach)
+        if plan is not None:  # the same gradients as a call before: validated then
+            dispatch.clamp_(plan, check_nonnegative(clip_value, "clip_value"))  # type: ignore[arg-type]
+            return
     grads = collect_grads(params)
     clip_value = check_nonnegative(clip_value, "clip_value")
     if has_dtensor(grads):
@@ -217,8 +265,9 @@ def clip_grad_value_(
             (g._values() if g.is_sparse else g).clamp_(min=-clip_value, max=clip_value)
         return
     plan = dispatch.make_plan(grads, backend, foreach)
-    for g in plan.groups:
-        g.backend.clamp_(g.tensors, clip_value)
+    if not torch.compiler.is_compiling():
+        fastpath.remember(params, True, backend, foreach, plan)
+    dispatch.clamp_(plan, clip_value)
 
 
 @torch.no_grad()

@@ -7,18 +7,28 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .arguments import TensorOrTensors, as_list, check_nonnegative, collect_grads, parse_norm_type
+from . import dispatch, fastpath
+from .arguments import (
+    TensorOrTensors,
+    as_list,
+    check_nonnegative,
+    collect_grads,
+    parse_norm_type,
+    warn_if_listed_twice,
+    warn_if_repeated,
+)
 from .backends import check_backend_name
-from .clip import clip_grad_norm_, clip_norm_of_grads_
+from .clip import clip_grad_norm_, clip_norm_
 from .distributed import GroupArg, ReplicatedArg, parse_groups, parse_replicated
 
 
 class GradClipper:
     """Clip the global gradient norm of a fixed parameter list; call it once per step.
 
-    Arguments are validated once, here. The parameter list is held once; each call reads the current
-    ``.grad`` of every parameter, so replaced, freed (None) or moved gradients are always seen as they are.
-    Kernel backends keep their device-side tables cached between calls while the gradients stay in place.
+    Arguments are validated once, here (a parameter listed twice is reported here, once). The parameter list is
+    held once; each call reads the current ``.grad`` of every parameter, so replaced, freed (None) or moved
+    gradients are always seen as they are. While every gradient stays where it was, a call checks just that and
+    reuses the previous call's plan (fusedclip.fastpath); kernel backends keep their device tables between calls.
 
     >>> clipper = GradClipper(model.parameters(), max_norm=1.0)
     >>> total = clipper()  # after backward(), before optimizer.step()
@@ -37,6 +47,7 @@ class GradClipper:
     ) -> None:
         self.parameters: list[Tensor] = as_list(parameters)
         collect_grads(self.parameters)  # type checks now, not at the first step
+        self._listed_twice = warn_if_listed_twice(self.parameters, stacklevel=2)
         self.max_norm = check_nonnegative(max_norm, "max_norm")
         self.norm_type = parse_norm_type(norm_type)
         self.error_if_nonfinite = bool(error_if_nonfinite)
@@ -52,6 +63,10 @@ class GradClipper:
     @torch.no_grad()
     def __call__(self) -> Tensor:
         """Clip in place and return the total norm before clipping."""
+        if self.process_group is None and not torch.compiler.is_compiling():
+            plan = fastpath.find(self.parameters, True, self.backend, None)
+            if plan is not None:
+                return clip_norm_(plan, self.max_norm, self.norm_type, self.error_if_nonfinite)
         grads = [p.grad for p in self.parameters if p.grad is not None]
         if self.process_group is not None or any(type(g) is not Tensor for g in grads):
             # Distributed calls, DTensor and other subclasses take the general path.
@@ -61,7 +76,12 @@ class GradClipper:
             )
         if not grads:
             return torch.tensor(0.0)
-        return clip_norm_of_grads_(grads, self.max_norm, self.norm_type, self.error_if_nonfinite, None, self.backend)
+        if not self._listed_twice:  # (that was said once, at construction) distinct parameters sharing a gradient
+            warn_if_repeated(self.parameters, grads, stacklevel=3)
+        plan = dispatch.make_plan(grads, self.backend)
+        if not torch.compiler.is_compiling():
+            fastpath.remember(self.parameters, True, self.backend, None, plan)
+        return clip_norm_(plan, self.max_norm, self.norm_type, self.error_if_nonfinite)
 
     def __repr__(self) -> str:
         return (

@@ -6,6 +6,7 @@ it to the backend whole, so a kernel backend can finalize the total and the clip
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,8 +32,16 @@ def _index(positions: list[int], device: torch.device) -> Tensor:
 @dataclass
 class Group:
     backend: Backend
-    tensors: list[Tensor]
-    positions: list[int]  # index of each tensor in the caller's list
+    tensors: Optional[list[Tensor]]  # None only in a fast-path plan of a backend that reads its plan alone
+    positions: Sequence[int]  # index of each tensor in the caller's list
+    device: torch.device
+    plan: Optional[object] = None  # the backend's device plan of `tensors` (Backend.plan), looked up once per call
+
+    def device_plan(self) -> Optional[object]:
+        """The backend's plan for this group's tensors: looked up at the first use in a call, then reused."""
+        if self.plan is None and self.tensors is not None:
+            self.plan = self.backend.plan(self.tensors)
+        return self.plan
 
 
 @dataclass
@@ -45,7 +54,7 @@ class Plan:
     @property
     def single(self) -> Optional[Group]:
         """The one group holding every tensor in order, if the call is that simple."""
-        if len(self.groups) == 1 and len(self.groups[0].tensors) == self.count:
+        if len(self.groups) == 1 and len(self.groups[0].positions) == self.count:
             return self.groups[0]
         return None
 
@@ -69,10 +78,10 @@ def make_plan(tensors: list[Tensor], backend: Optional[str], foreach: Optional[b
         # The common case, kept to a few passes over the list: it runs every step over thousands of tensors.
         b = choose(device)
         mine = kept if b is fallback else [i for i in kept if b.accepts(tensors[i])]
-        groups = [Group(b, [tensors[i] for i in mine], mine)] if mine else []
+        groups = [Group(b, [tensors[i] for i in mine], mine, device)] if mine else []
         if len(mine) < len(kept):
             rest = [i for i in kept if not b.accepts(tensors[i])]
-            groups.append(Group(fallback, [tensors[i] for i in rest], rest))
+            groups.append(Group(fallback, [tensors[i] for i in rest], rest, device))
         return Plan(groups, len(tensors), device, dtype)
 
     check_no_meta_mix(devices)
@@ -85,9 +94,9 @@ def make_plan(tensors: list[Tensor], backend: Optional[str], foreach: Optional[b
             b = chosen[devices[i]] = choose(devices[i])
         if b is not fallback and not b.accepts(t):
             b = fallback
-        g = by_key.setdefault((devices[i], b.name), Group(b, [], []))
-        g.tensors.append(t)
-        g.positions.append(i)
+        g = by_key.setdefault((devices[i], b.name), Group(b, [], [], devices[i]))
+        g.tensors.append(t)  # type: ignore[union-attr]
+        g.positions.append(i)  # type: ignore[attr-defined]
     return Plan(list(by_key.values()), len(tensors), device, dtype)
 
 
@@ -118,7 +127,7 @@ def combine_totals(totals: list[Tensor], norm_type: float, plan: Plan) -> Tensor
 
 def total_norm(plan: Plan, norm_type: float, per_tensor: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """(total, per-tensor norms in the accumulation dtype or None)."""
-    results = [g.backend.norms(g.tensors, norm_type, per_tensor) for g in plan.groups]
+    results = [g.backend.norms(g.tensors, norm_type, per_tensor, g.device_plan()) for g in plan.groups]
     total = combine_totals([r[0] for r in results], norm_type, plan)
     if not per_tensor:
         return total, None
@@ -128,24 +137,28 @@ def total_norm(plan: Plan, norm_type: float, per_tensor: bool = False) -> tuple[
     out = torch.zeros(plan.count, dtype=plan.dtype, device=plan.device)
     for g, (_, norms) in zip(plan.groups, results):
         mine = norms.to(device=plan.device, dtype=plan.dtype)  # type: ignore[union-attr]
-        out.index_copy_(0, _index(g.positions, plan.device), mine)
+        out.index_copy_(0, _index(list(g.positions), plan.device), mine)
     return total, out
 
 
 def scale_(plan: Plan, coef: Tensor) -> None:
     for g in plan.groups:
-        g.backend.scale_(g.tensors, coef.to(g.tensors[0].device))
+        g.backend.scale_(g.tensors, coef.to(g.device), g.device_plan())
 
 
 def scale_per_tensor_(plan: Plan, coefs: Tensor) -> None:
     """coefs: one per tensor of the caller's list, on the plan's device."""
     for g in plan.groups:
-        device = g.tensors[0].device
         if plan.single is not None:
-            mine = coefs.to(device)
+            mine = coefs.to(g.device)
         else:
-            mine = coefs.to(device)[_index(g.positions, device)]
-        g.backend.scale_per_tensor_(g.tensors, mine)
+            mine = coefs.to(g.device)[_index(list(g.positions), g.device)]
+        g.backend.scale_per_tensor_(g.tensors, mine, g.device_plan())
+
+
+def clamp_(plan: Plan, clip_value: float) -> None:
+    for g in plan.groups:
+        g.backend.clamp_(g.tensors, clip_value, g.device_plan())
 
 
 def check_finite(total: Tensor, norm_type: float) -> Tensor:

@@ -39,6 +39,10 @@ def collect() -> dict:
     from .backends import cuda_backend
 
     info["cuda_extension"] = cuda_backend.build_info() or "not built or not loadable (see backend cuda above)"
+    from . import fastpath
+
+    # The steady-state fast path is always on (outside torch.compile tracing); this says where its check runs.
+    info["host_fast_path"] = "on; per-call check in " + fastpath.describe()
     return info
 
 

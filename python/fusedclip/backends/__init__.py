@@ -34,9 +34,15 @@ class Backend:
     """What a backend implements. All tensors handed to one call live on one device and have numel > 0.
 
     Norm results are in the accumulation dtype: float64 when any tensor is float64, else float32.
+
+    `plan`: what `plan(tensors)` returned for the call's tensors (a kernel backend's device plan), looked up once per
+    call by the caller and handed to each method; None: the method looks it up. When a plan is given, `tensors` may
+    be None for a backend whose `reads_plan_only` is True (the steady-state fast path, fusedclip.fastpath, then has
+    no list to build).
     """
 
     name: str = ""
+    reads_plan_only = False  # its methods need only the plan of the tensors, not the tensors (given a plan)
 
     def runs_on(self, device: torch.device) -> bool:
         raise NotImplementedError
@@ -45,25 +51,34 @@ class Backend:
         """Whether this backend's kernels take `t` (dense, supported dtype); others go to the torch backend."""
         raise NotImplementedError
 
-    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def plan(self, tensors: list[Tensor]) -> Optional[object]:
+        """The device plan of these tensors (cached; see backends.plan), or None: a backend without one, or while
+        torch.compile traces (the traced methods find theirs at run time)."""
+        return None
+
+    def norms(
+        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, plan: Optional[object] = None
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """(total, per-tensor norms or None). The total follows torch's definition for every norm type:
         for p = 0 it counts tensors with any non-zero entry."""
         raise NotImplementedError
 
-    def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    def norm_and_coef(
+        self, tensors: list[Tensor], norm_type: float, max_norm: float, plan: Optional[object] = None
+    ) -> tuple[Tensor, Tensor]:
         """(total, clip coefficient) as device scalars. Kernel backends fold the coefficient into their finalize."""
-        total, _ = self.norms(tensors, norm_type, per_tensor=False)
+        total, _ = self.norms(tensors, norm_type, False, plan)
         return total, clip_coef(total, max_norm)
 
-    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+    def scale_(self, tensors: list[Tensor], coef: Tensor, plan: Optional[object] = None) -> None:
         """g *= coef in place; coef is a device scalar of this device. May skip the pass when coef == 1."""
         raise NotImplementedError
 
-    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor, plan: Optional[object] = None) -> None:
         """tensors[i] *= coefs[i] in place."""
         raise NotImplementedError
 
-    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+    def clamp_(self, tensors: list[Tensor], clip_value: float, plan: Optional[object] = None) -> None:
         """g = clamp(g, -clip_value, clip_value) in place."""
         raise NotImplementedError
 

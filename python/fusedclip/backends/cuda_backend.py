@@ -135,45 +135,56 @@ class CudaBackend(UnitKernels):
     # whose tables were built at trace time would write to stale addresses when functionalization hands it
     # copies. The opaque ops build (or find) the plan from the tensors they actually get, at run time.
 
-    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def plan(self, tensors: list[Tensor]) -> Optional[DevicePlan]:
+        return None if torch.compiler.is_compiling() else self.plans.get(tensors)
+
+    def norms(
+        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, plan: Optional[DevicePlan] = None
+    ) -> tuple[Tensor, Optional[Tensor]]:
         if torch.compiler.is_compiling():
             total, norms = torch.ops.fusedclip.cuda_norms(tensors, float(norm_type), per_tensor)
             return total, (norms if per_tensor else None)
-        return self._norms(tensors, norm_type, per_tensor)
+        return self._norms(tensors, norm_type, per_tensor, plan)
 
-    def _norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
-        p = self.plans.get(tensors)
+    def _norms(
+        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, plan: Optional[DevicePlan] = None
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        p = plan if plan is not None else self.plans.get(tensors)
         total, norms = torch.ops.fusedclip.norm(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type), per_tensor
         )
         return total, (norms if per_tensor else None)
 
-    def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    def norm_and_coef(
+        self, tensors: list[Tensor], norm_type: float, max_norm: float, plan: Optional[DevicePlan] = None
+    ) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():
             return torch.ops.fusedclip.cuda_norm_and_coef(tensors, float(norm_type), float(max_norm))
-        return self._norm_and_coef(tensors, norm_type, max_norm)
+        return self._norm_and_coef(tensors, norm_type, max_norm, plan)
 
-    def _norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
-        p = self.plans.get(tensors)
+    def _norm_and_coef(
+        self, tensors: list[Tensor], norm_type: float, max_norm: float, plan: Optional[DevicePlan] = None
+    ) -> tuple[Tensor, Tensor]:
+        p = plan if plan is not None else self.plans.get(tensors)
         return torch.ops.fusedclip.norm_and_coef(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type),
             float(max_norm),
         )
 
-    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+    def scale_(self, tensors: list[Tensor], coef: Tensor, plan: Optional[DevicePlan] = None) -> None:
         if torch.compiler.is_compiling():
             torch.ops.fusedclip.cuda_scale_(tensors, coef, False)
             return
-        self._scale(tensors, coef, False)
+        self._scale(tensors, coef, False, plan)
 
-    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor, plan: Optional[DevicePlan] = None) -> None:
         if torch.compiler.is_compiling():
             torch.ops.fusedclip.cuda_scale_(tensors, coefs, True)
             return
-        self._scale(tensors, coefs, True)
+        self._scale(tensors, coefs, True, plan)
 
-    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool) -> None:
-        p = self.plans.get(tensors)
+    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool, plan: Optional[DevicePlan] = None) -> None:
+        p = plan if plan is not None else self.plans.get(tensors)
         coef = _coef_arg(coef, p.device)
         if p.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
             fallback = torch_backend.load()
@@ -200,14 +211,14 @@ class CudaBackend(UnitKernels):
     def _scale_units_on(self, tensors: list[Tensor], plan: DevicePlan, coefs: Tensor) -> None:
         torch.ops.fusedclip.scale_units(tensors, plan.meta, plan.chunk_tensor, plan.chunk_start, plan.chunk_size, coefs)
 
-    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+    def clamp_(self, tensors: list[Tensor], clip_value: float, plan: Optional[DevicePlan] = None) -> None:
         if torch.compiler.is_compiling():
             torch.ops.fusedclip.cuda_clamp_(tensors, float(clip_value))
             return
-        self._clamp(tensors, clip_value)
+        self._clamp(tensors, clip_value, plan)
 
-    def _clamp(self, tensors: list[Tensor], clip_value: float) -> None:
-        p = self.plans.get(tensors)
+    def _clamp(self, tensors: list[Tensor], clip_value: float, plan: Optional[DevicePlan] = None) -> None:
+        p = plan if plan is not None else self.plans.get(tensors)
         torch.ops.fusedclip.clamp(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, float(clip_value))
 
 

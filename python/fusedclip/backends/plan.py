@@ -69,21 +69,57 @@ class PackedTables:
     """Host integer tables packed into one buffer, and the one device buffer they are copied to.
 
     For a CUDA device the host buffer is pinned and the copy non-blocking: nothing waits on the device, so a
-    plan can be built under torch.cuda.set_sync_debug_mode("error") and inside CUDA-graph capture. The host
-    buffer lives as long as this object: the copy reads it after the call returns, and under capture the copy
-    is a node of the graph that reads it again at every replay. On CPU `device` is `host` itself (no copy)."""
+    plan can be built under torch.cuda.set_sync_debug_mode("error") and inside CUDA-graph capture. On CPU `device`
+    is `host` itself (no copy).
 
-    __slots__ = ("device", "host", "pinned")
+    The host buffer of a plan built outside capture is dropped once its copy is issued: torch's caching host
+    allocator keeps the pinned block until the copy has run. One built while capturing keeps it: the copy is a node
+    of the graph that reads it again at every replay (and TableCache re-issues it for a later capture).
+
+    Streams: the copy runs on the stream that was current when it was issued, and an event is recorded after it.
+    A later use from another stream (before_use) makes that stream wait for the event and records it on the device
+    buffer, so that the tables are read only after they were written, and the buffer, once its plan is evicted, is
+    not handed out again while that stream's kernels may still read it (or write through its addresses)."""
+
+    __slots__ = ("device", "host", "pinned", "event", "streams")
 
     def __init__(self, host: Tensor, device: Tensor, pinned: bool) -> None:
-        self.host = host
+        self.host: Optional[Tensor] = host
         self.device = device
         self.pinned = pinned
+        self.event: Optional[torch.cuda.Event] = None  # recorded after an eager copy to a CUDA device
+        self.streams: set = set()  # the streams known to be ordered after that copy
 
     def upload(self) -> None:
         """(Re-)issue the host-to-device copy on the current stream; nothing to do on CPU."""
-        if self.device is not self.host:
-            self.device.copy_(self.host, non_blocking=self.pinned)
+        if self.device is self.host or self.host is None:
+            return
+        self.device.copy_(self.host, non_blocking=self.pinned)
+        device = self.device.device
+        if _capturing(device):
+            return  # the graph's copy node reads the host buffer at every replay: keep it
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+            self.streams = {stream}
+        self.host = None  # see the class docstring: the allocator holds the pinned block until the copy ran
+
+    def before_use(self) -> None:
+        """Call before launching work that reads these tables from the current stream (see the class docstring).
+        Cheap on the steady state: one stream lookup and a set membership test."""
+        if self.event is None:
+            return  # CPU, or built while capturing: its copy is a node of the graph that reads it
+        stream = torch.cuda.current_stream(self.device.device)
+        if stream in self.streams:
+            return
+        if torch.cuda.is_current_stream_capturing():
+            # torch.cuda.graph synchronizes before capture begins, so the copy has run; TableCache keeps every
+            # entry a capture used for good, so its buffer is never handed out again.
+            return
+        stream.wait_event(self.event)
+        self.device.record_stream(stream)
+        self.streams.add(stream)
 
 
 def _pinned_staging(device: torch.device) -> bool:
@@ -247,9 +283,11 @@ class TableCache(Generic[V]):
                 self._kept[key] = entry
             else:
                 self._lru.move_to_end(key)
+            entry[1].before_use()
             return entry[0]
         entry = self._kept.get(key)
         if entry is not None:
+            entry[1].before_use()
             return entry[0]
         if capturing:
             entry = self._captured.get(key)

@@ -246,12 +246,16 @@ class TorchBackend(Backend):
             return n
         return torch.linalg.vector_norm(t, norm_type, dtype=dtype)
 
-    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+    # `plan` (see Backend): this backend has none, and ignores it.
+
+    def norms(
+        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, plan: Optional[object] = None
+    ) -> tuple[Tensor, Optional[Tensor]]:
         norms = self.per_tensor_norms(tensors, norm_type)
         total = combine_tensor_norms(norms, norm_type)
         return total, (norms if per_tensor else None)
 
-    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+    def scale_(self, tensors: list[Tensor], coef: Tensor, plan: Optional[object] = None) -> None:
         # Only an exact 1 may be skipped: AMP folds inv_scale into coef, which can then exceed 1.
         if _host_reads(coef) and bool(coef == 1):  # False for NaN: NaN still propagates
             return
@@ -268,7 +272,7 @@ class TorchBackend(Backend):
                 else:
                     t.mul_(coef)
 
-    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor, plan: Optional[object] = None) -> None:
         if _host_reads(coefs):
             pairs = [(t, c) for t, c in zip(tensors, coefs.tolist()) if c != 1]  # NaN != 1: still applied
             factors: list = [c for _, c in pairs]
@@ -285,20 +289,55 @@ class TorchBackend(Backend):
             if t.is_sparse:
                 t._values().mul_(c)
 
-    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+    def plan(self, tensors: list[Tensor]) -> Optional[TorchPlan]:
+        return None if torch.compiler.is_compiling() else TorchPlan()
+
+    def clamp_(self, tensors: list[Tensor], clip_value: float, plan: Optional[object] = None) -> None:
+        known = isinstance(plan, TorchPlan)
+        if known and plan.all_foreach:  # type: ignore[union-attr]
+            torch._foreach_clamp_min_(tensors, -clip_value)
+            torch._foreach_clamp_max_(tensors, clip_value)
+            return
         dense = [t for t in tensors if t.layout == torch.strided]
-        if dense and self._use_foreach(dense) and not _on_host(dense[0]):
-            # Two foreach launches beat one launch per tensor on GPUs.
-            torch._foreach_clamp_min_(dense, -clip_value)
-            torch._foreach_clamp_max_(dense, clip_value)
+        if known:
+            plan.all_foreach = (  # type: ignore[union-attr]
+                len(dense) == len(tensors) > 0 and self._use_foreach(dense)
+                and (not _on_host(dense[0]) or all(t.numel() < _CPU_ONE_PASS_NUMEL for t in dense))
+            )
+        one_pass: list[Tensor] = []
+        if dense and self._use_foreach(dense):
+            if _on_host(dense[0]) and not torch.compiler.is_compiling():
+                # On CPU one pass per tensor beats the two foreach passes over a large tensor (memory bound), but
+                # a Python call per tensor costs far more than the passes over a small one (host bound).
+                one_pass = [t for t in dense if t.numel() >= _CPU_ONE_PASS_NUMEL]
+                if one_pass:
+                    dense = [t for t in dense if t.numel() < _CPU_ONE_PASS_NUMEL]
+            if dense:
+                torch._foreach_clamp_min_(dense, -clip_value)
+                torch._foreach_clamp_max_(dense, clip_value)
         else:
-            # On CPU a single pass per tensor beats two foreach passes.
-            for t in dense:
-                t.clamp_(min=-clip_value, max=clip_value)
+            one_pass = dense
+        for t in one_pass:
+            t.clamp_(min=-clip_value, max=clip_value)
         for t in tensors:
             if t.layout != torch.strided:  # a COO one is coalesced: checked by the caller before anything was touched
                 _stored_values(t).clamp_(min=-clip_value, max=clip_value)  # type: ignore[union-attr]
 
+
+# CPU clamp: tensors from this size on are clamped one pass each, smaller ones by two foreach passes (see clamp_).
+_CPU_ONE_PASS_NUMEL = 1 << 16
+
+
+class TorchPlan:
+    """The torch backend's plan of a call's tensors (Backend.plan): what its methods decided from their sizes and
+    layouts, kept with a steady-state fast-path plan (fusedclip.fastpath), whose check guarantees the same sizes and
+    layouts at every call, so that a later call skips the per-tensor passes that decided it. A fresh one knows
+    nothing yet."""
+
+    __slots__ = ("all_foreach",)
+
+    def __init__(self) -> None:
+        self.all_foreach: Optional[bool] = None  # clamp_: every tensor goes to the two foreach passes
 
 _instances = {f: TorchBackend(f) for f in (None, True, False)}
 

@@ -11,7 +11,9 @@ cannot follow device addresses).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -44,6 +46,7 @@ class TritonBackend(UnitKernels):
     """
 
     name = "triton"
+    reads_plan_only = True
 
     def __init__(self, chunk_size: Optional[int] = None, block: Optional[int] = None, cache_size: int = CACHE_SIZE):
         interp = _interpreting()
@@ -60,70 +63,77 @@ class TritonBackend(UnitKernels):
         if device.type == "cuda":
             return not self.interpreted and torch.cuda.is_available()
         if device.type == "cpu":
-            return self.interpreted and _interpreting()
+            return (self.interpreted and _interpreting()) or _kernels.launch.is_stubbed()
         return False
 
     def accepts(self, t: Tensor) -> bool:
         return flat_ok(t)
 
-    def plan(self, tensors: list[Tensor]) -> DevicePlan:
-        return self.cache.get(tensors)
+    def plan(self, tensors: list[Tensor]) -> Optional[DevicePlan]:
+        return None if torch.compiler.is_compiling() else self.cache.get(tensors)
 
     def _norms(
-        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, max_norm: Optional[float],
+        self, tensors: Optional[list[Tensor]], norm_type: float, per_tensor: bool, max_norm: Optional[float],
         plan: Optional[DevicePlan] = None,
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """The reduce and finalize launches over `plan` (by default the plan of `tensors`)."""
-        from fusedclip.triton_kernels.multi_tensor_norm import multi_tensor_norm
-
-        plan = plan if plan is not None else self.cache.get(tensors)
-        return multi_tensor_norm(
+        plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
+        return _kernels.norm.multi_tensor_norm(
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket,
             plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type,
             per_tensor=per_tensor, max_norm=max_norm, block=self.block,
         )
 
-    def norms(self, tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def norms(
+        self, tensors: Optional[list[Tensor]], norm_type: float, per_tensor: bool, plan: Optional[DevicePlan] = None
+    ) -> tuple[Tensor, Optional[Tensor]]:
         if torch.compiler.is_compiling():
             total, norms = torch.ops.fusedclip.triton_norms(tensors, float(norm_type))
             return total, (norms if per_tensor else None)
-        total, norms, _ = self._norms(tensors, norm_type, per_tensor, None)
+        total, norms, _ = self._norms(tensors, norm_type, per_tensor, None, plan)
         return total, norms
 
-    def norm_and_coef(self, tensors: list[Tensor], norm_type: float, max_norm: float) -> tuple[Tensor, Tensor]:
+    def norm_and_coef(
+        self, tensors: Optional[list[Tensor]], norm_type: float, max_norm: float, plan: Optional[DevicePlan] = None
+    ) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():
             return torch.ops.fusedclip.triton_norm_and_coef(tensors, float(norm_type), float(max_norm))
-        total, _, coef = self._norms(tensors, norm_type, False, max_norm)
+        total, _, coef = self._norms(tensors, norm_type, False, max_norm, plan)
         return total, coef  # type: ignore[return-value]
 
-    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool, plan: Optional[DevicePlan] = None) -> None:
-        """The scale launch over `plan` (by default the plan of `tensors`; a given plan must not be aliased)."""
-        from fusedclip.triton_kernels.scale import scale_
-
+    def _scale(
+        self, tensors: Optional[list[Tensor]], coef: Tensor, per_tensor: bool, plan: Optional[DevicePlan] = None
+    ) -> None:
+        """The scale launch over `plan` (by default the plan of `tensors`, which an aliased plan needs)."""
+        plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
         if coef.dtype not in (torch.float32, torch.float64):
             coef = coef.float()  # e.g. a bf16 total_norm from stock torch
-        coef = coef.to(tensors[0].device).reshape(-1).contiguous()
-        plan = plan if plan is not None else self.cache.get(tensors)
+        if coef.device != plan.device:
+            coef = coef.to(plan.device)
+        if coef.dim() != 1:
+            coef = coef.reshape(-1)
         if plan.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
             fallback = torch_backend.load()
             (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef if per_tensor else coef[0])
             return
-        scale_(
+        _kernels.scale.scale_(
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
-            coef, per_tensor=per_tensor, block=self.block,
+            coef.contiguous(), per_tensor=per_tensor, block=self.block,
         )
 
-    def scale_(self, tensors: list[Tensor], coef: Tensor) -> None:
+    def scale_(self, tensors: Optional[list[Tensor]], coef: Tensor, plan: Optional[DevicePlan] = None) -> None:
         if torch.compiler.is_compiling():
             torch.ops.fusedclip.triton_scale_(tensors, coef, False)
             return
-        self._scale(tensors, coef, per_tensor=False)
+        self._scale(tensors, coef, False, plan)
 
-    def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor) -> None:
+    def scale_per_tensor_(
+        self, tensors: Optional[list[Tensor]], coefs: Tensor, plan: Optional[DevicePlan] = None
+    ) -> None:
         if torch.compiler.is_compiling():
             torch.ops.fusedclip.triton_scale_(tensors, coefs, True)
             return
-        self._scale(tensors, coefs, per_tensor=True)
+        self._scale(tensors, coefs, True, plan)
 
     # AGC (UnitKernels): the same two launchers over a unit plan.
 
@@ -134,14 +144,12 @@ class TritonBackend(UnitKernels):
     def _scale_units_on(self, tensors: list[Tensor], plan: DevicePlan, coefs: Tensor) -> None:
         self._scale(tensors, coefs, True, plan)
 
-    def clamp_(self, tensors: list[Tensor], clip_value: float) -> None:
+    def clamp_(self, tensors: Optional[list[Tensor]], clip_value: float, plan: Optional[DevicePlan] = None) -> None:
         if torch.compiler.is_compiling():
             torch.ops.fusedclip.triton_clamp_(tensors, float(clip_value))
             return
-        from fusedclip.triton_kernels.clamp import clamp_
-
-        plan = self.cache.get(tensors)
-        clamp_(
+        plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
+        _kernels.clamp.clamp_(
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
             clip_value, block=self.block,
         )
@@ -155,6 +163,16 @@ class TritonBackend(UnitKernels):
 # call these ops only while torch.compile traces; eager calls skip the op layer's overhead.
 
 _default: Optional[TritonBackend] = None
+
+
+class _Kernels:
+    """The kernel modules (fusedclip.triton_kernels), imported by load(): importing them imports triton. Their
+    launchers are looked up as module attributes at each call (tests replace them)."""
+
+    launch = norm = scale = clamp = None  # type: ignore[assignment]
+
+
+_kernels = _Kernels()
 
 
 def _backend() -> TritonBackend:
@@ -208,23 +226,39 @@ def _(tensors: list[Tensor], clip_value: float) -> None:
     return None
 
 
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """The host-overhead benchmark's mode (`python -m fusedclip bench --host` on CPU): within it every launch of the
+    Triton kernels is a no-op (after its host work: argument packing, allocations, the launch cache), and the
+    backend takes CPU tensors without Triton's interpreter. The kernels do not run: totals and gradients are not
+    computed. What remains is the host time of a call. Raises BackendUnavailable where triton cannot load."""
+    load()
+    with _kernels.launch.stubbed():
+        yield
+
+
 def _kernels_interpreted() -> bool:
     """Whether triton built our kernels for its CPU interpreter (decided when triton first saw them)."""
-    from fusedclip.triton_kernels import multi_tensor_norm
+    _import_kernels()
+    return type(_kernels.norm._reduce_kernel).__name__ == "InterpretedFunction"
 
-    return type(multi_tensor_norm._reduce_kernel).__name__ == "InterpretedFunction"
 
-
-def load() -> TritonBackend:
+def _import_kernels() -> None:
+    """Fill _kernels; BackendUnavailable saying why where triton or the kernels cannot be imported."""
+    if _kernels.launch is not None:
+        return
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as e:  # ImportError, or a broken install raising something else
         raise BackendUnavailable(f"triton cannot be imported: {type(e).__name__}: {e}") from e
     try:
-        import fusedclip.triton_kernels.multi_tensor_norm  # noqa: F401
-        import fusedclip.triton_kernels.scale  # noqa: F401
-        import fusedclip.triton_kernels.clamp  # noqa: F401
+        from fusedclip.triton_kernels import clamp, launch, multi_tensor_norm, scale
     except Exception as e:
         raise BackendUnavailable(f"the Triton kernels failed to load: {type(e).__name__}: {e}") from e
+    _kernels.norm, _kernels.scale, _kernels.clamp, _kernels.launch = multi_tensor_norm, scale, clamp, launch
+
+
+def load() -> TritonBackend:
+    _import_kernels()
     return _backend()

@@ -1,0 +1,310 @@
+"""The steady state: a call over the same tensors as an earlier call reuses that call's plan, after a cheap check.
+
+A call of the API over a list (parameters whose .grad is read, or tensors) is validated, split by device and backend
+(dispatch.make_plan) and finds the backend's device plan: about 2 us of Python per tensor. In a training loop all of
+that gives the same answer every step, as long as every tensor is where it was. So after a call whose list qualifies,
+`remember` keeps its plan with a signature of each element of the list: whether a tensor is there and its address,
+element count, dtype, device, kind (dispatch keys: dense, not a subclass, not a negative or conjugate view) and
+contiguity. The next call over a list of the same length (`find`) compares every element with its signature: in C++
+when the extension fusedclip._host is built (one type check, one .grad read and a few integer compares per element),
+in Python otherwise (same decisions, column by column: about 0.8 us per element against 35 ns in C++). If all match,
+the kept plan is used: no validation, no grouping, no plan lookup. Anything else (a gradient moved, resized,
+re-typed, made non-contiguous, set to None or newly there, an element added, removed or replaced by another kind of
+object, a different backend chosen) fails the check and the call takes the general path, which validates, warns and
+builds as it always does, then keeps the new state. A kept plan can never be read stale: a device plan holds
+addresses only, and the check proves that the tensors at those addresses are the ones it describes, in the same
+order. With zero_grad(set_to_none=True) every .grad is a new tensor each step; the check passes as long as the
+allocator hands back the same addresses (torch's CUDA caching allocator does in a steady loop).
+
+A list qualifies when the general path found it simple: one device (CPU or CUDA), one backend taking every tensor,
+plain dense contiguous tensors of a kernel dtype (no subclass, no sparse, no view with a negative or conjugate bit), no
+zero-size tensor, no two tensors at one address (a gradient listed twice keeps its warning: it always takes the general
+path). The API asks only outside torch.compile tracing, for calls without a process group or `replicated`; a plan is
+neither kept nor used while the current CUDA stream captures a graph (the plan cache's capture rules then apply).
+
+FUSEDCLIP_NO_HOST_EXT=1 (read at import) makes the check run in Python even where fusedclip._host is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections import OrderedDict
+from operator import attrgetter
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import torch_backend
+from .backends.plan import DevicePlan
+from .dispatch import Group, Plan
+
+ENV_NO_EXT = "FUSEDCLIP_NO_HOST_EXT"
+BUCKETS = 64  # distinct (kind, backend, foreach, length) keys kept, least recently used first out
+PER_BUCKET = 4  # lists of one length kept side by side (gradients and weights of one model, say)
+
+
+class Stats:
+    """Counts for tests and the benchmark: calls that used a kept plan (hits), calls that looked and found none
+    (misses), plans kept."""
+
+    __slots__ = ("hits", "misses", "kept")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.kept = 0
+
+
+stats = Stats()
+
+# ---- the per-call check: fusedclip._host's Signatures, or this Python one -----------------------------------------
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # exactly these types: a subclass may change what .grad or the data mean
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NOT_PLAIN = object()
+
+
+def _unfit(t: Tensor) -> str:
+    """Why a present tensor cannot be in a kept plan, or "" (the C++ check's rules)."""
+    if type(t) not in _PLAIN:
+        return "a tensor subclass"
+    if t.layout != torch.strided:
+        return "not strided"
+    if t.device.type not in ("cpu", "cuda"):
+        return "neither on CPU nor on CUDA"
+    if t.dtype not in _KERNEL_DTYPES:
+        return "of a dtype other than float32, float16, bfloat16 and float64"
+    if t.is_neg() or t.is_conj():
+        return "a negative or conjugate view"
+    if not t.is_contiguous():
+        return "not contiguous"
+    if t.numel() == 0:
+        return "zero-size"
+    return ""
+
+
+_is_leaf, _grad = attrgetter("is_leaf"), attrgetter("grad")
+_layout, _dtype, _device = attrgetter("layout"), attrgetter("dtype"), attrgetter("device")
+_PLAIN_SET = frozenset(_PLAIN)
+_STRIDED = frozenset([torch.strided])
+
+
+class PySignatures:
+    """The check in Python, for when fusedclip._host is not built or FUSEDCLIP_NO_HOST_EXT=1: the same interface
+    and decisions as the C++ Signatures (csrc/host/signatures.cpp). Per call it compares column by column (each a
+    map over the tensors, in C), not element by element: a few hundred ns per tensor instead of microseconds."""
+
+    def __init__(self, items: Any, grads: bool) -> None:
+        self.grads = grads
+        self.eligible = False
+        self.why_not = ""
+        self.present = 0
+        self.size = 0
+        self.absent: list[bool] = []  # per element: no tensor there
+        self.columns: tuple = ()
+        if type(items) not in (list, tuple):
+            self.why_not = "not a list or tuple"
+            return
+        self.size = len(items)
+        present = []
+        for i, item in enumerate(items):
+            t = self._element(item)
+            if t is _NOT_PLAIN:
+                self.why_not = f"element {i} is not a plain Tensor or Parameter (or None)"
+                return
+            self.absent.append(t is None)
+            if t is None:
+                continue
+            reason = _unfit(t)
+            if reason:
+                self.why_not = f"tensor {i} is {reason}"
+                return
+            present.append(t)
+        self.present = len(present)
+        self.columns = self._columns(present)
+        if len(set(self.columns[0])) < self.present:
+            self.why_not = "two elements hold tensors at the same address"
+            return
+        self.eligible = True
+
+    @staticmethod
+    def _columns(tensors: list[Tensor]) -> tuple:
+        """What a kept plan depends on, column by column (the tensors are plain, strided: checked before)."""
+        return (
+            list(map(Tensor.data_ptr, tensors)), list(map(Tensor.numel, tensors)), list(map(_dtype, tensors)),
+            list(map(_device, tensors)), list(map(Tensor.is_contiguous, tensors)), list(map(Tensor.is_neg, tensors)),
+        )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _element(self, item: Any) -> Any:
+        """The tensor `item` stands for (None: absent), or _NOT_PLAIN."""
+        if not self.grads:
+            return item if item is None or type(item) in _PLAIN else _NOT_PLAIN
+        if type(item) not in _PLAIN or not (item.is_leaf or item.retains_grad):
+            return _NOT_PLAIN  # a non-leaf's .grad warns: the general path reads it
+        return item.grad
+
+    def collect(self, items: Any) -> Optional[list[Tensor]]:
+        """The present tensors of `items` in order when every element is as it was; else None."""
+        if not self.eligible or type(items) not in (list, tuple) or len(items) != self.size:
+            return None
+        if self.grads:
+            if not _PLAIN_SET.issuperset(map(type, items)):
+                return None
+            if not all(map(_is_leaf, items)) and not all(p.is_leaf or p.retains_grad for p in items):
+                return None  # a non-leaf's .grad warns: the general path reads it
+            found = list(map(_grad, items))
+        else:
+            found = list(items)
+        if self.present != self.size:
+            if [t is None for t in found] != self.absent:
+                return None
+            found = [t for t in found if t is not None]
+        if not _PLAIN_SET.issuperset(map(type, found)) or not _STRIDED.issuperset(map(_layout, found)):
+            return None  # (data_ptr() raises for a sparse tensor)
+        return found if self._columns(found) == self.columns else None
+
+    def matches(self, items: Any) -> bool:
+        return self.collect(items) is not None
+
+
+def _version_token(version: str) -> str:
+    """torch.__version__ as setup.py hands it to the extension's build (see setup.arch_token)."""
+    return re.sub(r"[^0-9A-Za-z.+]+", "_", version.strip()) or "none"
+
+
+def _load_extension() -> tuple[Optional[type], str]:
+    """(fusedclip._host's Signatures or None, which check runs and, if it is the Python one, why)."""
+    if os.environ.get(ENV_NO_EXT, "").strip().lower() in ("1", "true", "yes", "on"):
+        return None, f"Python ({ENV_NO_EXT}=1 is set)"
+    try:
+        module = importlib.import_module("fusedclip._host")
+    except ModuleNotFoundError as e:
+        if e.name != "fusedclip._host":
+            return None, f"Python (fusedclip._host failed to import: {e})"
+        return None, (
+            "Python (the host extension fusedclip._host is not built: `pip install --no-build-isolation .` builds it "
+            "when a C++ compiler is found)"
+        )
+    except (ImportError, OSError) as e:  # a build for another torch: undefined symbols
+        return None, f"Python (fusedclip._host failed to load: {type(e).__name__}: {e}; rebuild it against this torch)"
+    built = getattr(module, "TORCH_VERSION", "unknown")
+    if built != _version_token(torch.__version__):
+        return None, (
+            f"Python (fusedclip._host was built against torch {built}, this is torch {torch.__version__}: rebuild it "
+            "with `pip install --no-build-isolation .`)"
+        )
+    return module.Signatures, "C++ (fusedclip._host)"
+
+
+CppSignatures, _how = _load_extension()
+Signatures: Any = CppSignatures or PySignatures  # the check new plans get (tests switch it)
+
+
+def describe() -> str:
+    """Which check runs, and why it is the Python one if it is (for `python -m fusedclip info`)."""
+    if Signatures is CppSignatures or CppSignatures is None:
+        return _how
+    return "Python (chosen in this process although fusedclip._host is loaded)"
+
+
+def uses_extension() -> bool:
+    return CppSignatures is not None and Signatures is CppSignatures
+
+
+# ---- kept plans ---------------------------------------------------------------------------------------------------
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class Entry:
+    """A kept plan: what a call over the list needs besides its tensors, and the signatures that say it still holds."""
+
+    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "needs_tensors")
+
+    def __init__(self, sigs: Any, name: Optional[str], foreach: Optional[bool], group: Group, plan: Plan) -> None:
+        self.sigs = sigs
+        self.name = name
+        self.foreach = foreach
+        self.backend = group.backend
+        self.device = plan.device
+        self.dtype = plan.dtype
+        self.count = plan.count
+        self.device_plan = group.device_plan()
+        # A backend that reads only its device plan is called without a tensor list: none is built per call.
+        self.needs_tensors = not (self.device_plan is not None and group.backend.reads_plan_only)
+
+    def backend_now(self) -> bool:
+        """Whether the general path would pick the same backend now (FUSEDCLIP_BACKEND, what is loaded)."""
+        b = backends.select(self.name, self.device)
+        return (torch_backend.with_foreach(self.foreach) if b.name == "torch" else b) is self.backend
+
+    def plan_for(self, items: Any) -> Optional[Plan]:
+        if self.device.type == "cuda" and _capturing(self.device):
+            return None
+        if not self.backend_now():
+            return None
+        tensors = None
+        if self.needs_tensors:
+            tensors = self.sigs.collect(items)
+            if tensors is None:
+                return None
+        elif not self.sigs.matches(items):
+            return None
+        if self.device.type == "cuda" and isinstance(self.device_plan, DevicePlan):  # (the torch backend's: none)
+            self.device_plan.packed.before_use()  # another stream: wait for the tables
+        return Plan([Group(self.backend, tensors, range(self.count), self.device, self.device_plan)], self.count,
+                    self.device, self.dtype)
+
+
+_buckets: OrderedDict[tuple, list[Entry]] = OrderedDict()
+
+
+def find(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool]) -> Optional[Plan]:
+    """The kept plan for a call over `items` (its parameters if `grads`, else its tensors), if every element is as it
+    was when the plan was kept; None otherwise (the caller takes the general path). Call it only outside tracing."""
+    bucket = _buckets.get((grads, backends.check_backend_name(backend), foreach, len(items)))
+    if bucket is not None:
+        for i, entry in enumerate(bucket):
+            plan = entry.plan_for(items)
+            if plan is not None:
+                if i:
+                    bucket.insert(0, bucket.pop(i))
+                stats.hits += 1
+                return plan
+    stats.misses += 1
+    return None
+
+
+def remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool], plan: Plan) -> None:
+    """Keep `plan`, which the general path just made from `items`, for the next calls over the same tensors, if it
+    qualifies (see the module docstring). Cheap to call when it does not."""
+    single = plan.single
+    if single is None or single.tensors is None or torch.compiler.is_compiling() or _capturing(plan.device):
+        return
+    sigs = Signatures(items, grads)
+    if not sigs.eligible or sigs.present != plan.count:
+        return
+    name = backends.check_backend_name(backend)
+    key = (grads, name, foreach, len(items))
+    bucket = _buckets.get(key)
+    if bucket is None:
+        bucket = _buckets[key] = []
+        if len(_buckets) > BUCKETS:
+            _buckets.popitem(last=False)
+    else:
+        _buckets.move_to_end(key)
+    bucket.insert(0, Entry(sigs, name, foreach, single, plan))
+    del bucket[PER_BUCKET:]
+    stats.kept += 1
+
+
+def clear() -> None:
+    """Forget every kept plan (tests; the benchmark, around its stubbed launches)."""
+    _buckets.clear()

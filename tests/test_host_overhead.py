@@ -1,0 +1,568 @@
+"""The steady-state fast path (fusedclip.fastpath): every decision it makes, checked against stock torch and float64
+references, on every backend this machine runs (the Triton one under its interpreter on CPU), with the per-call check
+in C++ (fusedclip._host, where built) and in Python. Also: the host benchmark's smoke test, and the torch backend's
+clamp on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusedclip
+from fusedclip import fastpath
+from reference import assert_scaled, assert_total_close, random_grads, ref_total_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = ["python"] + (["cpp"] if fastpath.CppSignatures is not None else [])
+
+
+@pytest.fixture(params=CHECKS)
+def check(request, monkeypatch):
+    """Which per-call check new kept plans get; every kept plan is forgotten before and after."""
+    monkeypatch.setattr(fastpath, "Signatures", fastpath.CppSignatures if request.param == "cpp" else
+                        fastpath.PySignatures)
+    fastpath.clear()
+    fastpath.stats.hits = fastpath.stats.misses = fastpath.stats.kept = 0
+    yield request.param
+    fastpath.clear()
+
+
+def acc_of(grads) -> torch.dtype:
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+def assert_total_of(got: torch.Tensor, tensors: list) -> None:
+    """`got` is the total 2-norm of `tensors` (float64 reference; accumulation dtype as the API promises)."""
+    present = [t for t in tensors if t is not None]
+    assert_total_close(got, ref_total_norm(present, 2.0), acc_of(present),
+                       all_fp64=all(t.dtype == torch.float64 for t in present))
+
+
+def make_params(grads: list) -> list[torch.nn.Parameter]:
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.empty_like(g))
+        p.grad = g
+        params.append(p)
+    return params
+
+
+def new_grads(count: int, device: str, seed: int, dtypes=(torch.float32, torch.bfloat16, torch.float64)) -> list:
+    return random_grads(count, dtypes, device, seed=seed, max_numel=200)
+
+
+def assert_clip_matches_torch(params: list, max_norm: float, fn) -> None:
+    """Run `fn(params)` (a fusedclip clip_grad_norm_ call) and check it does what torch's does, measured against
+    float64 (stock torch rounds each bfloat16 norm to bfloat16): the total against the float64 total of the
+    gradients as they were, every gradient against g * min(1, max_norm / (total + 1e-6))."""
+    grads = [p.grad for p in params if p.grad is not None]
+    originals = [g.clone() for g in grads]
+    total = fn(params)
+    assert_total_of(total, originals)
+    coef = min(1.0, max_norm / (total.item() + 1e-6))  # the total itself is checked against float64 just above
+    for i, (g, o) in enumerate(zip(grads, originals)):
+        assert_scaled(g, o, coef, what=f"gradient {i}")
+
+
+def hits_misses() -> tuple[int, int]:
+    return fastpath.stats.hits, fastpath.stats.misses
+
+
+# ---- hits and every reason to miss ---------------------------------------------------------------------------------
+
+
+def test_a_repeated_call_takes_the_fast_path_and_matches_torch(backend_device, check):
+    backend, device = backend_device
+    params = make_params(new_grads(23, device, seed=1))
+    clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend)  # noqa: E731
+    assert_clip_matches_torch(params, 0.5, clip)  # the general path: validates, builds, keeps
+    for step in range(3):
+        for p in params:  # fresh values in the same tensors (a backward into kept gradients)
+            p.grad.copy_(torch.randn(p.grad.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step)))
+        h, m = hits_misses()
+        assert_clip_matches_torch(params, 0.5, clip)
+        assert hits_misses() == (h + 1, m), "the second and later calls should reuse the kept plan"
+
+
+@pytest.mark.parametrize("change", ["moved", "resized", "retyped", "set_to_none", "appears", "non_contiguous"])
+def test_a_changed_gradient_is_seen_and_the_plan_rebuilt(backend_device, check, change):
+    """Each change fails the check (a miss), the call takes the general path, and the result is torch's for the
+    gradients as they are now; the call after that hits again."""
+    backend, device = backend_device
+    grads = new_grads(17, device, seed=2)
+    params = make_params(grads)
+    params.append(torch.nn.Parameter(torch.randn(5, dtype=torch.float64, device=device)))  # no .grad yet
+    clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.25, backend=backend)  # noqa: E731
+    assert_clip_matches_torch(params, 0.25, clip)
+    assert_clip_matches_torch(params, 0.25, clip)
+    p = params[4]
+    old = p.grad
+    gen = torch.Generator().manual_seed(3)
+    if change == "moved":  # same size and dtype elsewhere
+        p.grad = torch.randn(old.shape, generator=gen, dtype=torch.float64).to(old.dtype).to(device)
+    elif change == "resized":  # the same tensor shrunk in place: same address, fewer elements
+        p.grad.resize_(old.numel() // 2 or 1)
+    elif change == "retyped":  # the same Python object, now another dtype at another address
+        p.grad.data = torch.randn(old.shape, generator=gen, dtype=torch.float64).to(device)
+    elif change == "set_to_none":
+        p.grad = None
+    elif change == "appears":
+        params[-1].grad = torch.randn(5, generator=gen, dtype=torch.float64).to(device)
+    elif change == "non_contiguous":
+        base = torch.randn(old.numel(), 2, generator=gen, dtype=torch.float64).to(old.dtype).to(device)
+        p.grad = base[:, 0].view(old.shape) if old.dim() == 1 else base[:, 0].reshape(old.shape)[..., :]
+        if p.grad.is_contiguous():
+            p.grad = base.t()[0].view(-1)[: old.numel()].view(old.shape)
+    h, m = hits_misses()
+    assert_clip_matches_torch(params, 0.25, clip)
+    assert hits_misses()[0] == h, f"a {change} gradient must not take the kept plan"
+    if change == "non_contiguous":
+        assert not p.grad.is_contiguous()
+        return  # never kept: every call takes the general path
+    h, m = hits_misses()
+    assert_clip_matches_torch(params, 0.25, clip)
+    assert hits_misses() == (h + 1, m), "the call after the change should hit the rebuilt plan"
+
+
+def test_a_moved_gradient_is_never_read_stale(backend_device, check):
+    """The old gradient, still alive, keeps its values; the new one is clipped (and its norm counted)."""
+    backend, device = backend_device
+    params = make_params(new_grads(9, device, seed=4))
+    fusedclip.clip_grad_norm_(params, 1e9, backend=backend)
+    fusedclip.clip_grad_norm_(params, 1e9, backend=backend)
+    old = params[3].grad
+    kept = old.clone()
+    params[3].grad = old.clone() * 1000  # moved, and dominant
+    assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend))
+    assert torch.equal(old, kept)
+
+
+def test_tensor_lists_see_resize_and_dtype_changes(backend_device, check):
+    """multi_tensor_norm / get_total_norm over tensors: a tensor resized in place (same address) or given another
+    dtype through .data (same Python object) is a miss, and the total is the current one."""
+    backend, device = backend_device
+    for fn in (fusedclip.multi_tensor_norm, fusedclip.get_total_norm):
+        tensors = new_grads(12, device, seed=5)
+        assert tensors[2].numel() > 1
+        for _ in range(2):
+            assert_total_of(fn(tensors, backend=backend), tensors)
+        h, _ = hits_misses()
+        tensors[2].resize_(1)
+        assert_total_of(fn(tensors, backend=backend), tensors)
+        tensors[5].data = torch.randn(7, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device)
+        assert_total_of(fn(tensors, backend=backend), tensors)
+        assert hits_misses()[0] == h
+        assert_total_of(fn(tensors, backend=backend), tensors)
+        assert hits_misses()[0] == h + 1
+
+
+def test_per_tensor_norms_on_the_fast_path(backend_device, check):
+    backend, device = backend_device
+    tensors = new_grads(11, device, seed=7)
+    tensors.insert(3, None)
+    present = [t for t in tensors if t is not None]
+    for _ in range(2):
+        total, norms = fusedclip.multi_tensor_norm(tensors, backend=backend, per_tensor=True)
+    assert fastpath.stats.hits >= 1
+    assert_total_of(total, present)
+    for t, n in zip(present, norms.tolist()):
+        assert math.isclose(n, ref_total_norm([t], 2.0), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("mutation", ["appended", "replaced", "reordered"])
+def test_a_mutated_parameter_list_is_seen(backend_device, check, mutation):
+    backend, device = backend_device
+    params = make_params(new_grads(14, device, seed=8))
+    extra = make_params(new_grads(1, device, seed=9, dtypes=(torch.float32,)))[0]
+    clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend)  # noqa: E731
+    assert_clip_matches_torch(params, 0.5, clip)
+    if mutation == "appended":
+        params.append(extra)
+    elif mutation == "replaced":
+        params[6] = extra
+    else:
+        params[1], params[2] = params[2], params[1]
+    h, _ = hits_misses()
+    assert_clip_matches_torch(params, 0.5, clip)
+    if mutation != "reordered" or params[1].grad.shape != params[2].grad.shape:
+        assert hits_misses()[0] == h
+
+
+def test_clip_grad_value_and_clip_grads_with_norm_on_the_fast_path(backend_device, check):
+    backend, device = backend_device
+    params = make_params(new_grads(15, device, seed=10))
+    for step in range(3):
+        originals = [p.grad.clone() for p in params]
+        fusedclip.clip_grad_value_(params, 0.3, backend=backend)
+        for p, o in zip(params, originals):
+            assert torch.equal(p.grad, o.clamp(-0.3, 0.3))
+    assert fastpath.stats.hits >= 2
+    h = fastpath.stats.hits
+    originals = [p.grad.clone() for p in params]
+    fusedclip.clip_grads_with_norm_(params, 0.1, torch.tensor(2.0), backend=backend)  # shares the kept plan
+    assert fastpath.stats.hits == h + 1
+    coef = torch.clamp(torch.tensor(0.1) / (torch.tensor(2.0) + 1e-6), max=1.0).item()  # float32, as torch's
+    for i, (p, o) in enumerate(zip(params, originals)):
+        assert_scaled(p.grad, o, coef, what=f"gradient {i}")
+
+
+def test_two_grad_clippers_on_overlapping_parameters(backend_device, check):
+    """Two lists of the same length sharing parameters: each keeps its own plan and both stay right."""
+    backend, device = backend_device
+    params = make_params(new_grads(30, device, seed=11))
+    a, b = params[:20], params[10:]
+    ca = fusedclip.GradClipper(a, 0.7, backend=backend)
+    cb = fusedclip.GradClipper(b, 0.4, backend=backend)
+    for step in range(3):
+        assert_clip_matches_torch(a, 0.7, lambda ps: ca())
+        assert_clip_matches_torch(b, 0.4, lambda ps: cb())
+    assert fastpath.stats.hits >= 4
+
+
+def test_eviction_of_kept_plans_and_of_the_backends_plan_cache(backend_device, check):
+    """More same-length lists than a bucket keeps: the oldest is forgotten and rebuilt on its next call. And a kept
+    plan whose device plan left the backend's cache still reads the right tables (it holds them)."""
+    backend, device = backend_device
+    lists = [make_params(new_grads(6, device, seed=20 + i)) for i in range(fastpath.PER_BUCKET + 1)]
+    clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend)  # noqa: E731
+    for ps in lists:
+        assert_clip_matches_torch(ps, 0.5, clip)
+    h, m = hits_misses()
+    assert_clip_matches_torch(lists[0], 0.5, clip)  # evicted from its bucket: a miss
+    assert hits_misses() == (h, m + 1)
+    assert_clip_matches_torch(lists[-1], 0.5, clip)
+    assert hits_misses() == (h + 1, m + 1)
+    b = fusedclip.backends.select(backend, torch.device(device))
+    if hasattr(b, "cache"):
+        b.cache.clear()
+    assert_clip_matches_torch(lists[-1], 0.5, clip)
+    assert hits_misses() == (h + 2, m + 1)
+
+
+def test_aliasing_is_never_kept_and_keeps_its_warning(backend_device, check):
+    """A parameter listed twice, or two parameters sharing one gradient: scaled twice as torch does, warned at every
+    call, never kept."""
+    backend, device = backend_device
+    params = make_params(new_grads(8, device, seed=30))
+    shared = torch.nn.Parameter(torch.empty_like(params[2]))
+    shared.grad = params[2].grad
+    for twice in (params[5], shared):
+        listed = params + [twice]
+        for _ in range(2):
+            stock = make_params([p.grad.clone() for p in params])
+            stock_twice = stock[5]
+            if twice is shared:
+                stock_twice = torch.nn.Parameter(torch.empty_like(stock[2]))
+                stock_twice.grad = stock[2].grad
+            stock_list = stock + [stock_twice]
+            want = torch.nn.utils.clip_grad_norm_(stock_list, 0.3)
+            with pytest.warns(UserWarning, match="scaled twice"):
+                got = fusedclip.clip_grad_norm_(listed, 0.3, backend=backend)
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=0)
+            for p, s in zip(listed, stock_list):
+                torch.testing.assert_close(p.grad.double(), s.grad.double(), rtol=1e-5, atol=1e-7)
+    assert len(fastpath._buckets) == 0, "an aliased list must never be kept"
+
+
+def test_grad_clipper_warns_once_for_a_parameter_listed_twice(backend_device, check):
+    backend, device = backend_device
+    params = make_params(new_grads(6, device, seed=31))
+    with pytest.warns(UserWarning, match=r"parameters\[6\] is parameters\[1\] again"):
+        clipper = fusedclip.GradClipper(params + [params[1]], 0.5, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipper()  # said once, at construction
+        clipper()
+    shared = torch.nn.Parameter(torch.empty_like(params[0]))
+    shared.grad = params[0].grad
+    clipper = fusedclip.GradClipper(params + [shared], 0.5, backend=backend)
+    with pytest.warns(UserWarning, match="same tensor"):  # distinct parameters sharing a gradient: at each call
+        clipper()
+
+
+@pytest.mark.parametrize("case", ["error_if_nonfinite", "sparse", "non_leaf", "generator", "tuple"])
+def test_other_inputs_keep_their_general_path_behaviour(backend_device, check, case):
+    backend, device = backend_device
+    params = make_params(new_grads(7, device, seed=40))
+    if case == "error_if_nonfinite":
+        fusedclip.clip_grad_norm_(params, 1.0, backend=backend, error_if_nonfinite=True)
+        fusedclip.clip_grad_norm_(params, 1.0, backend=backend, error_if_nonfinite=True)
+        assert fastpath.stats.hits == 1
+        params[2].grad[0] = math.inf
+        with pytest.raises(RuntimeError, match="non-finite"):
+            fusedclip.clip_grad_norm_(params, 1.0, backend=backend, error_if_nonfinite=True)
+    elif case == "sparse":
+        sp = torch.nn.Parameter(torch.zeros(5, 3, device=device))
+        sp.grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(41)).to(device).to_sparse()
+        listed = params + [sp]
+        for _ in range(2):
+            dense = [p.grad.to_dense() for p in listed]
+            assert_total_of(fusedclip.clip_grad_norm_(listed, 1e9, backend=backend), dense)
+        assert fastpath.stats.kept == 0
+    elif case == "non_leaf":
+        leaf = torch.randn(4, requires_grad=True)
+        nonleaf = (leaf * 2).to(device)
+        nonleaf.retain_grad()
+        nonleaf.sum().backward()
+        listed = params + [nonleaf]
+        for _ in range(2):
+            assert_clip_matches_torch(listed, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend))
+    elif case == "generator":
+        module = torch.nn.ParameterList(params)
+        for _ in range(2):
+            assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(module.parameters(), 0.5,
+                                                                                        backend=backend))
+        assert fastpath.stats.hits == 1  # model.parameters() is consumed into a list, then checked like one
+    else:
+        for _ in range(2):
+            assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(tuple(ps), 0.5,
+                                                                                        backend=backend))
+        assert fastpath.stats.hits == 1
+
+
+def test_an_empty_generator_still_warns_every_call(check):
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="empty generator"):
+            fusedclip.clip_grad_norm_((p for p in []), 1.0)
+
+
+def test_a_different_backend_is_not_served_by_a_kept_plan(check, monkeypatch):
+    """FUSEDCLIP_BACKEND (the default for backend=None) changes which backend a call gets: the kept plan of another
+    backend is not used."""
+    if "triton" not in fusedclip.available_backends() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton backend on CPU (its interpreter)")
+    params = make_params(new_grads(5, "cpu", seed=50))
+    monkeypatch.setenv("FUSEDCLIP_BACKEND", "triton")
+    fusedclip.clip_grad_norm_(params, 1.0)
+    monkeypatch.setenv("FUSEDCLIP_BACKEND", "torch")
+    h = fastpath.stats.hits
+    assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5))
+    assert fastpath.stats.hits == h
+
+
+# ---- the two checks agree --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(fastpath.CppSignatures is None, reason="fusedclip._host is not built")
+def test_the_cpp_and_python_checks_decide_alike():
+    g = torch.Generator().manual_seed(60)
+    base = [torch.randn(n, generator=g) for n in (3, 1, 8)]
+    cases = {
+        "tensors": (base, False),
+        "with None": ([base[0], None, base[2]], False),
+        "non-contiguous": ([base[0], torch.randn(4, 4, generator=g).t()], False),
+        "zero-size": ([base[0], torch.empty(0)], False),
+        "int": ([torch.arange(3)], False),
+        "negative view": ([base[0], base[1].neg().resolve_neg()._neg_view()], False),
+        "same address": ([base[0], base[0][:2]], False),
+        "not a tensor": ([base[0], 3.0], False),
+        "sparse": ([torch.randn(3, 3, generator=g).to_sparse()], False),
+    }
+    params = make_params([b.clone() for b in base])
+    params.append(torch.nn.Parameter(torch.randn(2, generator=g)))
+    cases["params"] = (params, True)
+    cases["param list with a tensor"] = (params + [None], True)
+    for name, (items, grads) in cases.items():
+        c, p = fastpath.CppSignatures(items, grads), fastpath.PySignatures(items, grads)
+        assert c.eligible == p.eligible, name
+        assert c.matches(items) == p.matches(items) == c.eligible, name
+        if c.eligible:
+            assert (c.present, len(c)) == (p.present, len(p)), name
+            got_c, got_p = c.collect(items), p.collect(items)
+            assert [t.data_ptr() for t in got_c] == [t.data_ptr() for t in got_p], name
+
+
+def test_the_loader_says_why_the_extension_is_not_used(monkeypatch):
+    real = fastpath.importlib.import_module
+
+    def missing(name, *args):
+        if name == "fusedclip._host":
+            raise ModuleNotFoundError("No module named 'fusedclip._host'", name=name)
+        return real(name, *args)
+
+    monkeypatch.delenv(fastpath.ENV_NO_EXT, raising=False)
+    monkeypatch.setattr(fastpath.importlib, "import_module", missing)
+    sigs, why = fastpath._load_extension()
+    assert sigs is None and why.startswith("Python (the host extension fusedclip._host is not built")
+
+    class OtherTorch:
+        TORCH_VERSION = "1.0.0"
+        Signatures = object
+
+    monkeypatch.setattr(fastpath.importlib, "import_module", lambda name, *a: OtherTorch)
+    sigs, why = fastpath._load_extension()
+    assert sigs is None and "built against torch 1.0.0" in why
+    monkeypatch.setenv(fastpath.ENV_NO_EXT, "1")
+    assert fastpath._load_extension() == (None, "Python (FUSEDCLIP_NO_HOST_EXT=1 is set)")
+
+
+def test_the_fast_path_runs_with_the_extension_disabled():
+    """FUSEDCLIP_NO_HOST_EXT=1 (read at import): the Python check, and a subset of this file passes under it."""
+    env = dict(os.environ, FUSEDCLIP_NO_HOST_EXT="1")
+    out = subprocess.run(
+        [sys.executable, "-c", "from fusedclip import fastpath; print(fastpath.describe())"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert "FUSEDCLIP_NO_HOST_EXT=1" in out.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k",
+         "repeated_call or changed_gradient and moved or aliasing"],
+        env=env, capture_output=True, text=True, cwd=ROOT / "tests",
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+# ---- the host benchmark ------------------------------------------------------------------------------------------
+
+
+def test_host_benchmark_smoke(tmp_path):
+    """A tiny run of `python -m fusedclip bench --host`: it runs, writes a valid record, and the kernel backend's
+    steady-state calls took the fast path (no timings are asserted)."""
+    out = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the stubbed launches need none
+    run = subprocess.run(
+        [sys.executable, "-m", "fusedclip", "bench", "--host", "--tensors", "20", "--reps", "3", "--warmup", "1",
+         "--out", str(out)],
+        env=env, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["kind"] == "host" and record["settings"]["sizes"] == [20]
+    rows = record["results"]
+    assert {r["mode"] for r in rows} == {"kept", "fresh", "moved"}
+    impls = {r["impl"] for r in rows}
+    assert "stock torch" in impls and "fusedclip torch" in impls
+    for r in rows:
+        assert r["calls"] == 3 and r["median_us"] > 0 and r["p10_us"] <= r["median_us"] <= r["p90_us"]
+        if r["impl"] == "stock torch":
+            continue
+        assert r["ratio_to_stock"] is not None
+        if r["mode"] in ("kept", "fresh"):
+            assert r["fast_path_hit_rate"] == 1.0, r
+        else:
+            assert r["fast_path_hit_rate"] == 0.0, r
+    fresh = [r for r in rows if r["mode"] == "fresh"]
+    assert all(r["address_reuse"] == 1.0 for r in fresh)
+    from fusedclip.bench import markdown_host_table
+
+    table = markdown_host_table([("host.json", record)])
+    assert "| 20 | kept | GradClipper | " in table and "| 20 | moved | clip_grad_value_ | " in table
+
+
+# ---- the torch backend's clamp on CPU ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_torch_backend_clamp_on_cpu_matches_torch(check, foreach):
+    """Small tensors go through two foreach passes, large ones one pass each: the same values as stock torch's
+    clip_grad_value_, NaN and inf included, for every dtype."""
+    gen = torch.Generator().manual_seed(70)
+    sizes = [1, 7, 300, 1 << 16, 3, (1 << 16) + 5, 2]
+    dtypes = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+    grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtypes[i % 4]) for i, n in enumerate(sizes)]
+    grads[1][2] = math.nan
+    grads[3][5] = -math.inf
+    ours = make_params(grads)
+    for bound in (1.25, 0.5, 0.125):  # the general path, then the kept plan (with what it learnt) twice
+        stock = make_params([g.clone() for g in grads])
+        torch.nn.utils.clip_grad_value_(stock, bound, foreach=foreach)
+        fusedclip.clip_grad_value_(ours, bound, foreach=foreach, backend="torch")
+        for i, (p, s) in enumerate(zip(ours, stock)):
+            torch.testing.assert_close(p.grad, s.grad, rtol=0, atol=0, equal_nan=True, msg=f"gradient {i}")
+    small = make_params([g[:100].clone() * 4 for g in grads])  # every tensor small: all to the foreach passes
+    for bound in (1.0, 0.25):
+        stock = make_params([p.grad.clone() for p in small])
+        torch.nn.utils.clip_grad_value_(stock, bound, foreach=foreach)
+        fusedclip.clip_grad_value_(small, bound, foreach=foreach, backend="torch")
+        for i, (p, s) in enumerate(zip(small, stock)):
+            torch.testing.assert_close(p.grad, s.grad, rtol=0, atol=0, equal_nan=True, msg=f"gradient {i}")
+    assert fastpath.stats.hits >= 3
+
+
+# ---- the Triton launchers: no-op mode (CPU) and the direct launch of a compiled kernel (GPU) ----------------------
+
+
+def _triton_or_skip():
+    if "triton" not in fusedclip.available_backends():
+        pytest.skip("triton is not available")
+    from fusedclip.backends import triton_backend
+
+    triton_backend.load()
+    return triton_backend
+
+
+def test_stubbed_launches_do_the_host_work_and_no_kernel(check):
+    """In stubbed_launches() every launch is a no-op after its host work: the Triton backend takes CPU tensors,
+    keys each launch as a real one would be keyed, and leaves every gradient untouched. After the block the same
+    calls run for real (the interpreter here) and clip as torch does."""
+    triton_backend = _triton_or_skip()
+    from fusedclip.triton_kernels import clamp, launch, multi_tensor_norm, scale
+
+    params = make_params(new_grads(9, "cpu", seed=80))
+    before = [p.grad.clone() for p in params]
+    launchers = [multi_tensor_norm._REDUCE, multi_tensor_norm._FINALIZE, scale._SCALE, clamp._CLAMP]
+    stubs = [len(x.stubs) for x in launchers]
+    with triton_backend.stubbed_launches():
+        assert launch.is_stubbed()
+        for _ in range(2):
+            fusedclip.clip_grad_norm_(params, 1e-3, backend="triton")
+            fusedclip.clip_grad_value_(params, 1e-3, backend="triton")
+        assert fastpath.stats.hits == 3  # clip_grad_value_ shares the plan clip_grad_norm_ kept for this list
+    assert not launch.is_stubbed()
+    assert all(len(x.stubs) >= n for x, n in zip(launchers, stubs)) and any(x.stubs for x in launchers)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b), "a stubbed launch ran a kernel"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        fastpath.clear()
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+
+
+def test_launch_keys_separate_what_triton_specialises_on():
+    """Launcher.key is never coarser than Triton's own specialisation: tensors by dtype and 16-byte alignment, ints
+    by width, ==1 and %16, constexprs by value."""
+    _triton_or_skip()
+    from fusedclip.triton_kernels import launch, scale
+
+    buf = torch.zeros(64, dtype=torch.float32)
+    assert launch.spec(buf) != launch.spec(buf[1:])  # 4-byte offset: not 16-byte aligned
+    assert launch.spec(buf) != launch.spec(buf.double())
+    assert launch.spec(buf[4:]) == launch.spec(buf)
+    specs = [launch.spec(n) for n in (1, 2, 16, 32, 2**31, 2**63)]
+    assert specs[0] != specs[1] and specs[2] != specs[1] and specs[2] == specs[3]
+    assert specs[4][0] == "i64" and specs[5][0] == "u64" and specs[1][0] == "i32"
+    assert launch.spec(True) != launch.spec(1)
+    s = scale._SCALE
+    args = [0] * len(s.constexpr)
+    other = list(args)
+    k = s.constexpr.index(True)
+    other[k] = 7  # a constexpr: by value
+    assert s.key(0, 4, tuple(args)) != s.key(0, 4, tuple(other))
+    assert s.key(0, 4, tuple(args)) != s.key(0, 8, tuple(args))  # num_warps
+
+
+@pytest.mark.gpu
+def test_gpu_launchers_call_the_compiled_kernel_directly_and_match_torch():
+    """After the first launch of a specialisation (through JITFunction.run), later launches call the compiled kernel
+    directly; the results stay torch's, for clip_grad_norm_ (reduce, finalize, scale) and clip_grad_value_."""
+    _triton_or_skip()
+    from fusedclip.triton_kernels import clamp, multi_tensor_norm, scale
+
+    launchers = [multi_tensor_norm._REDUCE, multi_tensor_norm._FINALIZE, scale._SCALE, clamp._CLAMP]
+    params = make_params(new_grads(40, "cuda", seed=81))
+    direct = [x.direct for x in launchers]
+    for _ in range(3):
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+        originals = [p.grad.clone() for p in params]
+        fusedclip.clip_grad_value_(params, 1e-3, backend="triton")
+        for p, o in zip(params, originals):
+            assert torch.equal(p.grad, o.clamp(-1e-3, 1e-3))
+    assert all(x.direct > d for x, d in zip(launchers, direct)), "no launch took the direct path"
+    assert fastpath.stats.hits >= 4
