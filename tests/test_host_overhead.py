@@ -352,6 +352,50 @@ def test_a_different_backend_is_not_served_by_a_kept_plan(check, monkeypatch):
 
 
 @pytest.mark.skipif(fastpath.CppSignatures is None, reason="fusedclip._host is not built")
+@pytest.mark.parametrize("at", [0, 3, 8, 20, 36])
+def test_long_lists_a_change_anywhere_is_seen_by_both_checks(at):
+    """The C++ walk resolves elements ahead of the one it compares (prefetching): a change at any position of a long
+    list, the first, around the look-ahead distance and the last included, fails both checks, and an unchanged list
+    gives back exactly its gradients in order."""
+    g = torch.Generator().manual_seed(61 + at)
+    params = make_params([torch.randn(int(n), generator=g) for n in torch.randint(1, 50, (37,), generator=g)])
+    params[11].grad = None  # an absent gradient in the middle stays absent
+    c, p = fastpath.CppSignatures(params, True), fastpath.PySignatures(params, True)
+    assert c.eligible and p.eligible and c.present == p.present == 36
+    want = [q.grad for q in params if q.grad is not None]
+    for sig in (c, p):
+        got = sig.collect(params)
+        assert got is not None and len(got) == 36 and all(a is b for a, b in zip(got, want))
+    i = at if at != 11 else 12
+    victim, old = params[i], params[i].grad
+
+    def with_grad(grad):  # a parameter of the gradient's shape in place of the victim (torch refuses other shapes)
+        q = torch.nn.Parameter(torch.empty_like(grad))
+        q.grad = grad
+        return params[:i] + [q] + params[i + 1:]
+
+    changes = {
+        "moved": lambda: with_grad(old.clone()),
+        "set to None": lambda: params[:i] + [torch.nn.Parameter(old.clone())] + params[i + 1:],
+        "resized": lambda: with_grad(torch.randn(old.numel() + 1, generator=g)),
+        "re-typed": lambda: with_grad(old.double()),
+        "non-contiguous": lambda: with_grad(torch.randn(2, old.numel(), generator=g).t()[:, 0]),
+    }
+    for name, make in changes.items():
+        changed = make()
+        assert not c.matches(changed) and not p.matches(changed), name
+        assert c.collect(changed) is None and p.collect(changed) is None, name
+    victim.grad = old.clone()  # the same parameter, its gradient moved
+    assert not c.matches(params) and not p.matches(params)
+    victim.grad = old
+    assert c.matches(params) and p.matches(params)
+    params_with_a_stranger = params[:at] + [3.0] + params[at + 1:]
+    assert not c.matches(params_with_a_stranger) and not p.matches(params_with_a_stranger)
+    params[11].grad = torch.randn(params[11].shape, generator=g)  # a gradient appears where there was none
+    assert not c.matches(params) and not p.matches(params)
+
+
+@pytest.mark.skipif(fastpath.CppSignatures is None, reason="fusedclip._host is not built")
 def test_the_cpp_and_python_checks_decide_alike():
     g = torch.Generator().manual_seed(60)
     base = [torch.randn(n, generator=g) for n in (3, 1, 8)]
