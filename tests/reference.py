@@ -59,6 +59,16 @@ def random_grads(count: int, dtypes=(torch.float32,), device="cpu", seed=0, max_
     return out
 
 
+def params_with_grads(grads: list[Tensor]) -> list[torch.nn.Parameter]:
+    """A leaf parameter per gradient (zeros of its shape and dtype) with that gradient as its .grad."""
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g
+        params.append(p)
+    return params
+
+
 def ref_tensor_norm(t: Tensor, p: float) -> float:
     x = t.detach().to("cpu", torch.float64 if not t.is_complex() else torch.complex128).abs().reshape(-1)
     if x.numel() == 0:

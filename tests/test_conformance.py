@@ -18,6 +18,7 @@ from reference import (
     assert_scaled,
     assert_total_close,
     norm_rtol,
+    params_with_grads,
     random_grads,
     random_tensor,
     ref_tensor_norm,
@@ -27,15 +28,6 @@ from reference import (
 
 from fusedclip.backends import acc_dtype
 from fusedclip.backends.torch_backend import BLOCK as BLOCK_ELEMENTS
-
-
-def params_with_grads(grads):
-    params = []
-    for g in grads:
-        p = torch.nn.Parameter(torch.empty_like(g))
-        p.grad = g
-        params.append(p)
-    return params
 
 
 def clone_all(ts):

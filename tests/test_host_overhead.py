@@ -18,7 +18,7 @@ import torch
 
 import fusedclip
 from fusedclip import fastpath
-from reference import assert_scaled, assert_total_close, random_grads, ref_total_norm
+from reference import assert_scaled, assert_total_close, params_with_grads, random_grads, ref_total_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["python"] + (["cpp"] if fastpath.CppSignatures is not None else [])
@@ -44,15 +44,6 @@ def assert_total_of(got: torch.Tensor, tensors: list) -> None:
     present = [t for t in tensors if t is not None]
     assert_total_close(got, ref_total_norm(present, 2.0), acc_of(present),
                        all_fp64=all(t.dtype == torch.float64 for t in present))
-
-
-def make_params(grads: list) -> list[torch.nn.Parameter]:
-    params = []
-    for g in grads:
-        p = torch.nn.Parameter(torch.empty_like(g))
-        p.grad = g
-        params.append(p)
-    return params
 
 
 def new_grads(count: int, device: str, seed: int, dtypes=(torch.float32, torch.bfloat16, torch.float64)) -> list:
@@ -81,7 +72,7 @@ def hits_misses() -> tuple[int, int]:
 
 def test_a_repeated_call_takes_the_fast_path_and_matches_torch(backend_device, check):
     backend, device = backend_device
-    params = make_params(new_grads(23, device, seed=1))
+    params = params_with_grads(new_grads(23, device, seed=1))
     clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend)  # noqa: E731
     assert_clip_matches_torch(params, 0.5, clip)  # the general path: validates, builds, keeps
     for step in range(3):
@@ -98,7 +89,7 @@ def test_a_changed_gradient_is_seen_and_the_plan_rebuilt(backend_device, check, 
     gradients as they are now; the call after that hits again."""
     backend, device = backend_device
     grads = new_grads(17, device, seed=2)
-    params = make_params(grads)
+    params = params_with_grads(grads)
     params.append(torch.nn.Parameter(torch.randn(5, dtype=torch.float64, device=device)))  # no .grad yet
     clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.25, backend=backend)  # noqa: E731
     assert_clip_matches_torch(params, 0.25, clip)
@@ -135,7 +126,7 @@ def test_a_changed_gradient_is_seen_and_the_plan_rebuilt(backend_device, check, 
 def test_a_moved_gradient_is_never_read_stale(backend_device, check):
     """The old gradient, still alive, keeps its values; the new one is clipped (and its norm counted)."""
     backend, device = backend_device
-    params = make_params(new_grads(9, device, seed=4))
+    params = params_with_grads(new_grads(9, device, seed=4))
     fusedclip.clip_grad_norm_(params, 1e9, backend=backend)
     fusedclip.clip_grad_norm_(params, 1e9, backend=backend)
     old = params[3].grad
@@ -180,8 +171,8 @@ def test_per_tensor_norms_on_the_fast_path(backend_device, check):
 @pytest.mark.parametrize("mutation", ["appended", "replaced", "reordered"])
 def test_a_mutated_parameter_list_is_seen(backend_device, check, mutation):
     backend, device = backend_device
-    params = make_params(new_grads(14, device, seed=8))
-    extra = make_params(new_grads(1, device, seed=9, dtypes=(torch.float32,)))[0]
+    params = params_with_grads(new_grads(14, device, seed=8))
+    extra = params_with_grads(new_grads(1, device, seed=9, dtypes=(torch.float32,)))[0]
     clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend)  # noqa: E731
     assert_clip_matches_torch(params, 0.5, clip)
     if mutation == "appended":
@@ -198,7 +189,7 @@ def test_a_mutated_parameter_list_is_seen(backend_device, check, mutation):
 
 def test_clip_grad_value_and_clip_grads_with_norm_on_the_fast_path(backend_device, check):
     backend, device = backend_device
-    params = make_params(new_grads(15, device, seed=10))
+    params = params_with_grads(new_grads(15, device, seed=10))
     for step in range(3):
         originals = [p.grad.clone() for p in params]
         fusedclip.clip_grad_value_(params, 0.3, backend=backend)
@@ -217,7 +208,7 @@ def test_clip_grad_value_and_clip_grads_with_norm_on_the_fast_path(backend_devic
 def test_two_grad_clippers_on_overlapping_parameters(backend_device, check):
     """Two lists of the same length sharing parameters: each keeps its own plan and both stay right."""
     backend, device = backend_device
-    params = make_params(new_grads(30, device, seed=11))
+    params = params_with_grads(new_grads(30, device, seed=11))
     a, b = params[:20], params[10:]
     ca = fusedclip.GradClipper(a, 0.7, backend=backend)
     cb = fusedclip.GradClipper(b, 0.4, backend=backend)
@@ -231,7 +222,7 @@ def test_eviction_of_kept_plans_and_of_the_backends_plan_cache(backend_device, c
     """More same-length lists than a bucket keeps: the oldest is forgotten and rebuilt on its next call. And a kept
     plan whose device plan left the backend's cache still reads the right tables (it holds them)."""
     backend, device = backend_device
-    lists = [make_params(new_grads(6, device, seed=20 + i)) for i in range(fastpath.PER_BUCKET + 1)]
+    lists = [params_with_grads(new_grads(6, device, seed=20 + i)) for i in range(fastpath.PER_BUCKET + 1)]
     clip = lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend)  # noqa: E731
     for ps in lists:
         assert_clip_matches_torch(ps, 0.5, clip)
@@ -251,13 +242,13 @@ def test_aliasing_is_never_kept_and_keeps_its_warning(backend_device, check):
     """A parameter listed twice, or two parameters sharing one gradient: scaled twice as torch does, warned at every
     call, never kept."""
     backend, device = backend_device
-    params = make_params(new_grads(8, device, seed=30))
+    params = params_with_grads(new_grads(8, device, seed=30))
     shared = torch.nn.Parameter(torch.empty_like(params[2]))
     shared.grad = params[2].grad
     for twice in (params[5], shared):
         listed = params + [twice]
         for _ in range(2):
-            stock = make_params([p.grad.clone() for p in params])
+            stock = params_with_grads([p.grad.clone() for p in params])
             stock_twice = stock[5]
             if twice is shared:
                 stock_twice = torch.nn.Parameter(torch.empty_like(stock[2]))
@@ -274,7 +265,7 @@ def test_aliasing_is_never_kept_and_keeps_its_warning(backend_device, check):
 
 def test_grad_clipper_warns_once_for_a_parameter_listed_twice(backend_device, check):
     backend, device = backend_device
-    params = make_params(new_grads(6, device, seed=31))
+    params = params_with_grads(new_grads(6, device, seed=31))
     with pytest.warns(UserWarning, match=r"parameters\[6\] is parameters\[1\] again"):
         clipper = fusedclip.GradClipper(params + [params[1]], 0.5, backend=backend)
     with warnings.catch_warnings():
@@ -291,7 +282,7 @@ def test_grad_clipper_warns_once_for_a_parameter_listed_twice(backend_device, ch
 @pytest.mark.parametrize("case", ["error_if_nonfinite", "sparse", "non_leaf", "generator", "tuple"])
 def test_other_inputs_keep_their_general_path_behaviour(backend_device, check, case):
     backend, device = backend_device
-    params = make_params(new_grads(7, device, seed=40))
+    params = params_with_grads(new_grads(7, device, seed=40))
     if case == "error_if_nonfinite":
         fusedclip.clip_grad_norm_(params, 1.0, backend=backend, error_if_nonfinite=True)
         fusedclip.clip_grad_norm_(params, 1.0, backend=backend, error_if_nonfinite=True)
@@ -339,7 +330,7 @@ def test_a_different_backend_is_not_served_by_a_kept_plan(check, monkeypatch):
     backend is not used."""
     if "triton" not in fusedclip.available_backends() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton backend on CPU (its interpreter)")
-    params = make_params(new_grads(5, "cpu", seed=50))
+    params = params_with_grads(new_grads(5, "cpu", seed=50))
     monkeypatch.setenv("FUSEDCLIP_BACKEND", "triton")
     fusedclip.clip_grad_norm_(params, 1.0)
     monkeypatch.setenv("FUSEDCLIP_BACKEND", "torch")
@@ -358,7 +349,7 @@ def test_long_lists_a_change_anywhere_is_seen_by_both_checks(at):
     list, the first, around the look-ahead distance and the last included, fails both checks, and an unchanged list
     gives back exactly its gradients in order."""
     g = torch.Generator().manual_seed(61 + at)
-    params = make_params([torch.randn(int(n), generator=g) for n in torch.randint(1, 50, (37,), generator=g)])
+    params = params_with_grads([torch.randn(int(n), generator=g) for n in torch.randint(1, 50, (37,), generator=g)])
     params[11].grad = None  # an absent gradient in the middle stays absent
     c, p = fastpath.CppSignatures(params, True), fastpath.PySignatures(params, True)
     assert c.eligible and p.eligible and c.present == p.present == 36
@@ -410,7 +401,7 @@ def test_the_cpp_and_python_checks_decide_alike():
         "not a tensor": ([base[0], 3.0], False),
         "sparse": ([torch.randn(3, 3, generator=g).to_sparse()], False),
     }
-    params = make_params([b.clone() for b in base])
+    params = params_with_grads([b.clone() for b in base])
     params.append(torch.nn.Parameter(torch.randn(2, generator=g)))
     cases["params"] = (params, True)
     cases["param list with a tensor"] = (params + [None], True)
@@ -514,16 +505,16 @@ def test_torch_backend_clamp_on_cpu_matches_torch(check, foreach):
     grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * 3).to(dtypes[i % 4]) for i, n in enumerate(sizes)]
     grads[1][2] = math.nan
     grads[3][5] = -math.inf
-    ours = make_params(grads)
+    ours = params_with_grads(grads)
     for bound in (1.25, 0.5, 0.125):  # the general path, then the kept plan (with what it learnt) twice
-        stock = make_params([g.clone() for g in grads])
+        stock = params_with_grads([g.clone() for g in grads])
         torch.nn.utils.clip_grad_value_(stock, bound, foreach=foreach)
         fusedclip.clip_grad_value_(ours, bound, foreach=foreach, backend="torch")
         for i, (p, s) in enumerate(zip(ours, stock)):
             torch.testing.assert_close(p.grad, s.grad, rtol=0, atol=0, equal_nan=True, msg=f"gradient {i}")
-    small = make_params([g[:100].clone() * 4 for g in grads])  # every tensor small: all to the foreach passes
+    small = params_with_grads([g[:100].clone() * 4 for g in grads])  # every tensor small: all to the foreach passes
     for bound in (1.0, 0.25):
-        stock = make_params([p.grad.clone() for p in small])
+        stock = params_with_grads([p.grad.clone() for p in small])
         torch.nn.utils.clip_grad_value_(stock, bound, foreach=foreach)
         fusedclip.clip_grad_value_(small, bound, foreach=foreach, backend="torch")
         for i, (p, s) in enumerate(zip(small, stock)):
@@ -550,7 +541,7 @@ def test_stubbed_launches_do_the_host_work_and_no_kernel(check):
     triton_backend = _triton_or_skip()
     from fusedclip.triton_kernels import clamp, launch, multi_tensor_norm, scale
 
-    params = make_params(new_grads(9, "cpu", seed=80))
+    params = params_with_grads(new_grads(9, "cpu", seed=80))
     before = [p.grad.clone() for p in params]
     launchers = [multi_tensor_norm._REDUCE, multi_tensor_norm._FINALIZE, scale._SCALE, clamp._CLAMP]
     stubs = [len(x.stubs) for x in launchers]
@@ -600,7 +591,7 @@ def test_gpu_launchers_call_the_compiled_kernel_directly_and_match_torch():
     from fusedclip.triton_kernels import clamp, multi_tensor_norm, scale
 
     launchers = [multi_tensor_norm._REDUCE, multi_tensor_norm._FINALIZE, scale._SCALE, clamp._CLAMP]
-    params = make_params(new_grads(40, "cuda", seed=81))
+    params = params_with_grads(new_grads(40, "cuda", seed=81))
     direct = [x.direct for x in launchers]
     for _ in range(3):
         assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))

@@ -10,16 +10,14 @@ import pytest
 import torch
 
 import fusedclip
-from reference import NORM_TYPES, assert_rel_close, assert_total_close, random_tensor, ref_total_norm
-
-
-def params_for(grads):
-    params = []
-    for g in grads:
-        p = torch.nn.Parameter(torch.zeros_like(g))
-        p.grad = g
-        params.append(p)
-    return params
+from reference import (
+    NORM_TYPES,
+    assert_rel_close,
+    assert_total_close,
+    params_with_grads,
+    random_tensor,
+    ref_total_norm,
+)
 
 
 def caught(fn):
@@ -33,7 +31,7 @@ def caught(fn):
 
 
 def test_empty_generator_warns_as_torch_does():
-    params = params_for([random_tensor((5,), gen=torch.Generator().manual_seed(1))])
+    params = params_with_grads([random_tensor((5,), gen=torch.Generator().manual_seed(1))])
     ours, seen = caught(lambda: fusedclip.clip_grad_norm_((p for p in []), 1.0))
     stock, stock_seen = caught(lambda: torch.nn.utils.clip_grad_norm_((p for p in []), 1.0))
     assert torch.equal(ours, stock)
@@ -51,7 +49,7 @@ def test_empty_generator_warns_as_torch_does():
 
 
 def test_no_warning_where_torch_gives_none():
-    params = params_for([random_tensor((5,), gen=torch.Generator().manual_seed(2))])
+    params = params_with_grads([random_tensor((5,), gen=torch.Generator().manual_seed(2))])
     for call in [
         lambda: fusedclip.clip_grad_norm_([], 1.0),  # an empty list is deliberate
         lambda: fusedclip.clip_grad_norm_((p for p in params), 1e9),  # a generator with parameters
@@ -69,8 +67,8 @@ def test_no_warning_where_torch_gives_none():
 def test_parameter_listed_twice_is_scaled_twice_with_a_warning():
     gen = torch.Generator().manual_seed(3)
     grads = [random_tensor((7,), gen=gen, scale=3.0) for _ in range(3)]
-    ours = params_for([g.clone() for g in grads])
-    stock = params_for([g.clone() for g in grads])
+    ours = params_with_grads([g.clone() for g in grads])
+    stock = params_with_grads([g.clone() for g in grads])
     with pytest.warns(UserWarning, match=r"parameters\[3\] is parameters\[1\] again") as seen:
         total = fusedclip.clip_grad_norm_(ours + [ours[1]], 1.0)
     assert len([w for w in seen if "scaled twice" in str(w.message)]) == 1  # once per call, not per repeat
@@ -79,7 +77,7 @@ def test_parameter_listed_twice_is_scaled_twice_with_a_warning():
     for p, q in zip(ours, stock):
         torch.testing.assert_close(p.grad, q.grad, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
 
-    shared = params_for([grads[0].clone(), grads[1].clone()])
+    shared = params_with_grads([grads[0].clone(), grads[1].clone()])
     shared[1].grad = shared[0].grad  # two parameters, one gradient tensor
     with pytest.warns(UserWarning, match=r"parameters\[1\].grad is the same tensor as parameters\[0\].grad"):
         fusedclip.clip_grads_with_norm_(shared, 1.0, torch.tensor(10.0))
@@ -88,7 +86,7 @@ def test_parameter_listed_twice_is_scaled_twice_with_a_warning():
 
 
 def test_distinct_parameters_give_no_repeat_warning():
-    params = params_for([random_tensor((4,), gen=torch.Generator().manual_seed(4)) for _ in range(3)])
+    params = params_with_grads([random_tensor((4,), gen=torch.Generator().manual_seed(4)) for _ in range(3)])
     params[1].grad = None
     _, seen = caught(lambda: fusedclip.clip_grad_norm_(params, 0.1))
     assert not seen, [str(w.message) for w in seen]
@@ -98,7 +96,7 @@ def test_input_checks_trace_without_a_graph_break():
     # The checks run on every clip, including inside a user's torch.compile(fullgraph=True) step.
     from fusedclip.arguments import warn_if_empty_generator, warn_if_repeated
 
-    params = params_for([random_tensor((4,), gen=torch.Generator().manual_seed(5)) for _ in range(2)])
+    params = params_with_grads([random_tensor((4,), gen=torch.Generator().manual_seed(5)) for _ in range(2)])
 
     @torch.compile(backend="eager", fullgraph=True)
     def checked(params):
@@ -147,7 +145,7 @@ def test_sparse_compressed_norms(layout, norm_type):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_sparse_compressed_clipping(layout):
     dense = [sparse_dense(20), sparse_dense(21)]
-    params = params_for([LAYOUTS[layout](d) for d in dense])
+    params = params_with_grads([LAYOUTS[layout](d) for d in dense])
     for p, d in zip(params, dense):
         p.data = LAYOUTS[layout](torch.zeros_like(d))  # a sparse parameter, so that autograd would give this layout
     ref = ref_total_norm(dense, 2.0)
@@ -173,7 +171,7 @@ def test_sparse_compressed_clipping(layout):
 
 def test_meta_mixed_with_real_gradients_is_a_clear_error():
     real = random_tensor((5,), gen=torch.Generator().manual_seed(30))
-    params = params_for([real.clone(), torch.empty(3, device="meta")])
+    params = params_with_grads([real.clone(), torch.empty(3, device="meta")])
     before = params[0].grad.clone()
     for call in [
         lambda: fusedclip.get_total_norm([p.grad for p in params]),

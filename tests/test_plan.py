@@ -15,7 +15,14 @@ import fusedclip
 from fusedclip import dispatch
 from fusedclip.backends import acc_dtype, plan
 from fusedclip.backends.plan import DTYPE_CODES, IndexCache, PlanCache, pack_tables, unit_rows
-from reference import assert_scaled, random_grads, random_tensor, ref_tensor_norm, ref_total_norm
+from reference import (
+    assert_scaled,
+    params_with_grads,
+    random_grads,
+    random_tensor,
+    ref_tensor_norm,
+    ref_total_norm,
+)
 
 TABLES = ("meta", "chunk_tensor", "chunk_start", "tensor_chunks", "ticket")
 
@@ -354,15 +361,6 @@ def _kernel_backends() -> list[str]:
     return [b for b in ("triton", "cuda") if b in fusedclip.available_backends()]
 
 
-def _params(grads):
-    params = []
-    for g in grads:
-        prm = torch.nn.Parameter(torch.empty_like(g))
-        prm.grad = g
-        params.append(prm)
-    return params
-
-
 @pytest.mark.gpu
 def test_gpu_cold_plan_and_index_builds_do_not_sync():
     grads = random_grads(50, (torch.float32, torch.bfloat16, torch.float16), "cuda", seed=70, max_numel=3000)
@@ -395,10 +393,10 @@ def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
         pytest.skip(f"backend {backend!r} is not available")
     dtypes = (torch.float32, torch.bfloat16)
     grads = random_grads(40, dtypes, "cuda", seed=81, max_numel=5000)
-    params = _params(grads)
+    params = params_with_grads(grads)
     # The same sizes and dtypes at other addresses: compiles every kernel specialisation outside the capture,
     # and leaves the plan of `grads` cold.
-    fusedclip.clip_grad_norm_(_params([g.clone() for g in grads]), 0.5, backend=backend)
+    fusedclip.clip_grad_norm_(params_with_grads([g.clone() for g in grads]), 0.5, backend=backend)
     cache = fusedclip.backends.select(backend, grads[0].device).cache  # type: ignore[attr-defined]
     builds = cache.builds
     torch.cuda.synchronize()
@@ -415,7 +413,7 @@ def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
     for i in range(100):
         other = random_grads(3, dtypes, "cuda", seed=1000 + i, max_numel=300)
         keep.append(other)
-        fusedclip.clip_grad_norm_(_params(other), 0.5, backend=backend)
+        fusedclip.clip_grad_norm_(params_with_grads(other), 0.5, backend=backend)
     assert cache.builds >= builds + 101 and len(cache._lru) <= cache.capacity
 
     for seed in (82, 83):

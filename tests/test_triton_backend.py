@@ -16,6 +16,7 @@ from reference import (
     NORM_TYPES,
     assert_scaled,
     assert_total_close,
+    params_with_grads,
     random_grads,
     random_tensor,
     ref_tensor_norm,
@@ -45,13 +46,6 @@ def grads_of_sizes(sizes, dtypes, seed=0, device=DEVICE):
 
 def acc_of(tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def make_params(grads):
-    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g
-    return params
 
 
 class KernelCounter:
@@ -138,7 +132,7 @@ def test_many_tensors_mixed_dtypes_one_reduce_launch(tb, monkeypatch):
 def test_clip_grad_norm_is_three_launches(monkeypatch):
     grads = random_grads(50, dtypes=(torch.float32, torch.bfloat16), device=DEVICE, seed=4)
     counter = KernelCounter(monkeypatch)
-    fusedclip.clip_grad_norm_(make_params(grads), 0.5, backend="triton")
+    fusedclip.clip_grad_norm_(params_with_grads(grads), 0.5, backend="triton")
     assert counter.launches == ["_reduce_kernel", "_finalize_kernel", "_scale_kernel"]
 
 
@@ -176,7 +170,7 @@ def test_non_finite_propagates_like_torch(tb, p, poison):
 def test_nan_gradient_gives_nan_everywhere_when_clipping():
     grads = random_grads(6, device=DEVICE, seed=12)
     grads[4][0] = float("nan")
-    ours, theirs = make_params([g.clone() for g in grads]), make_params([g.clone() for g in grads])
+    ours, theirs = params_with_grads([g.clone() for g in grads]), params_with_grads([g.clone() for g in grads])
     t1 = fusedclip.clip_grad_norm_(ours, 1.0, backend="triton")
     t2 = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
     assert math.isnan(t1.item()) and math.isnan(t2.item())
@@ -201,7 +195,7 @@ def test_clip_grad_norm_matches_reference(dtype):
     grads = random_grads(25, dtypes=(dtype,), device=DEVICE, seed=14, max_numel=700)  # several default chunks
     original = [g.clone() for g in grads]
     max_norm = 0.1
-    total = fusedclip.clip_grad_norm_(make_params(grads), max_norm, backend="triton")
+    total = fusedclip.clip_grad_norm_(params_with_grads(grads), max_norm, backend="triton")
     ref = ref_total_norm(original, 2.0)
     acc = acc_of(original)
     assert_total_close(total, ref, acc)
@@ -212,7 +206,7 @@ def test_clip_grad_norm_matches_reference(dtype):
 
 def test_clip_matches_stock_torch_float32():
     grads = random_grads(30, device=DEVICE, seed=15)
-    ours, theirs = make_params([g.clone() for g in grads]), make_params([g.clone() for g in grads])
+    ours, theirs = params_with_grads([g.clone() for g in grads]), params_with_grads([g.clone() for g in grads])
     t1 = fusedclip.clip_grad_norm_(ours, 0.7, norm_type=3.0, backend="triton")
     t2 = torch.nn.utils.clip_grad_norm_(theirs, 0.7, norm_type=3.0)
     torch.testing.assert_close(t1, t2, rtol=1e-5, atol=0)
@@ -266,7 +260,7 @@ def test_noncontiguous_and_zero_size_fold_into_one_total():
         assert total.item() == pytest.approx(ref_total_norm(original, p), rel=1e-5)
         assert norms[1].item() == 0.0
         assert norms[0].item() == pytest.approx(ref_tensor_norm(original[0], p), rel=1e-5)
-    total = fusedclip.clip_grad_norm_(make_params(grads), 0.5, backend="triton")
+    total = fusedclip.clip_grad_norm_(params_with_grads(grads), 0.5, backend="triton")
     coef = backends.clip_coef(total, 0.5).item()
     for g, o in zip(grads, original):
         if g.numel():
@@ -276,7 +270,7 @@ def test_noncontiguous_and_zero_size_fold_into_one_total():
 def test_clip_grad_norm_per_tensor(tb):
     grads = random_grads(12, dtypes=(torch.float32, torch.float16), device=DEVICE, seed=19, max_numel=60)
     original = [g.clone() for g in grads]
-    norms = fusedclip.clip_grad_norm_per_tensor_(make_params(grads), 2.0, backend="triton")
+    norms = fusedclip.clip_grad_norm_per_tensor_(params_with_grads(grads), 2.0, backend="triton")
     for g, o, n in zip(grads, original, norms):
         ref = ref_tensor_norm(o, 2.0)
         assert n.item() == pytest.approx(ref, rel=1e-5)
@@ -290,7 +284,7 @@ def test_clamp_matches_torch(dtype):
     grads = grads_of_sizes([31, 1, 17], [dtype], seed=20)
     grads[0][5] = float("nan")
     expected = [g.clamp(-0.3, 0.3) for g in grads]
-    fusedclip.clip_grad_value_(make_params(grads), 0.3, backend="triton")
+    fusedclip.clip_grad_value_(params_with_grads(grads), 0.3, backend="triton")
     for g, e in zip(grads, expected):
         assert torch.equal(g.isnan(), e.isnan())
         assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(e))
@@ -485,7 +479,7 @@ def test_many_tensors_mixed_dtypes_and_alignment_gpu_configuration():
 
 def test_plan_cache_hit_and_rebuild_on_replaced_grad(tb):
     grads = random_grads(8, device=DEVICE, seed=21)
-    params = make_params(grads)
+    params = params_with_grads(grads)
     tb.norms([p.grad for p in params], 2.0, False)
     tb.norms([p.grad for p in params], 2.0, False)
     assert tb.cache.builds == 1
@@ -693,7 +687,7 @@ def _refill(grads, seed):
 def test_gpu_launch_count_at_most_three():
     from torch.profiler import ProfilerActivity, profile
 
-    params = make_params(_cuda_grads(500, torch.bfloat16))
+    params = params_with_grads(_cuda_grads(500, torch.bfloat16))
     fusedclip.clip_grad_norm_(params, 0.1, backend="triton")  # compile and build the plan first
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -708,7 +702,7 @@ def test_gpu_no_host_sync_cold_and_steady():
     """A call that builds its plan (cold cache) and steady-state calls, each under set_sync_debug_mode("error");
     the results are checked against the float64 reference after leaving that mode."""
     grads = _cuda_grads()
-    params = make_params(grads)
+    params = params_with_grads(grads)
     cache = cold_plans("triton")
     for phase, seed in (("cold", 33), ("steady", 34)):
         fresh = _refill(grads, seed)
@@ -730,7 +724,7 @@ def test_gpu_no_host_sync_cold_and_steady():
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_and_replay():
     grads = _cuda_grads(50)
-    params = make_params(grads)
+    params = params_with_grads(grads)
     fusedclip.clip_grad_norm_(params, 0.1, backend="triton")  # warm: compile, plan
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
