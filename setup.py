@@ -119,7 +119,8 @@ def _cuda_extension() -> tuple[list, dict]:
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's BuildExtension for the -gencode flags
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "kernels", "*.cu")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "kernels", "*.cu")))
     # A bare token (quotes and ';' would not survive the build's shell lines); module.cpp stringifies it.
     archs = "-DFUSEDCLIP_CUDA_ARCHS=" + arch_token(arch_list)
     ext = CUDAExtension(

@@ -13,7 +13,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedclip  # noqa: E402  (after TRITON_INTERPRET)
-import triton_preflight
+import triton_preflight  # noqa: E402  (after TRITON_INTERPRET)
 
 # Every launch of our Triton kernels is recorded: tests/test_triton_compile.py, which runs last, compiles each
 # specialisation the session launched for sm_80 and sm_90.

@@ -339,6 +339,7 @@ class TorchPlan:
     def __init__(self) -> None:
         self.all_foreach: Optional[bool] = None  # clamp_: every tensor goes to the two foreach passes
 
+
 _instances = {f: TorchBackend(f) for f in (None, True, False)}
 
 
