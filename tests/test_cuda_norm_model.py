@@ -455,17 +455,19 @@ def test_unit_tables_every_interleaving():
 # ---- element loops: fold_chunk (norm.cu) and apply_chunk (elementwise.cu), mirrored -------------------------------
 
 
-def fold_chunk_accesses(address: int, count: int, itemsize: int) -> tuple[list[int], list[int]]:
-    """(first element of every 16-byte load, every scalar element read) of fold_chunk over all threads."""
+def _chunk_accesses(address: int, count: int, itemsize: int, unroll: int) -> tuple[list[int], list[int]]:
+    """(first element of every 16-byte load, every scalar element read) of a chunk loop over all threads: each
+    thread takes `unroll` 16-byte packs THREADS apart per step while they last, then one at a time, then the
+    scalar tail (all of it when the chunk is not 16-byte aligned)."""
     packs, scalars, tail = [], [], 0
     if address % 16 == 0:
         n = VECTOR_BYTES // itemsize
         nvec = count // n
         for thread in range(THREADS):
             i = thread
-            while i + 3 * THREADS < nvec:
-                packs += [i, i + THREADS, i + 2 * THREADS, i + 3 * THREADS]
-                i += 4 * THREADS
+            while i + (unroll - 1) * THREADS < nvec:
+                packs += [i + k * THREADS for k in range(unroll)]
+                i += unroll * THREADS
             while i < nvec:
                 packs.append(i)
                 i += THREADS
@@ -474,26 +476,16 @@ def fold_chunk_accesses(address: int, count: int, itemsize: int) -> tuple[list[i
     for thread in range(THREADS):
         scalars += range(tail + thread, count, THREADS)
     return packs, scalars
+
+
+def fold_chunk_accesses(address: int, count: int, itemsize: int) -> tuple[list[int], list[int]]:
+    """fold_chunk (norm.cu): four packs per step."""
+    return _chunk_accesses(address, count, itemsize, 4)
 
 
 def apply_chunk_accesses(address: int, count: int, itemsize: int) -> tuple[list[int], list[int]]:
-    packs, scalars, tail = [], [], 0
-    if address % 16 == 0:
-        n = VECTOR_BYTES // itemsize
-        nvec = count // n
-        for thread in range(THREADS):
-            i = thread
-            while i + THREADS < nvec:
-                packs += [i, i + THREADS]
-                i += 2 * THREADS
-            while i < nvec:
-                packs.append(i)
-                i += THREADS
-        packs = [k * n for k in packs]
-        tail = nvec * n
-    for thread in range(THREADS):
-        scalars += range(tail + thread, count, THREADS)
-    return packs, scalars
+    """apply_chunk (elementwise.cu): two packs per step."""
+    return _chunk_accesses(address, count, itemsize, 2)
 
 
 def check_accesses(tt: Tables, loop) -> None:
