@@ -29,8 +29,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import __version__, backends
-from .clip import clip_grad_norm_
+from . import __version__, backends, fastpath
+from .clip import clip_grad_norm_, clip_grad_value_, get_total_norm, multi_tensor_norm
+from .clipper import GradClipper
 from .patching import TORCH_ORIGINALS
 from .presets import PRESETS, Preset
 
@@ -625,9 +626,6 @@ class HostPath:
 
 
 def host_paths(backend_names: list[str]) -> list[HostPath]:
-    from .clip import clip_grad_value_, get_total_norm, multi_tensor_norm
-    from .clipper import GradClipper
-
     norm_list, norm_gen = "clip_grad_norm_ (list)", "clip_grad_norm_ (model.parameters())"
     out = [
         HostPath(norm_list, STOCK, norm_list, lambda s: lambda: stock_clip(s.params, 1.0)),
@@ -657,13 +655,6 @@ def host_paths(backend_names: list[str]) -> list[HostPath]:
             ),
         ]
     return out
-
-
-def _fast_path_counts() -> tuple[int, int]:
-    """(hits, misses) of fusedclip's steady-state fast path so far."""
-    from . import fastpath
-
-    return fastpath.stats.hits, fastpath.stats.misses
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -747,13 +738,13 @@ def run_host(
                                 if k >= warmup:  # the warm-up reaches the steady state
                                     reused += before == state.addresses()
                                     steps += 1
-                            h0, m0 = _fast_path_counts()
+                            h0, m0 = fastpath.stats.hits, fastpath.stats.misses
                             sync(device)
                             t0 = time.thread_time_ns()
                             call()
                             t1 = time.thread_time_ns()
                             sync(device)
-                            h1, m1 = _fast_path_counts()
+                            h1, m1 = fastpath.stats.hits, fastpath.stats.misses
                             if k >= warmup:
                                 times[i].append((t1 - t0) / 1e3)
                                 hits[i] += h1 - h0
@@ -803,17 +794,11 @@ def run_host(
             "timing": "time.thread_time_ns around each call (CPU time of the calling thread), round robin; "
             "garbage collection off while timing; torch.set_num_threads(1) while timing",
             "statistic": "median",
-            "fast_path": _fast_path_description(),
+            "fast_path": "per-call check in " + fastpath.describe(),
         },
         "left_out": why_not,
         "results": results,
     }
-
-
-def _fast_path_description() -> str:
-    from . import fastpath
-
-    return "per-call check in " + fastpath.describe()
 
 
 def format_host_table(record: dict) -> str:
