@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import BackendUnavailable, acc_dtype, torch_backend
-from .plan import DevicePlan, PlanCache, flat_ok
+from .plan import DevicePlan, PlanCache, flat_ok, kernel_coef
 from .units import UnitKernels
 
 # Elements per chunk: a multiple of the kernels' kChunkAlign (16) so every chunk start stays 16-byte aligned.
@@ -107,13 +107,6 @@ def _has_unit_ops() -> bool:
     return hasattr(torch.ops.fusedclip, "unit_norms") and hasattr(torch.ops.fusedclip, "scale_units")
 
 
-def _coef_arg(coef: Tensor, device: torch.device) -> Tensor:
-    """The kernels read float32 or float64 coefficients on the gradients' device."""
-    if coef.dtype not in (torch.float32, torch.float64):
-        coef = coef.float()
-    return coef.to(device)
-
-
 class CudaBackend(UnitKernels):
     name = "cuda"
 
@@ -185,7 +178,7 @@ class CudaBackend(UnitKernels):
 
     def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool, plan: Optional[DevicePlan] = None) -> None:
         p = plan if plan is not None else self.plans.get(tensors)
-        coef = _coef_arg(coef, p.device)
+        coef = kernel_coef(coef, p.device)
         if p.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
             fallback = torch_backend.load()
             (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef)

@@ -45,6 +45,14 @@ def flat_ok(t: Tensor) -> bool:
     return t.layout == torch.strided and t.dtype in KERNEL_DTYPES and t.is_contiguous()
 
 
+def kernel_coef(coef: Tensor, device: torch.device) -> Tensor:
+    """A clip coefficient as the kernels read it: float32 or float64 (a bf16 total_norm from stock torch, say, is
+    widened), on the plan's device (no call when it is there already: this runs every step)."""
+    if coef.dtype not in (torch.float32, torch.float64):
+        coef = coef.float()
+    return coef if coef.device == device else coef.to(device)
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     device: torch.device

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import BackendUnavailable, acc_dtype, torch_backend
-from .plan import CACHE_SIZE, DevicePlan, PlanCache, flat_ok
+from .plan import CACHE_SIZE, DevicePlan, PlanCache, flat_ok, kernel_coef
 from .units import UnitKernels
 
 # Chunk = elements one program covers; block = elements per step of the reduce loop (the scale and clamp loops step
@@ -106,10 +106,7 @@ class TritonBackend(UnitKernels):
     ) -> None:
         """The scale launch over `plan` (by default the plan of `tensors`, which an aliased plan needs)."""
         plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
-        if coef.dtype not in (torch.float32, torch.float64):
-            coef = coef.float()  # e.g. a bf16 total_norm from stock torch
-        if coef.device != plan.device:
-            coef = coef.to(plan.device)
+        coef = kernel_coef(coef, plan.device)
         if coef.dim() != 1:
             coef = coef.reshape(-1)
         if plan.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
