@@ -173,7 +173,7 @@ class Capture:
     def __init__(self, monkeypatch):
         self.on = False
         self.uploads = 0
-        monkeypatch.setattr(plan, "_capturing", lambda device: self.on)
+        monkeypatch.setattr(plan, "capturing", lambda device: self.on)
         real_upload = plan.PackedTables.upload
 
         def upload(packed):

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import torch_backend
-from .backends.plan import DevicePlan
+from .backends.plan import DevicePlan, capturing
 from .dispatch import Group, Plan
 
 ENV_NO_EXT = "FUSEDCLIP_NO_HOST_EXT"
@@ -219,10 +219,6 @@ def uses_extension() -> bool:
 # ---- kept plans ---------------------------------------------------------------------------------------------------
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 class Entry:
     """A kept plan: what a call over the list needs besides its tensors, and the signatures that say it still holds."""
 
@@ -246,7 +242,7 @@ class Entry:
         return (torch_backend.with_foreach(self.foreach) if b.name == "torch" else b) is self.backend
 
     def plan_for(self, items: Any) -> Optional[Plan]:
-        if self.device.type == "cuda" and _capturing(self.device):
+        if capturing(self.device):
             return None
         if not self.backend_now():
             return None
@@ -286,7 +282,7 @@ def remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional[
     """Keep `plan`, which the general path just made from `items`, for the next calls over the same tensors, if it
     qualifies (see the module docstring). Cheap to call when it does not."""
     single = plan.single
-    if single is None or single.tensors is None or torch.compiler.is_compiling() or _capturing(plan.device):
+    if single is None or single.tensors is None or torch.compiler.is_compiling() or capturing(plan.device):
         return
     sigs = Signatures(items, grads)
     if not sigs.eligible or sigs.present != plan.count:

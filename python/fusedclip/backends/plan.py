@@ -104,7 +104,7 @@ class PackedTables:
             return
         self.device.copy_(self.host, non_blocking=self.pinned)
         device = self.device.device
-        if _capturing(device):
+        if capturing(device):
             return  # the graph's copy node reads the host buffer at every replay: keep it
         if device.type == "cuda":
             stream = torch.cuda.current_stream(device)
@@ -253,7 +253,7 @@ def _build_units(tensors: list[Tensor], rows: list[int], chunk_size: int) -> Dev
     )
 
 
-def _capturing(device: torch.device) -> bool:
+def capturing(device: torch.device) -> bool:
     """Whether work issued now for `device` is recorded into a CUDA graph (the current stream is capturing)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -283,10 +283,10 @@ class TableCache(Generic[V]):
         self.builds = 0  # for tests: how many entries were built (host-to-device copies)
 
     def _lookup(self, key: tuple, device: torch.device, build: Callable[[], tuple[V, PackedTables]]) -> V:
-        capturing = _capturing(device)
+        in_capture = capturing(device)
         entry = self._lru.get(key)
         if entry is not None:
-            if capturing:
+            if in_capture:
                 del self._lru[key]
                 self._kept[key] = entry
             else:
@@ -297,14 +297,14 @@ class TableCache(Generic[V]):
         if entry is not None:
             entry[1].before_use()
             return entry[0]
-        if capturing:
+        if in_capture:
             entry = self._captured.get(key)
             if entry is not None:
                 entry[1].upload()
                 return entry[0]
         entry = build()
         self.builds += 1
-        if capturing:
+        if in_capture:
             self._captured[key] = entry
         else:
             self._lru[key] = entry
