@@ -39,7 +39,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import torch_backend
-from .backends.plan import DevicePlan, capturing
+from .backends.plan import KERNEL_DTYPES, DevicePlan, capturing
 from .dispatch import Group, Plan
 
 ENV_NO_EXT = "FUSEDCLIP_NO_HOST_EXT"
@@ -62,7 +62,6 @@ stats = Stats()
 # ---- the per-call check: fusedclip._host's Signatures, or this Python one -----------------------------------------
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # exactly these types: a subclass may change what .grad or the data mean
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NOT_PLAIN = object()
 
 
@@ -74,7 +73,7 @@ def _unfit(t: Tensor) -> str:
         return "not strided"
     if t.device.type not in ("cpu", "cuda"):
         return "neither on CPU nor on CUDA"
-    if t.dtype not in _KERNEL_DTYPES:
+    if t.dtype not in KERNEL_DTYPES:
         return "of a dtype other than float32, float16, bfloat16 and float64"
     if t.is_neg() or t.is_conj():
         return "a negative or conjugate view"
