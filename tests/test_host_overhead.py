@@ -205,6 +205,100 @@ def test_clip_grad_value_and_clip_grads_with_norm_on_the_fast_path(backend_devic
         assert_scaled(p.grad, o, coef, what=f"gradient {i}")
 
 
+def _kept_steps() -> list[dict]:
+    """The prepared-call tables of every kept plan (kept plans of a backend without a tensor list have one)."""
+    return [e.plan.steps for bucket in fastpath._buckets.values() for e in bucket if e.plan is not None]
+
+
+def test_prepared_calls_follow_each_calls_arguments(backend_device, check):
+    """A kept plan prepares a call per (what, norm type, max_norm or clip value): calls that change these between
+    steps, back and forth and past the table's bound, each get what torch computes for their own arguments."""
+    backend, device = backend_device
+    params = params_with_grads(new_grads(19, device, seed=12))
+    gen = torch.Generator().manual_seed(13)
+    cases = [(2.0, 0.5), (1.0, 0.5), (math.inf, 0.05), (2.0, 3.0), (2.0, 0.5), (0.0, 1.0), (3.0, 0.25)]
+    cases += [(2.0, 0.01 * (k + 1)) for k in range(fusedclip.dispatch.STEPS + 2)]  # more than a table keeps
+    for step, (norm_type, max_norm) in enumerate(cases):
+        for p in params:  # new values in the same tensors
+            p.grad.copy_(torch.randn(p.grad.shape, generator=gen, dtype=torch.float64))
+        originals = [p.grad.clone() for p in params]
+        total = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
+        assert_total_close(total, ref_total_norm(originals, norm_type), acc_of(originals), what=f"call {step} total",
+                           all_fp64=False)
+        coef = min(1.0, max_norm / (total.item() + 1e-6))
+        for i, (p, o) in enumerate(zip(params, originals)):
+            assert_scaled(p.grad, o, coef, what=f"call {step}, gradient {i}")
+        grads = [p.grad for p in params]
+        assert_total_close(fusedclip.get_total_norm(grads, norm_type, backend=backend),
+                           ref_total_norm(grads, norm_type), acc_of(grads), what=f"call {step} get_total_norm",
+                           all_fp64=False)
+        value = 0.02 * (step % 4 + 1)
+        before = [p.grad.clone() for p in params]
+        fusedclip.clip_grad_value_(params, value, backend=backend)
+        for p, o in zip(params, before):
+            assert torch.equal(p.grad, o.clamp(-value, value))
+    assert fastpath.stats.hits >= 3 * (len(cases) - 1)
+    steps = _kept_steps()
+    if backend == "torch":
+        assert not steps  # the torch backend reads tensors: its kept plans are made per call, with no steps
+    else:
+        assert steps and all(0 < len(t) <= fusedclip.dispatch.STEPS for t in steps)
+
+
+def test_a_returned_total_is_not_overwritten_by_later_calls(backend_device, check):
+    """Prepared calls keep their scratch (the clip coefficient) with the plan, never what they return: a total kept
+    from one step still holds that step's value after more steps over other values."""
+    backend, device = backend_device
+    params = params_with_grads(new_grads(11, device, seed=14))
+    gen = torch.Generator().manual_seed(15)
+    kept = []
+    for step in range(4):
+        for p in params:
+            p.grad.copy_(torch.randn(p.grad.shape, generator=gen, dtype=torch.float64) * (step + 1))
+        grads = [p.grad.clone() for p in params]
+        norm = fusedclip.multi_tensor_norm([p.grad for p in params], backend=backend)
+        total = fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
+        kept.append((norm, total, ref_total_norm(grads, 2.0), acc_of(grads)))
+    for step, (norm, total, ref, acc) in enumerate(kept):
+        assert_total_close(norm, ref, acc, what=f"step {step} multi_tensor_norm", all_fp64=False)
+        assert_total_close(total, ref, acc, what=f"step {step} clip_grad_norm_", all_fp64=False)
+    assert len({id(t) for _, t, _, _ in kept}) == len(kept)
+
+
+def test_a_prepared_launch_keys_another_specialisation_afresh(check, monkeypatch):
+    """A prepared launch's key is worked out once, from its first arguments: a varying argument that Triton would
+    specialise otherwise (here a coefficient 4 bytes off 16-byte alignment) takes the full launch path and gets its
+    own key; one like the first reuses the prepared key."""
+    triton_backend = _triton_or_skip()
+    from fusedclip.triton_kernels import launch, scale
+
+    buf = torch.zeros(8, dtype=torch.float32)
+    meta = torch.zeros(3, 1, dtype=torch.int64)
+    tables = (torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64))
+    monkeypatch.setattr(scale._SCALE, "stubs", {})  # (the session's other launches left theirs)
+    with triton_backend.stubbed_launches():
+        prepared = scale._SCALE.prepare((1,), (meta, *tables, buf[:1], 1, False, 64, 64, 256), 4, varying=(3,))
+        prepared(buf[4:5])
+        assert set(scale._SCALE.stubs) == {prepared.tail}
+        prepared(buf[1:2])  # misaligned: Launcher.__call__ keys it
+        assert len(scale._SCALE.stubs) == 2
+        assert launch.spec(buf[1:2]) != launch.spec(buf[:1])
+
+
+def test_grad_clipper_keeps_its_own_parameter_list(backend_device, check):
+    """The API reads a caller's list without copying it; GradClipper, which keeps the list between calls, keeps a
+    copy: a parameter the caller appends later is not clipped by it."""
+    backend, device = backend_device
+    params = params_with_grads(new_grads(9, device, seed=16))
+    clipper = fusedclip.GradClipper(params, 0.5, backend=backend)
+    extra = params_with_grads(new_grads(1, device, seed=17))[0]
+    params.append(extra)
+    before = extra.grad.clone()
+    assert_clip_matches_torch(params[:-1], 0.5, lambda ps: clipper())
+    assert torch.equal(extra.grad, before)
+    assert len(clipper.parameters) == 9
+
+
 def test_two_grad_clippers_on_overlapping_parameters(backend_device, check):
     """Two lists of the same length sharing parameters: each keeps its own plan and both stay right."""
     backend, device = backend_device
@@ -561,7 +655,7 @@ def test_stubbed_launches_do_the_host_work_and_no_kernel(check):
 
 
 def test_launch_keys_separate_what_triton_specialises_on():
-    """Launcher.key is never coarser than Triton's own specialisation: tensors by dtype and 16-byte alignment, ints
+    """Launcher.key_tail is never coarser than Triton's own specialisation: tensors by dtype and 16-byte alignment, ints
     by width, ==1 and %16, constexprs by value."""
     _triton_or_skip()
     from fusedclip.triton_kernels import launch, scale
@@ -579,8 +673,8 @@ def test_launch_keys_separate_what_triton_specialises_on():
     other = list(args)
     k = s.constexpr.index(True)
     other[k] = 7  # a constexpr: by value
-    assert s.key(0, 4, tuple(args)) != s.key(0, 4, tuple(other))
-    assert s.key(0, 4, tuple(args)) != s.key(0, 8, tuple(args))  # num_warps
+    assert s.key_tail(4, tuple(args)) != s.key_tail(4, tuple(other))
+    assert s.key_tail(4, tuple(args)) != s.key_tail(8, tuple(args))  # num_warps
 
 
 @pytest.mark.gpu

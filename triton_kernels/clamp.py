@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .addressing import BF16, CODE_DTYPES, CODE_MATH, CODE_SIZES, F16, F32, WIDE, edge_lanes, f64_bits
-from .launch import Launcher
+from .launch import Launcher, Prepared
 
 # The bound as each dtype holds it, in the kernel's argument order.
 _ROUNDED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -92,12 +92,33 @@ def clamp_(
     num_warps: int = 4,
 ) -> None:
     """One launch: every tensor of the tables clamped to [-clip_value, clip_value] in place."""
-    bounds = _bounds(float(clip_value))
-    # Constexprs positional, in the kernel's order: CHUNK, BLOCK, EDGE.
-    _CLAMP(
-        (num_chunks,), meta, chunk_tensor, chunk_start, num_tensors, *bounds, chunk_size, block, edge_lanes(block),
-        num_warps=num_warps,
+    _CLAMP((num_chunks,), *_args(meta, chunk_tensor, chunk_start, num_tensors, chunk_size, clip_value, block),
+           num_warps=num_warps)
+
+
+def prepare_clamp_(
+    meta: Tensor,
+    chunk_tensor: Tensor,
+    chunk_start: Tensor,
+    num_tensors: int,
+    num_chunks: int,
+    chunk_size: int,
+    clip_value: float,
+    block: int = 1024,
+    num_warps: int = 4,
+) -> Prepared:
+    """clamp_, prepared once for a caller that repeats it over the same tables and value (a kept plan): call the
+    result to launch."""
+    return _CLAMP.prepare(
+        (num_chunks,), _args(meta, chunk_tensor, chunk_start, num_tensors, chunk_size, clip_value, block), num_warps
     )
+
+
+def _args(meta: Tensor, chunk_tensor: Tensor, chunk_start: Tensor, num_tensors: int, chunk_size: int,
+          clip_value: float, block: int) -> tuple:
+    # Constexprs positional, in the kernel's order: CHUNK, BLOCK, EDGE.
+    return (meta, chunk_tensor, chunk_start, num_tensors, *_bounds(float(clip_value)), chunk_size, block,
+            edge_lanes(block))
 
 
 @functools.lru_cache(maxsize=64)

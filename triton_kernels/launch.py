@@ -97,15 +97,24 @@ class Launcher:
         self.stubs: dict[tuple, Any] = {}  # the same keys, seen in stubbed() (kept apart: never launched for real)
         self.direct = 0  # real launches that skipped JITFunction.run
 
-    def key(self, device: int, num_warps: int, args: tuple) -> tuple:
-        return (device, num_warps) + tuple(a if c else spec(a) for a, c in zip(args, self.constexpr))
+    def key_tail(self, num_warps: int, args: tuple) -> tuple:
+        """What picks the compiled kernel, but the device (a launch adds the current one in front)."""
+        return (num_warps,) + tuple(a if c else spec(a) for a, c in zip(args, self.constexpr))
 
     def __call__(self, grid: tuple[int, ...], *args: Any, num_warps: int = 4) -> None:
+        self.launch(grid, args, self.key_tail(num_warps, args), num_warps)
+
+    def prepare(self, grid: tuple[int, ...], args: tuple, num_warps: int = 4, varying: tuple[int, ...] = ()) -> Prepared:
+        """This launch with its key worked out once, for a caller that repeats it: every argument the same but those
+        at the positions `varying`, passed at each call (see Prepared)."""
+        return Prepared(self, grid, args, num_warps, varying)
+
+    def launch(self, grid: tuple[int, ...], args: tuple, tail: tuple, num_warps: int) -> None:
+        """Launch with `tail` = self.key_tail(num_warps, args) (worked out by the caller, maybe once for many)."""
         if _stubbed:
-            key = self.key(0, num_warps, args)
-            kernel = self.stubs.get(key)
+            kernel = self.stubs.get(tail)
             if kernel is None:
-                kernel = self.stubs[key] = _NO_OP
+                kernel = self.stubs[tail] = _NO_OP
             kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, 0, kernel.function, kernel.packed_metadata, None,
                        None, None, *args)
             return
@@ -114,7 +123,7 @@ class Launcher:
             jit[grid](*args, num_warps=num_warps)
             return
         device = driver.active.get_current_device()
-        key = self.key(device, num_warps, args)
+        key = (device,) + tail
         kernel = self.compiled.get(key)
         if kernel is None:
             kernel = jit[grid](*args, num_warps=num_warps)
@@ -129,3 +138,30 @@ class Launcher:
         kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata,
                    kernel.launch_metadata(grid, stream, *args), knobs.runtime.launch_enter_hook,
                    knobs.runtime.launch_exit_hook, *args)
+
+
+class Prepared:
+    """One launch repeated by a kept plan (fusedclip.fastpath): the grid, the options and every argument but those at
+    `varying` are fixed, and so is the key, worked out here once. `prepared(*values)` launches with `values` at the
+    varying positions; a value that Triton would specialise differently from the first one (another dtype or
+    alignment) takes the full path of Launcher.__call__ instead, so the key is never wrong."""
+
+    __slots__ = ("launcher", "grid", "args", "num_warps", "varying", "specs", "tail")
+
+    def __init__(self, launcher: Launcher, grid: tuple[int, ...], args: tuple, num_warps: int,
+                 varying: tuple[int, ...]) -> None:
+        self.launcher, self.grid, self.args, self.num_warps, self.varying = launcher, grid, args, num_warps, varying
+        self.specs = tuple(spec(args[i]) for i in varying)
+        self.tail = launcher.key_tail(num_warps, args)
+
+    def __call__(self, *values: Any) -> None:
+        args = self.args
+        if values:
+            args = list(args)
+            for i, v in zip(self.varying, values):
+                args[i] = v
+            args = tuple(args)
+            if tuple(map(spec, values)) != self.specs:
+                self.launcher(self.grid, *args, num_warps=self.num_warps)
+                return
+        self.launcher.launch(self.grid, args, self.tail, self.num_warps)

@@ -13,6 +13,7 @@ tl.maximum may drop a NaN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -239,9 +240,6 @@ def multi_tensor_norm(
     per_tensor: bool = False,
     max_norm: Optional[float] = None,
     block: int = 1024,
-    block_t: int = 64,
-    block_j: int = 16,
-    block_r: int = 1024,
     num_warps: int = 4,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """(total, per-tensor norms or None, clip coefficient or None), as device tensors of `acc_dtype`.
@@ -251,29 +249,92 @@ def multi_tensor_norm(
     between calls. The caller keeps the tensors the table points at alive until the kernels have run.
     """
     device = meta.device
-    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    kind = norm_kind(norm_type)
-    neutral = float("inf") if kind == 3 else 0.0  # identity of the combine: min for -inf, else max or sum
-    pb = f64_bits(norm_type if kind == 5 else 1.0)
     partials = torch.empty(num_chunks, dtype=acc_dtype, device=device)
     tensor_vals = torch.empty(num_tensors, dtype=acc_dtype, device=device)
     total = torch.empty((), dtype=acc_dtype, device=device)
     norms = torch.empty(num_tensors, dtype=acc_dtype, device=device) if per_tensor else tensor_vals
     coef = torch.empty((), dtype=acc_dtype, device=device) if max_norm is not None else total
-    # Constexprs positional, in the kernel's order: NORM, CHUNK, BLOCK, ACC.
-    _REDUCE(
-        (num_chunks,), meta, chunk_tensor, chunk_start, partials, num_tensors, pb, kind, chunk_size, block, acc,
-        num_warps=num_warps,
+    (reduce_grid, reduce_args), (finalize_grid, finalize_args) = _launches(
+        meta, chunk_tensor, chunk_start, tensor_chunks, ticket, num_tensors, num_chunks, chunk_size, acc_dtype,
+        norm_type, partials, tensor_vals, norms, total, coef, per_tensor, max_norm, block,
     )
+    _REDUCE(reduce_grid, *reduce_args, num_warps=num_warps)
+    _FINALIZE(finalize_grid, *finalize_args, num_warps=4)
+    return total, (norms if per_tensor else None), (coef if max_norm is not None else None)
+
+
+def prepare_norm(
+    meta: Tensor,
+    chunk_tensor: Tensor,
+    chunk_start: Tensor,
+    tensor_chunks: Tensor,
+    ticket: Tensor,
+    num_tensors: int,
+    num_chunks: int,
+    chunk_size: int,
+    acc_dtype: torch.dtype,
+    norm_type: float,
+    partials: Tensor,
+    tensor_vals: Tensor,
+    coef: Tensor,
+    max_norm: Optional[float] = None,
+    block: int = 1024,
+    num_warps: int = 4,
+) -> Callable[[], tuple[Tensor, Optional[Tensor]]]:
+    """multi_tensor_norm's two launches, prepared once for a caller that repeats them over the same tables (a kept
+    plan): a call allocates the total alone and returns (total, coef or None). `partials` [num_chunks],
+    `tensor_vals` [num_tensors] and `coef` [1] (acc_dtype, on the tables' device) are scratch the caller keeps with
+    the tables; `coef` is rewritten by the next call."""
+    device = meta.device
+    total = torch.empty((), dtype=acc_dtype, device=device)  # the first call's total, to key the launch with
+    (reduce_grid, reduce_args), (finalize_grid, finalize_args) = _launches(
+        meta, chunk_tensor, chunk_start, tensor_chunks, ticket, num_tensors, num_chunks, chunk_size, acc_dtype,
+        norm_type, partials, tensor_vals, tensor_vals, total, coef if max_norm is not None else total, False,
+        max_norm, block,
+    )
+    reduce = _REDUCE.prepare(reduce_grid, reduce_args, num_warps)
+    if max_norm is None:  # the total is also the (unwritten) coefficient argument
+        finalize = _FINALIZE.prepare(finalize_grid, finalize_args, 4, varying=(_TOTAL, _COEF))
+    else:
+        finalize = _FINALIZE.prepare(finalize_grid, finalize_args, 4, varying=(_TOTAL,))
+
+    def norm_and_coef() -> tuple[Tensor, Optional[Tensor]]:
+        total = torch.empty((), dtype=acc_dtype, device=device)
+        reduce()
+        if max_norm is None:
+            finalize(total, total)
+            return total, None
+        finalize(total)
+        return total, coef
+
+    return norm_and_coef
+
+
+_TOTAL, _COEF = 4, 5  # positions of total_ptr and coef_ptr among the finalize kernel's arguments
+
+
+def _launches(
+    meta: Tensor, chunk_tensor: Tensor, chunk_start: Tensor, tensor_chunks: Tensor, ticket: Tensor, num_tensors: int,
+    num_chunks: int, chunk_size: int, acc_dtype: torch.dtype, norm_type: float, partials: Tensor,
+    tensor_vals: Tensor, norms: Tensor, total: Tensor, coef: Tensor, per_tensor: bool, max_norm: Optional[float],
+    block: int, block_t: int = 64, block_j: int = 16, block_r: int = 1024,
+) -> tuple[tuple[tuple[int], tuple], tuple[tuple[int], tuple]]:
+    """(grid, arguments) of the reduce launch and of the finalize launch."""
+    acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    kind = norm_kind(norm_type)
+    neutral = float("inf") if kind == 3 else 0.0  # identity of the combine: min for -inf, else max or sum
+    pb = f64_bits(norm_type if kind == 5 else 1.0)
+    # Constexprs positional, in the kernel's order: NORM, CHUNK, BLOCK, ACC.
+    reduce = (meta, chunk_tensor, chunk_start, partials, num_tensors, pb, kind, chunk_size, block, acc)
     # per_tensor / has_coef are run-time flags (not specialised), and an absent max_norm passes 1.0's bits (a 64-bit
     # int, as any positive max_norm's): one compiled variant serves norms, per-tensor norms and the coefficient.
     # Constexprs: NORM, NEUTRAL, BLOCK_T, BLOCK_J, BLOCK_R, ACC.
-    _FINALIZE(
-        (-(-num_tensors // block_t),), partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors,
-        pb, f64_bits(max_norm if max_norm is not None else 1.0), int(per_tensor), int(max_norm is not None),
-        kind, neutral, block_t, block_j, block_r, acc, num_warps=4,
+    finalize = (
+        partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors, pb,
+        f64_bits(max_norm if max_norm is not None else 1.0), int(per_tensor), int(max_norm is not None),
+        kind, neutral, block_t, block_j, block_r, acc,
     )
-    return total, (norms if per_tensor else None), (coef if max_norm is not None else None)
+    return ((num_chunks,), reduce), ((-(-num_tensors // block_t),), finalize)
 
 
 _REDUCE = Launcher(globals(), "_reduce_kernel")

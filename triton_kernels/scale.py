@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .addressing import CODE_DTYPES, CODE_MATH, CODE_SIZES, WIDE, edge_lanes
-from .launch import Launcher
+from .launch import Launcher, Prepared
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
@@ -81,11 +81,32 @@ def scale_(
 ) -> None:
     """One launch: tensor t *= coef[0], or *= coef[t] when per_tensor. `coef` is float32 or float64,
     contiguous, on the tables' device."""
-    # Constexprs positional, in the kernel's order: PER_TENSOR, CHUNK, BLOCK, EDGE.
-    _SCALE(
-        (num_chunks,), meta, chunk_tensor, chunk_start, coef, num_tensors, per_tensor, chunk_size, block,
-        edge_lanes(block), num_warps=num_warps,
+    _SCALE((num_chunks,), *_args(meta, chunk_tensor, chunk_start, num_tensors, chunk_size, coef, per_tensor, block),
+           num_warps=num_warps)
+
+
+def prepare_scale_(
+    meta: Tensor,
+    chunk_tensor: Tensor,
+    chunk_start: Tensor,
+    num_tensors: int,
+    num_chunks: int,
+    chunk_size: int,
+    coef: Tensor,
+    block: int = 1024,
+    num_warps: int = 4,
+) -> Prepared:
+    """scale_ by the one coefficient at `coef` (read when the kernel runs), prepared once for a caller that repeats
+    it over the same tables (a kept plan): call the result to launch."""
+    return _SCALE.prepare(
+        (num_chunks,), _args(meta, chunk_tensor, chunk_start, num_tensors, chunk_size, coef, False, block), num_warps
     )
+
+
+def _args(meta: Tensor, chunk_tensor: Tensor, chunk_start: Tensor, num_tensors: int, chunk_size: int, coef: Tensor,
+          per_tensor: bool, block: int) -> tuple:
+    # Constexprs positional, in the kernel's order: PER_TENSOR, CHUNK, BLOCK, EDGE.
+    return meta, chunk_tensor, chunk_start, coef, num_tensors, per_tensor, chunk_size, block, edge_lanes(block)
 
 
 _SCALE = Launcher(globals(), "_scale_kernel")

@@ -167,6 +167,12 @@ def clip_norm_(
     if single is not None and not error_if_nonfinite and not isinstance(max_norm, Tensor):
         # One device, one backend: total and coefficient come from the backend's own finalize.
         device_plan = single.device_plan()
+        step = dispatch.prepared(
+            plan, ("clip_norm", norm_type, max_norm),
+            lambda: single.backend.prepare_clip_norm(device_plan, norm_type, max_norm),  # type: ignore[arg-type]
+        )
+        if step is not None:  # a kept plan's steady state
+            return step()
         total, coef = single.backend.norm_and_coef(single.tensors, norm_type, max_norm, device_plan)
         single.backend.scale_(single.tensors, coef, device_plan)
         return total

@@ -45,7 +45,7 @@ class GradClipper:
         process_group: GroupArg = None,
         replicated: ReplicatedArg = None,
     ) -> None:
-        self.parameters: list[Tensor] = as_list(parameters)
+        self.parameters: list[Tensor] = list(as_list(parameters))  # its own: the caller's list may change
         collect_grads(self.parameters)  # type checks now, not at the first step
         self._listed_twice = warn_if_listed_twice(self.parameters, stacklevel=2)
         self.max_norm = check_nonnegative(max_norm, "max_norm")

@@ -6,7 +6,7 @@ it to the backend whole, so a kernel backend can finalize the total and the clip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,6 +50,9 @@ class Plan:
     count: int  # tensors in the caller's list, zero-size ones included
     device: torch.device  # the first tensor's: where totals are returned, as in torch
     dtype: torch.dtype  # of totals: float64 if any input is float64, else float32
+    # A kept plan's prepared backend calls (fusedclip.fastpath keeps them with the plan), by what they do; None: a plan
+    # made for one call, which prepares nothing.
+    steps: Optional[dict] = None
 
     @property
     def single(self) -> Optional[Group]:
@@ -57,6 +60,23 @@ class Plan:
         if len(self.groups) == 1 and len(self.groups[0].positions) == self.count:
             return self.groups[0]
         return None
+
+
+STEPS = 16  # prepared calls a kept plan holds (a loop uses one or two: same norm type, same max_norm)
+
+
+def prepared(plan: Plan, key: tuple, make: Callable[[], Optional[Callable]]) -> Optional[Callable]:
+    """The prepared call `key` of a kept plan (made by `make` at its first use), or None: not a kept plan, or the
+    backend prepares no such call (the caller then calls the backend method)."""
+    steps = plan.steps
+    if steps is None:
+        return None
+    step = steps.get(key, steps)
+    if step is steps:
+        if len(steps) >= STEPS:
+            steps.clear()
+        step = steps[key] = make()
+    return step
 
 
 def make_plan(tensors: list[Tensor], backend: Optional[str], foreach: Optional[bool] = None) -> Plan:
@@ -127,11 +147,15 @@ def combine_totals(totals: list[Tensor], norm_type: float, plan: Plan) -> Tensor
 
 def total_norm(plan: Plan, norm_type: float, per_tensor: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """(total, per-tensor norms in the accumulation dtype or None)."""
+    single = plan.single
+    if single is not None and not per_tensor:
+        step = prepared(plan, ("norm", norm_type), lambda: single.backend.prepare_norm(single.device_plan(), norm_type))
+        if step is not None:
+            return step(), None
     results = [g.backend.norms(g.tensors, norm_type, per_tensor, g.device_plan()) for g in plan.groups]
     total = combine_totals([r[0] for r in results], norm_type, plan)
     if not per_tensor:
         return total, None
-    single = plan.single
     if single is not None and results[0][1].device == plan.device:  # type: ignore[union-attr]
         return total, results[0][1]
     out = torch.zeros(plan.count, dtype=plan.dtype, device=plan.device)
@@ -157,6 +181,12 @@ def scale_per_tensor_(plan: Plan, coefs: Tensor) -> None:
 
 
 def clamp_(plan: Plan, clip_value: float) -> None:
+    single = plan.single
+    if single is not None:
+        step = prepared(plan, ("clamp", clip_value), lambda: single.backend.prepare_clamp(single.device_plan(), clip_value))
+        if step is not None:
+            step()
+            return
     for g in plan.groups:
         g.backend.clamp_(g.tensors, clip_value, g.device_plan())
 

@@ -221,7 +221,8 @@ def uses_extension() -> bool:
 class Entry:
     """A kept plan: what a call over the list needs besides its tensors, and the signatures that say it still holds."""
 
-    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "needs_tensors")
+    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "needs_tensors",
+                 "plan")
 
     def __init__(self, sigs: Any, name: Optional[str], foreach: Optional[bool], group: Group, plan: Plan) -> None:
         self.sigs = sigs
@@ -234,6 +235,12 @@ class Entry:
         self.device_plan = group.device_plan()
         # A backend that reads only its device plan is called without a tensor list: none is built per call.
         self.needs_tensors = not (self.device_plan is not None and group.backend.reads_plan_only)
+        # Without a tensor list, every call's plan is the same: made once, with the backend's prepared calls.
+        self.plan = None if self.needs_tensors else self._plan(None, {})
+
+    def _plan(self, tensors: Optional[list[Tensor]], steps: Optional[dict]) -> Plan:
+        group = Group(self.backend, tensors, range(self.count), self.device, self.device_plan)
+        return Plan([group], self.count, self.device, self.dtype, steps)
 
     def backend_now(self) -> bool:
         """Whether the general path would pick the same backend now (FUSEDCLIP_BACKEND, what is loaded)."""
@@ -245,17 +252,14 @@ class Entry:
             return None
         if not self.backend_now():
             return None
-        tensors = None
-        if self.needs_tensors:
+        if self.plan is None:
             tensors = self.sigs.collect(items)
-            if tensors is None:
-                return None
-        elif not self.sigs.matches(items):
+            return None if tensors is None else self._plan(tensors, None)
+        if not self.sigs.matches(items):
             return None
-        if self.device.type == "cuda" and isinstance(self.device_plan, DevicePlan):  # (the torch backend's: none)
+        if self.device.type == "cuda" and isinstance(self.device_plan, DevicePlan):
             self.device_plan.packed.before_use()  # another stream: wait for the tables
-        return Plan([Group(self.backend, tensors, range(self.count), self.device, self.device_plan)], self.count,
-                    self.device, self.dtype)
+        return self.plan
 
 
 _buckets: OrderedDict[tuple, list[Entry]] = OrderedDict()

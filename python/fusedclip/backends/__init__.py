@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Optional, Union
 
 import torch
@@ -81,6 +81,23 @@ class Backend:
     def clamp_(self, tensors: list[Tensor], clip_value: float, plan: Optional[object] = None) -> None:
         """g = clamp(g, -clip_value, clip_value) in place."""
         raise NotImplementedError
+
+    # Prepared calls (the steady-state fast path, fusedclip.fastpath): a kept plan calls the same method with the same
+    # arguments every step, so a backend may prepare that call once (its launches keyed, its scratch bound) and
+    # return it; None: no prepared form, the caller calls the method above each time. A prepared call may keep its
+    # scratch (the clip coefficient) in the plan: it serves one caller at a time, as the plan's ticket does.
+
+    def prepare_norm(self, plan: object, norm_type: float) -> Optional[Callable[[], Tensor]]:
+        """norms(None, norm_type, False, plan)[0], prepared: returns a new total at each call."""
+        return None
+
+    def prepare_clip_norm(self, plan: object, norm_type: float, max_norm: float) -> Optional[Callable[[], Tensor]]:
+        """norm_and_coef then scale_ by that coefficient, prepared: returns a new total at each call."""
+        return None
+
+    def prepare_clamp(self, plan: object, clip_value: float) -> Optional[Callable[[], None]]:
+        """clamp_(None, clip_value, plan), prepared."""
+        return None
 
     # Unit-wise norms and scaling (AGC). A unit of tensor i is what remains when `reduce_dims[i]` are reduced
     # (None: the whole tensor is one unit); units are numbered in row-major order of the kept dims, tensor 0's

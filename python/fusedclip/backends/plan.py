@@ -20,6 +20,9 @@ Tables (all on the plan's device, views of one buffer: DevicePlan.packed):
   chunk_start  int64 [C]: the chunk's first element within its tensor
   tensor_chunks int32 [T + 1]: tensor t owns chunks tensor_chunks[t] .. tensor_chunks[t + 1] - 1
   ticket       int32 [1]: zero between calls; a kernel's "last program done" counter, reset by that program
+  partials, tensor_vals, coef  accumulation dtype [C], [T], [1]: the norm kernels' scratch and clip coefficient
+               for the steady-state calls of a kept plan (fusedclip.fastpath), which allocate only what they return
+               (other calls allocate their own: their results may outlive the next call)
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class DevicePlan:
     chunk_start: Tensor
     tensor_chunks: Tensor
     ticket: Tensor
+    partials: Tensor
+    tensor_vals: Tensor
+    coef: Tensor
     # The one buffer the tables above are views of, with its host source (kept: see PackedTables).
     packed: PackedTables = field(repr=False, compare=False)
     aliased: bool  # some tensor is listed twice: an in-place kernel would race on it, so scaling goes to torch
@@ -178,8 +184,9 @@ def _tables(
     chunk_tensor = torch.repeat_interleave(torch.arange(count, dtype=torch.int64), counts)
     chunk_start = (torch.arange(num_chunks, dtype=torch.int64) - tensor_chunks[chunk_tensor]) * chunk_size
     ticket = torch.zeros(1, dtype=torch.int32)
-    packed, (meta_d, chunk_tensor_d, chunk_start_d, tensor_chunks_d, ticket_d) = pack_tables(
-        device, [meta, chunk_tensor.to(torch.int32), chunk_start, tensor_chunks.to(torch.int32), ticket]
+    scratch = [torch.zeros(n, dtype=acc) for n in (num_chunks, count, 1)]
+    packed, (meta_d, chunk_tensor_d, chunk_start_d, tensor_chunks_d, ticket_d, *scratch_d) = pack_tables(
+        device, [meta, chunk_tensor.to(torch.int32), chunk_start, tensor_chunks.to(torch.int32), ticket, *scratch]
     )
     return DevicePlan(
         device=device,
@@ -192,6 +199,9 @@ def _tables(
         chunk_start=chunk_start_d,
         tensor_chunks=tensor_chunks_d,
         ticket=ticket_d,
+        partials=scratch_d[0],
+        tensor_vals=scratch_d[1],
+        coef=scratch_d[2],
         aliased=aliased,
         packed=packed,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -131,6 +131,45 @@ class TritonBackend(UnitKernels):
             torch.ops.fusedclip.triton_scale_(tensors, coefs, True)
             return
         self._scale(tensors, coefs, True, plan)
+
+    # Prepared calls of a kept plan (Backend.prepare_*): the launches keyed once, the plan's scratch bound.
+
+    def _prepared_norm(self, plan: DevicePlan, norm_type: float, max_norm: Optional[float]) -> Callable:
+        return _kernels.norm.prepare_norm(
+            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket, plan.num_tensors,
+            plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type, plan.partials, plan.tensor_vals, plan.coef,
+            max_norm=max_norm, block=self.block,
+        )
+
+    def prepare_norm(self, plan: object, norm_type: float) -> Optional[Callable[[], Tensor]]:
+        if not isinstance(plan, DevicePlan) or torch.compiler.is_compiling():
+            return None
+        norm = self._prepared_norm(plan, norm_type, None)
+        return lambda: norm()[0]
+
+    def prepare_clip_norm(self, plan: object, norm_type: float, max_norm: float) -> Optional[Callable[[], Tensor]]:
+        if not isinstance(plan, DevicePlan) or plan.aliased or torch.compiler.is_compiling():
+            return None  # (an aliased plan scales through torch: see _scale)
+        norm = self._prepared_norm(plan, norm_type, max_norm)
+        scale = _kernels.scale.prepare_scale_(
+            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
+            plan.coef, block=self.block,
+        )
+
+        def clip() -> Tensor:
+            total, _ = norm()
+            scale()
+            return total
+
+        return clip
+
+    def prepare_clamp(self, plan: object, clip_value: float) -> Optional[Callable[[], None]]:
+        if not isinstance(plan, DevicePlan) or torch.compiler.is_compiling():
+            return None
+        return _kernels.clamp.prepare_clamp_(
+            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
+            clip_value, block=self.block,
+        )
 
     # AGC (UnitKernels): the same two launchers over a unit plan.
 
