@@ -299,6 +299,21 @@ def test_grad_clipper_keeps_its_own_parameter_list(backend_device, check):
     assert len(clipper.parameters) == 9
 
 
+def test_grad_clipper_steady_state_leaves_grad_mode_alone(backend_device, check):
+    """GradClipper's prepared steady-state call runs without entering no_grad (it only launches kernels): under grad
+    mode it still returns a total that autograd does not track, leaves grad mode as it was, and clips as torch does."""
+    backend, device = backend_device
+    params = params_with_grads(new_grads(13, device, seed=18))
+    clipper = fusedclip.GradClipper(params, 0.5, backend=backend)
+    for step in range(3):
+        with torch.enable_grad():
+            totals = []
+            assert_clip_matches_torch(params, 0.5, lambda ps: totals.append(clipper()) or totals[-1])
+            assert torch.is_grad_enabled()
+        assert not totals[0].requires_grad and totals[0].grad_fn is None
+    assert fastpath.stats.hits >= 2
+
+
 def test_two_grad_clippers_on_overlapping_parameters(backend_device, check):
     """Two lists of the same length sharing parameters: each keeps its own plan and both stay right."""
     backend, device = backend_device

@@ -18,7 +18,7 @@ from .arguments import (
     warn_if_repeated,
 )
 from .backends import check_backend_name
-from .clip import clip_grad_norm_, clip_norm_
+from .clip import clip_grad_norm_, clip_norm_, prepared_clip_norm
 from .distributed import GroupArg, ReplicatedArg, parse_groups, parse_replicated
 
 
@@ -60,13 +60,21 @@ class GradClipper:
         self.process_group = process_group
         self.replicated = replicated
 
-    @torch.no_grad()
     def __call__(self) -> Tensor:
         """Clip in place and return the total norm before clipping."""
         if self.process_group is None and not torch.compiler.is_compiling():
             plan = fastpath.find(self.parameters, True, self.backend, None)
             if plan is not None:
-                return clip_norm_(plan, self.max_norm, self.norm_type, self.error_if_nonfinite)
+                step = None if self.error_if_nonfinite else prepared_clip_norm(plan, self.max_norm, self.norm_type)
+                if step is not None:
+                    return step()  # kernel launches: no no_grad needed (entering one costs more than the step)
+                with torch.no_grad():
+                    return clip_norm_(plan, self.max_norm, self.norm_type, self.error_if_nonfinite)
+        with torch.no_grad():
+            return self._general()
+
+    def _general(self) -> Tensor:
+        """The call that validates, groups and keeps its plan (fastpath.remember); under no_grad."""
         grads = [p.grad for p in self.parameters if p.grad is not None]
         if self.process_group is not None or any(type(g) is not Tensor for g in grads):
             # Distributed calls, DTensor and other subclasses take the general path.
