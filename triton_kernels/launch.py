@@ -104,7 +104,9 @@ class Launcher:
     def __call__(self, grid: tuple[int, ...], *args: Any, num_warps: int = 4) -> None:
         self.launch(grid, args, self.key_tail(num_warps, args), num_warps)
 
-    def prepare(self, grid: tuple[int, ...], args: tuple, num_warps: int = 4, varying: tuple[int, ...] = ()) -> Prepared:
+    def prepare(
+        self, grid: tuple[int, ...], args: tuple, num_warps: int = 4, varying: tuple[int, ...] = ()
+    ) -> Prepared:
         """This launch with its key worked out once, for a caller that repeats it: every argument the same but those
         at the positions `varying`, passed at each call (see Prepared)."""
         return Prepared(self, grid, args, num_warps, varying)

@@ -183,7 +183,9 @@ def scale_per_tensor_(plan: Plan, coefs: Tensor) -> None:
 def clamp_(plan: Plan, clip_value: float) -> None:
     single = plan.single
     if single is not None:
-        step = prepared(plan, ("clamp", clip_value), lambda: single.backend.prepare_clamp(single.device_plan(), clip_value))
+        step = prepared(
+            plan, ("clamp", clip_value), lambda: single.backend.prepare_clamp(single.device_plan(), clip_value)
+        )
         if step is not None:
             step()
             return
