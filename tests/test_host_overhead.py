@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -509,14 +510,21 @@ def test_the_cpp_and_python_checks_decide_alike():
         "same address": ([base[0], base[0][:2]], False),
         "not a tensor": ([base[0], 3.0], False),
         "sparse": ([torch.randn(3, 3, generator=g).to_sparse()], False),
+        "meta": ([base[0], torch.empty(3, device="meta")], False),
+        "complex": ([base[0], base[1], torch.randn(2, generator=g, dtype=torch.complex64)], False),
     }
     params = params_with_grads([b.clone() for b in base])
     params.append(torch.nn.Parameter(torch.randn(2, generator=g)))
     cases["params"] = (params, True)
     cases["param list with a tensor"] = (params + [None], True)
+    non_leaf = params[1] * 2  # reading its .grad would warn: the general path's business
+    cases["param list with a non-leaf"] = (params[:2] + [non_leaf], True)
+    cases["param with a bad grad"] = (params[:1] + params_with_grads([torch.randn(4, 4, generator=g).t()]), True)
     for name, (items, grads) in cases.items():
         c, p = fastpath.CppSignatures(items, grads), fastpath.PySignatures(items, grads)
         assert c.eligible == p.eligible, name
+        if not c.eligible:  # both name the same element first (in their own words)
+            assert re.findall(r"\d+", c.why_not)[:1] == re.findall(r"\d+", p.why_not)[:1], (name, c.why_not, p.why_not)
         assert c.matches(items) == p.matches(items) == c.eligible, name
         if c.eligible:
             assert (c.present, len(c)) == (p.present, len(p)), name

@@ -108,30 +108,61 @@ class PySignatures:
         self.size = 0
         self.absent: list[bool] = []  # per element: no tensor there
         self.columns: tuple = ()
+        self.first = -1
         if type(items) not in (list, tuple):
             self.why_not = "not a list or tuple"
             return
         self.size = len(items)
-        present = []
-        for i, item in enumerate(items):
-            t = self._element(item)
-            if t is _NOT_PLAIN:
-                self.why_not = f"element {i} is not a plain Tensor or Parameter (or None)"
-                return
-            self.absent.append(t is None)
-            if t is None:
-                continue
-            reason = _unfit(t)
-            if reason:
-                self.why_not = f"tensor {i} is {reason}"
-                return
-            present.append(t)
+        found = self._found(items)
+        if found is not None:
+            self.absent = [t is None for t in found]
+            present = [t for t in found if t is not None] if True in self.absent else found
+        if found is None or not self._all_fit(present):
+            self._explain(items)  # the first element that disqualifies the list, as the C++ check names it
+            return
         self.present = len(present)
         self.columns = self._columns(present)
         if len(set(self.columns[0])) < self.present:
             self.why_not = "two elements hold tensors at the same address"
             return
+        self.first = self.absent.index(False) if self.present else -1  # the first element with a tensor
         self.eligible = True
+
+    def _found(self, items: Any) -> Optional[list]:
+        """The tensor (or None) each element stands for, column by column; None if some element is not plain."""
+        if not self.grads:
+            return list(items) if _PLAIN_SET.issuperset(type(t) for t in items if t is not None) else None
+        if not _PLAIN_SET.issuperset(map(type, items)):
+            return None
+        if not all(map(_is_leaf, items)) and not all(p.is_leaf or p.retains_grad for p in items):
+            return None
+        return list(map(_grad, items))
+
+    @staticmethod
+    def _all_fit(tensors: list[Tensor]) -> bool:
+        """Whether no present tensor is unfit (see _unfit), checked column by column, in _unfit's order (a sparse
+        tensor fails on its layout before anything that would raise for it is read)."""
+        return (
+            _PLAIN_SET.issuperset(map(type, tensors)) and _STRIDED.issuperset(map(_layout, tensors))
+            and all(d.type in ("cpu", "cuda") for d in set(map(_device, tensors)))
+            and KERNEL_DTYPES.issuperset(map(_dtype, tensors))
+            and not any(map(Tensor.is_neg, tensors)) and not any(map(Tensor.is_conj, tensors))
+            and all(map(Tensor.is_contiguous, tensors)) and all(map(Tensor.numel, tensors))
+        )
+
+    def _explain(self, items: Any) -> None:
+        """Set why_not from the first element that disqualifies the list (element by element: ineligible lists
+        only)."""
+        for i, item in enumerate(items):
+            t = self._element(item)
+            if t is _NOT_PLAIN:
+                self.why_not = f"element {i} is not a plain Tensor or Parameter (or None)"
+                return
+            reason = "" if t is None else _unfit(t)
+            if reason:
+                self.why_not = f"tensor {i} is {reason}"
+                return
+        self.why_not = "an element is unfit"  # (not reached: the column checks apply _unfit's rules)
 
     @staticmethod
     def _columns(tensors: list[Tensor]) -> tuple:
@@ -154,7 +185,7 @@ class PySignatures:
 
     def collect(self, items: Any) -> Optional[list[Tensor]]:
         """The present tensors of `items` in order when every element is as it was; else None."""
-        if not self.eligible or type(items) not in (list, tuple) or len(items) != self.size:
+        if not self.eligible or type(items) not in (list, tuple) or len(items) != self.size or self._first_moved(items):
             return None
         if self.grads:
             if not _PLAIN_SET.issuperset(map(type, items)):
@@ -170,10 +201,24 @@ class PySignatures:
             found = [t for t in found if t is not None]
         if not _PLAIN_SET.issuperset(map(type, found)) or not _STRIDED.issuperset(map(_layout, found)):
             return None  # (data_ptr() raises for a sparse tensor)
+        if list(map(Tensor.data_ptr, found)) != self.columns[0]:
+            return None  # moved (the usual miss): decided by the first column
         return found if self._columns(found) == self.columns else None
 
     def matches(self, items: Any) -> bool:
         return self.collect(items) is not None
+
+    def _first_moved(self, items: Any) -> bool:
+        """Whether the first element's tensor has plainly moved: the usual miss, found without reading the rest
+        (False when in doubt: the full check decides)."""
+        if self.first < 0:
+            return False
+        t = items[self.first]
+        if self.grads:
+            if type(t) not in _PLAIN_SET or not t.is_leaf:
+                return False
+            t = t.grad
+        return type(t) in _PLAIN_SET and t.layout == torch.strided and t.data_ptr() != self.columns[0][0]
 
 
 def _version_token(version: str) -> str:

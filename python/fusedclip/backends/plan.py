@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Generic, Optional, TypeVar
 
 import torch
@@ -40,6 +41,7 @@ from . import acc_dtype
 # The dtype codes both kernel families understand.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 KERNEL_DTYPES = frozenset(DTYPE_CODES)
+_dtype = attrgetter("dtype")
 CACHE_SIZE = 64
 
 
@@ -208,14 +210,15 @@ def _tables(
 
 
 def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
-    addresses = [t.data_ptr() for t in tensors]
+    addresses = list(map(Tensor.data_ptr, tensors))
+    dtypes = list(map(_dtype, tensors))
     return _tables(
         tensors[0].device,
         torch.tensor(addresses, dtype=torch.int64),
-        torch.tensor([t.numel() for t in tensors], dtype=torch.int64),
-        torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int64),
+        torch.tensor(list(map(Tensor.numel, tensors)), dtype=torch.int64),
+        torch.tensor(list(map(DTYPE_CODES.__getitem__, dtypes)), dtype=torch.int64),
         chunk_size,
-        acc_dtype(t.dtype for t in tensors),
+        acc_dtype(set(dtypes)),
         aliased=len(set(addresses)) < len(addresses),
     )
 
@@ -347,7 +350,9 @@ class PlanCache(TableCache[DevicePlan]):
     def get(self, tensors: list[Tensor]) -> DevicePlan:
         """The plan for these tensors (all on one device, numel > 0, flat_ok), built on a miss."""
         device = tensors[0].device
-        key = (self.chunk_size, device, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
+        # (column by column, each a map in C: on a miss of the steady-state fast path this runs for every tensor)
+        key = (self.chunk_size, device,
+               tuple(zip(map(Tensor.data_ptr, tensors), map(Tensor.numel, tensors), map(_dtype, tensors))))
         return self._lookup(key, device, lambda: _with_packed(_build(tensors, self.chunk_size)))
 
     def get_units(self, tensors: list[Tensor], rows: list[int]) -> DevicePlan:
