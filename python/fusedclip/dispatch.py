@@ -63,6 +63,7 @@ class Plan:
 
 
 STEPS = 16  # prepared calls a kept plan holds (a loop uses one or two: same norm type, same max_norm)
+_MISSING = object()
 
 
 def prepared(plan: Plan, key: tuple, make: Callable[[], Optional[Callable]]) -> Optional[Callable]:
@@ -71,8 +72,8 @@ def prepared(plan: Plan, key: tuple, make: Callable[[], Optional[Callable]]) -> 
     steps = plan.steps
     if steps is None:
         return None
-    step = steps.get(key, steps)
-    if step is steps:
+    step = steps.get(key, _MISSING)
+    if step is _MISSING:  # (None is a kept answer: the backend prepares no such call)
         if len(steps) >= STEPS:
             steps.clear()
         step = steps[key] = make()

@@ -271,8 +271,7 @@ def uses_extension() -> bool:
 class Entry:
     """A kept plan: what a call over the list needs besides its tensors, and the signatures that say it still holds."""
 
-    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "needs_tensors",
-                 "plan")
+    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "plan")
 
     def __init__(self, sigs: Any, name: Optional[str], foreach: Optional[bool], group: Group, plan: Plan) -> None:
         self.sigs = sigs
@@ -283,10 +282,10 @@ class Entry:
         self.dtype = plan.dtype
         self.count = plan.count
         self.device_plan = group.device_plan()
-        # A backend that reads only its device plan is called without a tensor list: none is built per call.
-        self.needs_tensors = not (self.device_plan is not None and group.backend.reads_plan_only)
-        # Without a tensor list, every call's plan is the same: made once, with the backend's prepared calls.
-        self.plan = None if self.needs_tensors else self._plan(None, {})
+        # A backend that reads only its device plan is called without a tensor list, so every call's plan is the
+        # same: made once, with the backend's prepared calls. Other backends get a plan with the call's tensors.
+        reads_plan_only = self.device_plan is not None and group.backend.reads_plan_only
+        self.plan = self._plan(None, {}) if reads_plan_only else None
 
     def _plan(self, tensors: Optional[list[Tensor]], steps: Optional[dict]) -> Plan:
         group = Group(self.backend, tensors, range(self.count), self.device, self.device_plan)
