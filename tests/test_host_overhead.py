@@ -639,6 +639,23 @@ def test_torch_backend_clamp_on_cpu_matches_torch(check, foreach):
     assert fastpath.stats.hits >= 3
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+def test_torch_backend_clamp_learns_when_every_tensor_takes_the_foreach_passes(foreach):
+    """TorchPlan.all_foreach, the decision a kept plan reuses, is True exactly when the call sent every tensor to the
+    two foreach passes: all dense, foreach allowed, none past the CPU one-pass size."""
+    from fusedclip.backends import torch_backend
+
+    gen = torch.Generator().manual_seed(71)
+    backend = torch_backend.with_foreach(foreach)
+    small = [torch.randn(n, generator=gen) for n in (3, 100, 7)]
+    mixed = small + [torch.randn((1 << 16) + 1, generator=gen)]
+    sparse = small + [torch.randn(4, 4, generator=gen).to_sparse().coalesce()]
+    for tensors, expected in ((small, foreach is not False), (mixed, False), (sparse, False), ([], False)):
+        plan = backend.plan(tensors)
+        backend.clamp_(tensors, 0.5, plan)
+        assert plan.all_foreach is expected, (len(tensors), foreach)
+
+
 # ---- the Triton launchers: no-op mode (CPU) and the direct launch of a compiled kernel (GPU) ----------------------
 
 

@@ -299,13 +299,9 @@ class TorchBackend(Backend):
             torch._foreach_clamp_max_(tensors, clip_value)
             return
         dense = [t for t in tensors if t.layout == torch.strided]
-        if known:
-            plan.all_foreach = (  # type: ignore[union-attr]
-                len(dense) == len(tensors) > 0 and self._use_foreach(dense)
-                and (not _on_host(dense[0]) or all(t.numel() < _CPU_ONE_PASS_NUMEL for t in dense))
-            )
-        one_pass: list[Tensor] = []
+        one_pass = dense
         if dense and self._use_foreach(dense):
+            one_pass = []
             if _on_host(dense[0]) and not torch.compiler.is_compiling():
                 # On CPU one pass per tensor beats the two foreach passes over a large tensor (memory bound), but
                 # a Python call per tensor costs far more than the passes over a small one (host bound).
@@ -315,8 +311,8 @@ class TorchBackend(Backend):
             if dense:
                 torch._foreach_clamp_min_(dense, -clip_value)
                 torch._foreach_clamp_max_(dense, clip_value)
-        else:
-            one_pass = dense
+        if known:  # every tensor went to the foreach passes: so will they at every call of this plan
+            plan.all_foreach = not one_pass and len(dense) == len(tensors) > 0  # type: ignore[union-attr]
         for t in one_pass:
             t.clamp_(min=-clip_value, max=clip_value)
         for t in tensors:
