@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Optional, Union
 
 import torch
@@ -160,26 +159,13 @@ def clip_norm_of_grads_(
     return clip_norm_(dispatch.make_plan(grads, backend, foreach), max_norm, norm_type, error_if_nonfinite)
 
 
-def prepared_clip_norm(plan: dispatch.Plan, max_norm: float, norm_type: float) -> Optional[Callable[[], Tensor]]:
-    """A kept plan's prepared clip_grad_norm_ (without error_if_nonfinite), or None: not a kept plan, more than one
-    group, or a backend that prepares no such call. It only launches kernels and allocates the total: nothing that
-    autograd records, so it needs no no_grad around it."""
-    single = plan.single
-    if plan.steps is None or single is None:
-        return None
-    return dispatch.prepared(
-        plan, ("clip_norm", norm_type, max_norm),
-        lambda: single.backend.prepare_clip_norm(single.device_plan(), norm_type, max_norm),
-    )
-
-
 def clip_norm_(
     plan: dispatch.Plan, max_norm: Union[float, Tensor], norm_type: float, error_if_nonfinite: bool
 ) -> Tensor:
     """clip_grad_norm_ over a plan (the general path's or a kept one: fusedclip.fastpath), arguments validated."""
     single = plan.single
     if single is not None and not error_if_nonfinite and not isinstance(max_norm, Tensor):
-        step = prepared_clip_norm(plan, max_norm, norm_type)
+        step = dispatch.prepared_clip_norm(plan, max_norm, norm_type)
         if step is not None:  # a kept plan's steady state
             return step()
         # One device, one backend: total and coefficient come from the backend's own finalize.

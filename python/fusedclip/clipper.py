@@ -18,7 +18,7 @@ from .arguments import (
     warn_if_repeated,
 )
 from .backends import check_backend_name
-from .clip import clip_grad_norm_, clip_norm_, prepared_clip_norm
+from .clip import clip_grad_norm_, clip_norm_
 from .distributed import GroupArg, ReplicatedArg, parse_groups, parse_replicated
 
 
@@ -65,7 +65,9 @@ class GradClipper:
         if self.process_group is None and not torch.compiler.is_compiling():
             plan = fastpath.find(self.parameters, True, self.backend, None)
             if plan is not None:
-                step = None if self.error_if_nonfinite else prepared_clip_norm(plan, self.max_norm, self.norm_type)
+                step = None if self.error_if_nonfinite else dispatch.prepared_clip_norm(
+                    plan, self.max_norm, self.norm_type
+                )
                 if step is not None:
                     return step()  # kernel launches: no no_grad needed (entering one costs more than the step)
                 with torch.no_grad():

@@ -50,8 +50,8 @@ class Plan:
     count: int  # tensors in the caller's list, zero-size ones included
     device: torch.device  # the first tensor's: where totals are returned, as in torch
     dtype: torch.dtype  # of totals: float64 if any input is float64, else float32
-    # A kept plan's prepared backend calls (fusedclip.fastpath keeps them with the plan), by what they do; None: a plan
-    # made for one call, which prepares nothing.
+    # A kept plan's prepared backend calls (fusedclip.fastpath keeps them with the plan, which is always one group of
+    # every tensor), by what they do; None: a plan made for one call, which prepares nothing.
     steps: Optional[dict] = None
 
     @property
@@ -66,9 +66,12 @@ STEPS = 16  # prepared calls a kept plan holds (a loop uses one or two: same nor
 _MISSING = object()
 
 
-def prepared(plan: Plan, key: tuple, make: Callable[[], Optional[Callable]]) -> Optional[Callable]:
-    """The prepared call `key` of a kept plan (made by `make` at its first use), or None: not a kept plan, or the
-    backend prepares no such call (the caller then calls the backend method)."""
+def prepared(
+    plan: Plan, key: tuple, make: Callable[[Backend, object], Optional[Callable]]
+) -> Optional[Callable]:
+    """The prepared call `key` of a kept plan, made at its first use by `make(backend, device plan)`; or None: not a
+    kept plan (fastpath keeps single-group plans only), or the backend prepares no such call (the caller then calls
+    the backend method)."""
     steps = plan.steps
     if steps is None:
         return None
@@ -76,8 +79,15 @@ def prepared(plan: Plan, key: tuple, make: Callable[[], Optional[Callable]]) -> 
     if step is _MISSING:  # (None is a kept answer: the backend prepares no such call)
         if len(steps) >= STEPS:
             steps.clear()
-        step = steps[key] = make()
+        group = plan.groups[0]
+        step = steps[key] = make(group.backend, group.device_plan())
     return step
+
+
+def prepared_clip_norm(plan: Plan, max_norm: float, norm_type: float) -> Optional[Callable[[], Tensor]]:
+    """A kept plan's prepared clip_grad_norm_ (without error_if_nonfinite), or None (see prepared). It only launches
+    kernels and allocates the total: nothing that autograd records, so it needs no no_grad around it."""
+    return prepared(plan, ("clip_norm", norm_type, max_norm), lambda b, p: b.prepare_clip_norm(p, norm_type, max_norm))
 
 
 def make_plan(tensors: list[Tensor], backend: Optional[str], foreach: Optional[bool] = None) -> Plan:
@@ -148,15 +158,15 @@ def combine_totals(totals: list[Tensor], norm_type: float, plan: Plan) -> Tensor
 
 def total_norm(plan: Plan, norm_type: float, per_tensor: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """(total, per-tensor norms in the accumulation dtype or None)."""
-    single = plan.single
-    if single is not None and not per_tensor:
-        step = prepared(plan, ("norm", norm_type), lambda: single.backend.prepare_norm(single.device_plan(), norm_type))
+    if not per_tensor:
+        step = prepared(plan, ("norm", norm_type), lambda b, p: b.prepare_norm(p, norm_type))
         if step is not None:
             return step(), None
     results = [g.backend.norms(g.tensors, norm_type, per_tensor, g.device_plan()) for g in plan.groups]
     total = combine_totals([r[0] for r in results], norm_type, plan)
     if not per_tensor:
         return total, None
+    single = plan.single
     if single is not None and results[0][1].device == plan.device:  # type: ignore[union-attr]
         return total, results[0][1]
     out = torch.zeros(plan.count, dtype=plan.dtype, device=plan.device)
@@ -182,14 +192,10 @@ def scale_per_tensor_(plan: Plan, coefs: Tensor) -> None:
 
 
 def clamp_(plan: Plan, clip_value: float) -> None:
-    single = plan.single
-    if single is not None:
-        step = prepared(
-            plan, ("clamp", clip_value), lambda: single.backend.prepare_clamp(single.device_plan(), clip_value)
-        )
-        if step is not None:
-            step()
-            return
+    step = prepared(plan, ("clamp", clip_value), lambda b, p: b.prepare_clamp(p, clip_value))
+    if step is not None:
+        step()
+        return
     for g in plan.groups:
         g.backend.clamp_(g.tensors, clip_value, g.device_plan())
 
