@@ -55,37 +55,41 @@ def warn_if_repeated(parameters: list, grads: list[Tensor], stacklevel: int) -> 
     A set of ids is the cheap check; the positions are looked up only when there is a repeat."""
     if torch.compiler.is_compiling() or len(set(map(id, grads))) == len(grads):
         return
-    first: dict[int, int] = {}
-    for i, p in enumerate(parameters):
-        g = p.grad
-        if g is None:
-            continue
-        j = first.setdefault(id(g), i)
-        if j != i:
-            if p is parameters[j]:
-                msg = f"parameters[{i}] is parameters[{j}] again: its gradient will be scaled twice"
-            else:
-                msg = f"parameters[{i}].grad is the same tensor as parameters[{j}].grad: it will be scaled twice"
-            warnings.warn(f"{msg} (as torch.nn.utils does); list each gradient once", stacklevel=stacklevel + 1)
-            return
+    repeat = _first_repeat(None if p.grad is None else id(p.grad) for p in parameters)
+    if repeat is None:
+        return
+    i, j = repeat
+    if parameters[i] is parameters[j]:
+        msg = f"parameters[{i}] is parameters[{j}] again: its gradient will be scaled twice"
+    else:
+        msg = f"parameters[{i}].grad is the same tensor as parameters[{j}].grad: it will be scaled twice"
+    warnings.warn(f"{msg} (as torch.nn.utils does); list each gradient once", stacklevel=stacklevel + 1)
 
 
 def warn_if_listed_twice(parameters: list, stacklevel: int) -> bool:
     """GradClipper's check, made once when it is built: a parameter listed twice has its gradient scaled twice at
     every call (as torch.nn.utils does). Returns whether one is."""
-    if len(set(map(id, parameters))) == len(parameters):
+    repeat = _first_repeat(map(id, parameters))
+    if repeat is None:
         return False
-    first: dict[int, int] = {}
-    for i, p in enumerate(parameters):
-        j = first.setdefault(id(p), i)
-        if j != i:
-            warnings.warn(
-                f"parameters[{i}] is parameters[{j}] again: its gradient will be scaled twice at every call (as "
-                "torch.nn.utils does); list each parameter once",
-                stacklevel=stacklevel + 1,
-            )
-            break
+    i, j = repeat
+    warnings.warn(
+        f"parameters[{i}] is parameters[{j}] again: its gradient will be scaled twice at every call (as "
+        "torch.nn.utils does); list each parameter once",
+        stacklevel=stacklevel + 1,
+    )
     return True
+
+
+def _first_repeat(keys: Iterable[Optional[int]]) -> Optional[tuple[int, int]]:
+    """(i, j): the first position i whose key (None: skipped) was seen before, first at j; None if no key repeats."""
+    first: dict[int, int] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            j = first.setdefault(key, i)
+            if j != i:
+                return i, j
+    return None
 
 
 def collect_grads(parameters: list) -> list[Tensor]:
