@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -601,12 +602,70 @@ def test_host_benchmark_smoke(tmp_path):
             assert r["fast_path_hit_rate"] == 1.0, r
         else:
             assert r["fast_path_hit_rate"] == 0.0, r
-    fresh = [r for r in rows if r["mode"] == "fresh"]
-    assert all(r["address_reuse"] == 1.0 for r in fresh)
+    # The modes' meaning, on whatever device ran it (a GPU's caching allocator for `fresh` there): fresh gradients
+    # at the old addresses, moved ones never.
+    assert all(r["address_reuse"] == {"fresh": 1.0, "moved": 0.0}[r["mode"]] for r in rows if r["mode"] != "kept")
     from fusedclip.bench import markdown_host_table
 
     table = markdown_host_table([("host.json", record)])
     assert "| 20 | kept | GradClipper | " in table and "| 20 | moved | clip_grad_value_ | " in table
+
+
+def _host_set_addresses_per_mode(device: str) -> None:
+    """HostSet's modes mean the same on every device: `fresh` makes new gradient tensors at the addresses the old
+    ones had, `moved` at addresses no earlier call had (over more calls than any plan cache holds); the values are
+    the parameter set's own either way."""
+    from fusedclip.backends.plan import CACHE_SIZE
+    from fusedclip.bench import HostSet
+
+    state = HostSet(9, 3, torch.float32, torch.device(device), seed=0)
+    masters = [m.clone() for m in state.masters]
+    for _ in range(3):
+        before, old = state.addresses(), [weakref.ref(g) for g in state.grads]
+        state.new_grads("fresh")
+        assert state.addresses() == before
+        assert all(r() is None for r in old), "fresh gradients are new tensors (set_to_none, then made anew)"
+        assert all(p.grad is g for p, g in zip(state.params, state.grads))
+    seen = [state.addresses()]
+    for _ in range(CACHE_SIZE + 8):
+        state.new_grads("moved")
+        now = state.addresses()
+        assert len(set(now)) == len(now)
+        assert all(a != b for earlier in seen for a, b in zip(now, earlier)), "a gradient came back to an old address"
+        seen.append(now)
+        assert all(torch.equal(g, m) for g, m in zip(state.grads, masters))
+
+
+def test_host_benchmark_modes_put_gradients_where_they_say():
+    _host_set_addresses_per_mode("cpu")
+
+
+def test_host_benchmark_fresh_frees_the_old_gradients_before_making_new_ones(monkeypatch):
+    """What `fresh` needs of a caching allocator (the GPU's path, run here without the CPU stand-in): when the first
+    new gradient is allocated, no reference to an old one is left, so their memory can be handed back."""
+    from fusedclip.bench import HostSet
+
+    state = HostSet(6, 5, torch.float32, torch.device("cpu"), seed=1)
+    state.blocks = None  # as on a GPU: new gradients come from the allocator
+    old = [weakref.ref(g) for g in state.grads]
+    alive_at_first_allocation = []
+    real_empty_like = torch.empty_like
+
+    def empty_like(t, *args, **kwargs):
+        if not alive_at_first_allocation:
+            alive_at_first_allocation.append(sum(r() is not None for r in old))
+        return real_empty_like(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    state.new_grads("fresh")
+    assert alive_at_first_allocation == [0]
+    assert all(torch.equal(g, m) for g, m in zip(state.grads, state.masters))
+
+
+@pytest.mark.gpu
+def test_gpu_host_benchmark_modes_put_gradients_where_they_say():
+    """The same on a GPU, where `fresh` relies on torch's caching allocator handing the freed memory back."""
+    _host_set_addresses_per_mode("cuda")
 
 
 # ---- the torch backend's clamp on CPU ----------------------------------------------------------------------------
