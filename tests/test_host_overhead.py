@@ -209,7 +209,7 @@ def test_clip_grad_value_and_clip_grads_with_norm_on_the_fast_path(backend_devic
 
 def _kept_steps() -> list[dict]:
     """The prepared-call tables of every kept plan (kept plans of a backend without a tensor list have one)."""
-    return [e.plan.steps for bucket in fastpath._buckets.values() for e in bucket if e.plan is not None]
+    return [p.steps for bucket in fastpath._buckets.values() for e in bucket if e.plans for p in e.plans.values()]
 
 
 def test_prepared_calls_follow_each_calls_arguments(backend_device, check):
@@ -245,6 +245,61 @@ def test_prepared_calls_follow_each_calls_arguments(backend_device, check):
         assert not steps  # the torch backend reads tensors: its kept plans are made per call, with no steps
     else:
         assert steps and all(0 < len(t) <= fusedclip.dispatch.STEPS for t in steps)
+
+
+def _kept_entries() -> list:
+    return [e for bucket in fastpath._buckets.values() for e in bucket]
+
+
+def test_kept_plans_prepare_their_calls_per_stream(check, monkeypatch):
+    """A kept plan's prepared calls bind scratch (ticket, partials, coefficient): calls from two streams get a plan
+    and prepared calls each, bound to that stream's scratch (DevicePlan.scratch), so that they never share a
+    ticket; each stream's first call waits for the tables (before_use), later ones do not ask again. Streams are
+    stand-ins (plan.stream_of replaced); the totals and gradients are checked."""
+    triton_backend = _triton_or_skip()
+    from fusedclip.backends import plan as plan_module
+
+    stream = ["A"]
+    for module in (plan_module, fastpath):
+        monkeypatch.setattr(module, "stream_of", lambda device: stream[0])
+    waits = []
+    real_before_use = plan_module.PackedTables.before_use
+    monkeypatch.setattr(plan_module.PackedTables, "before_use", lambda packed: waits.append(stream[0]) or
+                        real_before_use(packed))
+    params = params_with_grads(new_grads(13, "cpu", seed=60))
+    gen = torch.Generator().manual_seed(61)
+    for step, name in enumerate(["A", "A", "B", "B", "A", "B"]):
+        stream[0] = name
+        for p in params:
+            p.grad.copy_(torch.randn(p.grad.shape, generator=gen, dtype=torch.float64))
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+    (entry,) = _kept_entries()
+    assert set(entry.plans) == {"A", "B"} and fastpath.stats.hits == 5
+    device_plan = entry.device_plan
+    assert set(device_plan.scratches) == {"A", "B"}
+    assert device_plan.scratches["B"].ticket.data_ptr() != device_plan.ticket.data_ptr()
+    assert waits == ["A", "B"]  # once per stream, at its first kept call
+    assert isinstance(triton_backend.load(), triton_backend.TritonBackend)
+
+
+def test_a_kept_plan_of_a_backend_that_reads_tensors_waits_for_its_tables(check, monkeypatch):
+    """A kept device plan handed to a backend that is called with the tensors (reads_plan_only False) is made ready
+    for the current stream on every hit, as one found in the plan cache is (before_use: wait for the tables' copy
+    and record the stream on their buffer), not only the plans of backends that read the plan alone."""
+    triton_backend = _triton_or_skip()
+    from fusedclip.backends import plan as plan_module
+
+    monkeypatch.setattr(triton_backend.load(), "reads_plan_only", False)
+    calls = []
+    real_before_use = plan_module.PackedTables.before_use
+    monkeypatch.setattr(plan_module.PackedTables, "before_use", lambda packed: calls.append(packed) or
+                        real_before_use(packed))
+    params = params_with_grads(new_grads(10, "cpu", seed=62))
+    for _ in range(4):
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+    (entry,) = _kept_entries()
+    assert fastpath.stats.hits == 3 and len([c for c in calls if c is entry.device_plan.packed]) == 3
+    assert entry.plans is None  # (a plan per call, with the call's tensors)
 
 
 def test_a_returned_total_is_not_overwritten_by_later_calls(backend_device, check):
