@@ -557,12 +557,11 @@ def write_record(record: dict, out: str) -> None:
 #
 # Modes:
 #   kept   the gradients stay in place between calls;
-#   fresh  before each call every .grad is set to None (zero_grad(set_to_none=True)) and every other reference to
-#          the old gradients dropped, then new gradients are made in reverse parameter order, as backward makes them.
-#          On a GPU they come from torch's caching allocator, which in a steady loop hands back the memory just freed,
-#          at the same addresses (`address_reuse` says how often it did). The CPU's system allocator does not (glibc
-#          gives new addresses almost every time), so on CPU the benchmark stands in for a caching allocator: each new
-#          .grad is a new tensor over the memory the previous one had;
+#   fresh  before each call every .grad is set to None (zero_grad(set_to_none=True)), then new gradients are made in
+#          reverse parameter order, as backward makes them, at the addresses the old ones had, as torch's CUDA caching
+#          allocator hands them back in a steady loop. On every device the benchmark stands in for that allocator
+#          (each new .grad is a new tensor over the memory the previous one had), so that the mode means the same
+#          wherever it runs, whatever else the allocator serves between calls (`address_reuse` is 1 by construction);
 #   moved  new gradients before each call at addresses no earlier call saw (on every device: views of an arena at
 #          an offset that grows by 16 bytes per call), so that every call must find that its gradients moved and
 #          rebuild its plan: no kept plan and no plan cache can know them. `address_reuse` is 0 by construction.
@@ -592,8 +591,8 @@ class HostSet:
         self.masters = [torch.randn(numel, generator=gen, dtype=dtype, device=device) for _ in range(count)]
         self.params = [torch.nn.Parameter(torch.empty(numel, dtype=dtype, device=device)) for _ in range(count)]
         self.model = torch.nn.ModuleList(_Pair(self.params[i : i + 2]) for i in range(0, count, 2))
-        # The CPU's stand-in for a caching allocator (see the modes above): the memory each .grad is made in.
-        self.blocks = [m.clone() for m in self.masters] if device.type == "cpu" else None
+        # The stand-in for a caching allocator (see the modes above): the memory each `fresh` .grad is made in.
+        self.blocks = [m.clone() for m in self.masters]
         # `moved`: gradient i of a call at arena[offset + i * stride], the offset 16 bytes further at each call.
         self.step = max(1, 16 // self.masters[0].element_size()) if count else 1
         self.stride = -(-numel // self.step) * self.step
@@ -603,24 +602,21 @@ class HostSet:
         self.new_grads("fresh")
 
     def new_grads(self, mode: str) -> None:
-        """Replace every .grad: set_to_none first, then new tensors in reverse parameter order. `fresh`: in the memory
-        the old ones had (the old ones are gone before the new ones are made, so that a caching allocator can hand
-        their memory back; on CPU the stand-in blocks); `moved`: at addresses no earlier call had."""
+        """Replace every .grad: set_to_none first, then new tensors in reverse parameter order; `fresh`: in the memory
+        the old ones had, `moved`: at addresses no earlier call had."""
         if mode not in ("fresh", "moved"):
             raise ValueError(f"mode must be 'fresh' or 'moved', got {mode!r}")
         for p in self.params:
             p.grad = None
-        self.grads = []  # the last reference: the old gradients are freed here, before any new one exists
+        self.grads = []
         at = self._next_offset() if mode == "moved" else 0
         for i in reversed(range(len(self.params))):
             m = self.masters[i]
             if mode == "moved":
                 g = self.arena[at + i * self.stride : at + i * self.stride + m.numel()]  # type: ignore[index]
-            elif self.blocks is not None:
+            else:
                 block = self.blocks[i]
                 g = torch.empty(0, dtype=m.dtype, device=m.device).set_(block.untyped_storage(), 0, block.shape)
-            else:
-                g = torch.empty_like(m)  # torch's caching allocator: the memory just freed
             g.copy_(m)
             self.params[i].grad = g
         self.grads = [p.grad for p in self.params]
