@@ -5,12 +5,14 @@ clamp on CPU."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -19,11 +21,126 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import fastpath
+from conftest import BACKEND_DEVICES
+from fusedclip import backends, fastpath
 from reference import assert_scaled, assert_total_close, params_with_grads, random_grads, ref_total_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["python"] + (["cpp"] if fastpath.CppSignatures is not None else [])
+
+
+class _Op:
+    """One stand-in op: callable, and its own `.default` overload, as torch.ops.fusedclip.<name> is."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.default = self
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+class CudaOpsStandIn:
+    """torch.ops.fusedclip's CUDA ops for the cuda backend on CPU tensors, where the extension cannot be built: each
+    does its op's job with the torch backend, on the tensors it is handed or, for the planned_* ops (the table
+    alone), on the tensors at the table's addresses (those the calls before handed over: every kept plan starts as a
+    call with its tensors). `calls` lists which ops ran. This checks the backend's Python side (which op, which
+    arguments, what comes back); the ops themselves are tested on a GPU (tests/test_cuda_backend.py)."""
+
+    def __init__(self):
+        from fusedclip.backends import clip_coef, torch_backend
+
+        self.calls: list[str] = []
+        self.by_address: dict[int, torch.Tensor] = {}
+        torch_ = torch_backend.load()
+
+        def seen(name, tensors):
+            self.calls.append(name)
+            self.by_address.update((t.data_ptr(), t) for t in tensors)
+            return tensors
+
+        def at(name, meta):
+            self.calls.append(name)
+            return [self.by_address[a] for a in meta[0].tolist()]
+
+        def norm(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, per_tensor):
+            total, norms = torch_.norms(seen("norm", grads), norm_type, True)
+            return total, norms if per_tensor else total.new_empty(0)
+
+        def norm_and_coef(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, max_norm):
+            total, _ = torch_.norms(seen("norm_and_coef", grads), norm_type, False)
+            return total, clip_coef(total, max_norm)
+
+        def planned_norm(meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, acc_f64, norm_type, per_tensor,
+                         max_norm):
+            tensors = at("planned_norm", meta)
+            total, norms = torch_.norms(tensors, norm_type, True)
+            assert (total.dtype == torch.float64) == acc_f64, "acc_f64 does not match the tensors"
+            coef = clip_coef(total, max_norm) if max_norm is not None else total.new_empty(0)
+            return total, norms if per_tensor else total.new_empty(0), coef
+
+        def planned_scale(meta, chunk_tensor, chunk_start, chunk_size, coef, per_tensor):
+            tensors = at("planned_scale", meta)
+            (torch_.scale_per_tensor_ if per_tensor else torch_.scale_)(tensors, coef)
+
+        def scale(grads, meta, chunk_tensor, chunk_start, chunk_size, coef):
+            torch_.scale_(seen("scale", grads), coef)
+
+        def scale_per_tensor(grads, meta, chunk_tensor, chunk_start, chunk_size, coefs):
+            torch_.scale_per_tensor_(seen("scale_per_tensor", grads), coefs)
+
+        def clamp(grads, meta, chunk_tensor, chunk_start, chunk_size, clip_value):
+            torch_.clamp_(seen("clamp", grads), clip_value)
+
+        def planned_clamp(meta, chunk_tensor, chunk_start, chunk_size, clip_value):
+            torch_.clamp_(at("planned_clamp", meta), clip_value)
+
+        schemas = op_schemas()
+        for fn in (norm, norm_and_coef, scale, scale_per_tensor, clamp, planned_norm, planned_scale, planned_clamp):
+            # The stand-in takes the arguments the op's schema names, in its order: a call in another order fails.
+            assert list(inspect.signature(fn).parameters) == schemas[fn.__name__], fn.__name__
+            setattr(self, fn.__name__, _Op(fn))
+
+
+def op_schemas() -> dict[str, list[str]]:
+    """The argument names of every op csrc/ops.cpp defines, in order, read from its m.def schemas."""
+    source = (ROOT / "csrc" / "ops.cpp").read_text()
+    schemas = {}
+    for call in re.findall(r"m\.def\((.*?)\);", source, flags=re.S):
+        schema = "".join(re.findall(r'"([^"]*)"', call))
+        name, rest = schema.split("(", 1)
+        depth, args = 0, ""
+        for c in rest:
+            if c == ")" and depth == 0:
+                break
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            args += c
+        schemas[name] = [a.split()[-1] for a in args.split(",")]
+    return schemas
+
+
+def install_cuda_stand_in(monkeypatch) -> CudaOpsStandIn:
+    """The cuda backend over CudaOpsStandIn, taking CPU tensors, as backend "cuda" for this test."""
+    from fusedclip.backends import cuda_backend
+
+    ops = CudaOpsStandIn()
+    monkeypatch.setattr(cuda_backend, "_ops", ops)
+    backend = cuda_backend.CudaBackend()
+    monkeypatch.setattr(backend, "runs_on", lambda device: True)
+    monkeypatch.setitem(backends._loaded, "cuda", backend)
+    return ops
+
+
+# Every backend this machine runs, and where the cuda backend cannot run, the cuda backend with stand-in ops on CPU.
+STAND_IN = "cuda" not in fusedclip.available_backends()
+PAIRS = BACKEND_DEVICES + ([("cuda", "cpu")] if STAND_IN else [])
+
+
+@pytest.fixture(params=PAIRS, ids=[f"{b}-{d}" if (b, d) != ("cuda", "cpu") else "cuda_stand_in-cpu" for b, d in PAIRS])
+def backend_device(request, monkeypatch) -> tuple[str, str]:
+    if request.param == ("cuda", "cpu"):
+        install_cuda_stand_in(monkeypatch)
+    return request.param
 
 
 @pytest.fixture(params=CHECKS)
@@ -245,6 +362,47 @@ def test_prepared_calls_follow_each_calls_arguments(backend_device, check):
         assert not steps  # the torch backend reads tensors: its kept plans are made per call, with no steps
     else:
         assert steps and all(0 < len(t) <= fusedclip.dispatch.STEPS for t in steps)
+
+
+@pytest.mark.skipif(not STAND_IN, reason="the cuda backend runs here: its own tests cover it")
+def test_cuda_backend_kept_plans_launch_from_the_tables_alone(check, monkeypatch):
+    """Issue 25 item 2: the cuda backend reads its plan only when the planned_* ops are there, so a kept plan's
+    calls take the tables alone (no tensor list to build and convert per call) and prepare their calls as the
+    Triton backend does; the first call over a list takes the checked ops with its tensors. Ops are stand-ins."""
+    from fusedclip.backends import cuda_backend
+
+    ops = install_cuda_stand_in(monkeypatch)
+    assert backends.select("cuda", torch.device("cpu")).reads_plan_only
+    params = params_with_grads(new_grads(17, "cpu", seed=70))
+    clip = lambda ps, **kw: fusedclip.clip_grad_norm_(ps, 0.5, backend="cuda", **kw)  # noqa: E731
+    assert_clip_matches_torch(params, 0.5, clip)
+    assert ops.calls == ["norm_and_coef", "scale"]
+    for kwargs, want in [({}, ["planned_norm", "planned_scale"]), ({}, ["planned_norm", "planned_scale"]),
+                         ({"error_if_nonfinite": True}, ["planned_norm", "planned_scale"])]:
+        ops.calls.clear()
+        assert_clip_matches_torch(params, 0.5, lambda ps: clip(ps, **kwargs))
+        assert ops.calls == want, kwargs
+    (entry,) = _kept_entries()
+    assert set(entry.plans) == {None} and ("clip_norm", 2.0, 0.5) in entry.plans[None].steps
+    ops.calls.clear()
+    before = [p.grad.clone() for p in params]
+    fusedclip.clip_grad_value_(params, 1e-3, backend="cuda")
+    fusedclip.clip_grads_with_norm_(params, 0.5, torch.tensor(4.0), backend="cuda")
+    coef = torch.clamp(torch.tensor(0.5) / (torch.tensor(4.0) + 1e-6), max=1.0).item()
+    for p, b in zip(params, before):
+        assert_scaled(p.grad, b.clamp(-1e-3, 1e-3), coef)
+    assert ops.calls == ["planned_clamp", "planned_scale"]
+    grads = [p.grad for p in params]
+    for _ in range(2):
+        ops.calls.clear()
+        total, norms = fusedclip.multi_tensor_norm(grads, backend="cuda", per_tensor=True)
+        assert_total_of(total, grads)
+        for g, n in zip(grads, norms.tolist()):
+            assert math.isclose(n, ref_total_norm([g], 2.0), rel_tol=1e-5)
+    assert ops.calls == ["planned_norm"]  # per-tensor norms of a kept plan: the tables alone too
+    monkeypatch.setattr(cuda_backend, "_ops", types.SimpleNamespace(**{k: v for k, v in vars(ops).items()
+                                                                         if not k.startswith("planned_")}))
+    assert not cuda_backend.CudaBackend().reads_plan_only  # an extension built before the planned_* ops
 
 
 def _kept_entries() -> list:
@@ -695,31 +853,9 @@ def test_host_benchmark_modes_put_gradients_where_they_say():
     _host_set_addresses_per_mode("cpu")
 
 
-def test_host_benchmark_fresh_frees_the_old_gradients_before_making_new_ones(monkeypatch):
-    """What `fresh` needs of a caching allocator (the GPU's path, run here without the CPU stand-in): when the first
-    new gradient is allocated, no reference to an old one is left, so their memory can be handed back."""
-    from fusedclip.bench import HostSet
-
-    state = HostSet(6, 5, torch.float32, torch.device("cpu"), seed=1)
-    state.blocks = None  # as on a GPU: new gradients come from the allocator
-    old = [weakref.ref(g) for g in state.grads]
-    alive_at_first_allocation = []
-    real_empty_like = torch.empty_like
-
-    def empty_like(t, *args, **kwargs):
-        if not alive_at_first_allocation:
-            alive_at_first_allocation.append(sum(r() is not None for r in old))
-        return real_empty_like(t, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "empty_like", empty_like)
-    state.new_grads("fresh")
-    assert alive_at_first_allocation == [0]
-    assert all(torch.equal(g, m) for g, m in zip(state.grads, state.masters))
-
-
 @pytest.mark.gpu
 def test_gpu_host_benchmark_modes_put_gradients_where_they_say():
-    """The same on a GPU, where `fresh` relies on torch's caching allocator handing the freed memory back."""
+    """The same on a GPU (the benchmark's CUDA records: `bench --host` there)."""
     _host_set_addresses_per_mode("cuda")
 
 
