@@ -518,12 +518,13 @@ def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
     # and leaves the plan of `grads` cold.
     fusedclip.clip_grad_norm_(params_with_grads([g.clone() for g in grads]), 0.5, backend=backend)
     cache = fusedclip.backends.select(backend, grads[0].device).cache  # type: ignore[attr-defined]
-    builds = cache.builds
+    builds, misses = cache.builds, plan.reserve.misses
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # (capture_error_mode "global": no pinned allocation may happen in it)
         total = fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
     assert cache.builds == builds + 1, "the capture should have built the plan (a cold cache)"
+    assert plan.reserve.misses == misses, "the capture's build found no pinned buffer set aside for it"
 
     originals = [g.clone() for g in grads]
     eager_total = fusedclip.get_total_norm(grads, backend=backend)  # eager, before any replay
@@ -573,3 +574,40 @@ def test_gpu_a_plan_used_from_another_stream_waits_for_its_tables(backend):
         again = fusedclip.get_total_norm(grads, backend=backend)
     torch.cuda.synchronize()
     torch.testing.assert_close(again.double().cpu(), torch.tensor(ref_total_norm(grads, 2.0)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_two_streams_and_a_graph_replay_on_one_kept_plan(backend):
+    """Issue 25 item 5: one kept plan used at once from two streams, and by a CUDA graph replaying on a third
+    stream beside them, with nothing ordering them: each gets its own ticket and scratch, so every total is right
+    (a shared ticket would finalize some early, or never) and every ticket is back to zero afterwards."""
+    if backend not in _kernel_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    grads = random_grads(300, (torch.float32, torch.bfloat16), "cuda", seed=96, max_numel=20000)
+    ref = ref_total_norm(grads, 2.0)
+    for _ in range(3):  # build, keep (fast path), prepared calls
+        fusedclip.get_total_norm(grads, backend=backend)
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    graph = torch.cuda.CUDAGraph()
+    streams[2].wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(streams[2]):
+        fusedclip.get_total_norm(grads, backend=backend)  # torch's recipe: a warm-up on a side stream first
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        graph_total = fusedclip.get_total_norm(grads, backend=backend)
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    totals, replays = [], []
+    for _ in range(40):
+        for s in streams[:2]:
+            with torch.cuda.stream(s):
+                totals.append(fusedclip.get_total_norm(grads, backend=backend))
+        with torch.cuda.stream(streams[2]):
+            graph.replay()
+            replays.append(graph_total.clone())
+    torch.cuda.synchronize()
+    for i, t in enumerate(totals + replays):
+        assert abs(t.item() - ref) <= 1e-5 * ref, (i, t.item(), ref)
+    device_plan = fusedclip.backends.select(backend, grads[0].device).cache.get(grads)  # type: ignore[attr-defined]
+    assert all(int(s.ticket) == 0 for s in device_plan.scratches.values())
