@@ -849,8 +849,16 @@ def _host_set_addresses_per_mode(device: str) -> None:
         assert all(torch.equal(g, m) for g, m in zip(state.grads, masters))
 
 
-def test_host_benchmark_modes_put_gradients_where_they_say():
+def test_host_benchmark_modes_put_gradients_where_they_say(monkeypatch):
     _host_set_addresses_per_mode("cpu")
+    from fusedclip.bench import HostSet
+
+    monkeypatch.setattr(HostSet, "ARENA_SPARE", 2)  # a new arena every other call: made while the old one lives
+    state = HostSet(5, 7, torch.float32, torch.device("cpu"), seed=3)
+    for _ in range(6):
+        before = state.addresses()
+        state.new_grads("moved")
+        assert all(a != b for a, b in zip(state.addresses(), before))
 
 
 @pytest.mark.gpu
