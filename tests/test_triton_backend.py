@@ -682,6 +682,153 @@ def _refill(grads, seed):
     return fresh
 
 
+class Launches:
+    """Records the ticket and scratch every norm launch of the backend gets (its launchers' arguments), and which
+    (stand-in) CUDA device is current at every kernel launch."""
+
+    def __init__(self, monkeypatch):
+        from fusedclip.backends import plan as plan_module
+        from fusedclip.triton_kernels import launch, multi_tensor_norm
+
+        self.tickets: list[torch.Tensor] = []
+        self.scratch: list[tuple] = []
+        self.devices: list[int] = []
+        self.current = 0
+        self.switches = 0
+        real_norm, real_prepare = multi_tensor_norm.multi_tensor_norm, multi_tensor_norm.prepare_norm
+
+        def norm(*args, **kwargs):
+            self.tickets.append(args[4])
+            return real_norm(*args, **kwargs)
+
+        def prepare(*args, **kwargs):
+            self.tickets.append(args[4])
+            self.scratch.append(args[10:13])
+            return real_prepare(*args, **kwargs)
+
+        monkeypatch.setattr(multi_tensor_norm, "multi_tensor_norm", norm)
+        monkeypatch.setattr(multi_tensor_norm, "prepare_norm", prepare)
+        real_launch = launch.Launcher.launch
+
+        def launch_(launcher, *args):
+            self.devices.append(self.current)
+            return real_launch(launcher, *args)
+
+        monkeypatch.setattr(launch.Launcher, "launch", launch_)
+        self.plan = plan_module
+
+
+def test_each_stream_launches_with_its_own_ticket_and_scratch(tb, monkeypatch):
+    """Two streams launching over one plan at once would interleave one ticket's atomics (a total finalized early,
+    or never, and the ticket left non-zero): so a launch from the stream that built the plan uses the plan's own
+    ticket, one from any other stream that stream's, and a call being captured a fresh one; prepared calls bind the
+    scratch of the stream they were prepared on. Streams and capture are stand-ins (the race needs a GPU: see
+    tests/test_plan.py's gpu tests); every result is still checked against float64."""
+    rec = Launches(monkeypatch)
+    stream, capture = ["A"], [False]
+    monkeypatch.setattr(rec.plan, "stream_of", lambda device: stream[0])
+    monkeypatch.setattr(rec.plan, "capturing", lambda device: capture[0])
+    grads = grads_of_sizes([5, CHUNK + 3, 40], (torch.float32, torch.bfloat16), seed=21)
+    ref = ref_total_norm(grads, 2.0)
+    plan = tb.plan(grads)
+
+    def total_from(name):
+        stream[0] = name
+        total, _ = tb.norms(grads, 2.0, False, plan)
+        assert_total_close(total, ref, torch.float32, what=f"total from stream {name}")
+        return rec.tickets[-1]
+
+    assert total_from("A") is plan.ticket
+    b = total_from("B")
+    assert b is plan.scratches["B"].ticket and b.data_ptr() != plan.ticket.data_ptr()
+    assert total_from("B") is b and total_from("A") is plan.ticket
+    capture[0] = True
+    captured = [total_from("A"), total_from("A")]
+    assert all(t.data_ptr() not in (plan.ticket.data_ptr(), b.data_ptr()) for t in captured)
+    assert captured[0] is not captured[1]
+    capture[0] = False
+    assert all(int(t) == 0 for t in (plan.ticket, b, *captured))  # every launch left its ticket at zero
+
+    for name in ("A", "B"):
+        stream[0] = name
+        mine = plan.scratches[name]
+        for g, o in zip(grads, originals := [g.clone() for g in grads]):
+            g.copy_(o)
+        total = tb.prepare_clip_norm(plan, 2.0, 0.5)()
+        assert rec.tickets[-1] is mine.ticket and rec.scratch[-1] == (mine.partials, mine.tensor_vals, mine.coef)
+        want = ref_total_norm(originals, 2.0)
+        assert_total_close(total, want, torch.float32, what=f"prepared clip from stream {name}")
+        for g, o in zip(grads, originals):
+            assert_scaled(g, o, min(1.0, 0.5 / (total.item() + 1e-6)))
+
+
+def test_launches_run_on_the_plans_device_whichever_device_is_current(tb, monkeypatch):
+    """Triton launches on the current CUDA device: gradients on cuda:1 while cuda:0 is current would launch on
+    device 0 over device 1's tables. Every launch (norms, scale, clamp, and the prepared calls) runs with the plan's
+    device current and restores the caller's afterwards; a plan on the current device switches nothing. The device
+    index is a stand-in (this machine has no second GPU: the gpu test below needs two); the kernels run here, and
+    their results are checked."""
+    import contextlib
+    import dataclasses
+
+    rec = Launches(monkeypatch)
+    monkeypatch.setattr(rec.plan, "stream_of", lambda device: None)
+    monkeypatch.setattr(rec.plan, "capturing", lambda device: False)
+    monkeypatch.setattr(triton_backend, "kernel_coef", lambda coef, device: coef.float())  # stays on this CPU
+
+    @contextlib.contextmanager
+    def device(index):
+        index = index.index if isinstance(index, torch.device) else index
+        before, rec.current = rec.current, index
+        rec.switches += 1
+        try:
+            yield
+        finally:
+            rec.current = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: rec.current)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    grads = grads_of_sizes([7, CHUNK + 1], (torch.float32,), seed=22)
+    originals = [g.clone() for g in grads]
+    on_cpu = tb.plan(grads)
+    for index in (1, 0):
+        p = dataclasses.replace(on_cpu, device=torch.device("cuda", index))
+        rec.devices.clear()
+        switches = rec.switches
+        for g, o in zip(grads, originals):
+            g.copy_(o)
+        total, _ = tb.norms(None, 2.0, False, p)
+        assert_total_close(total, ref_total_norm(originals, 2.0), torch.float32)
+        total, coef = tb.norm_and_coef(None, 2.0, 0.5, p)
+        tb.scale_(None, coef, p)
+        for g, o in zip(grads, originals):
+            assert_scaled(g, o, min(1.0, 0.5 / (total.item() + 1e-6)))
+        tb.clamp_(None, 1e-3, p)
+        tb.prepare_norm(p, 2.0)()
+        tb.prepare_clip_norm(p, 2.0, 0.5)()
+        tb.prepare_clamp(p, 1e-3)()
+        assert len(rec.devices) >= 10 and set(rec.devices) == {index} and rec.current == 0
+        assert (rec.switches > switches) == (index != 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_gradients_on_another_device_than_the_current_one():
+    grads = random_grads(20, (torch.float32, torch.bfloat16), "cuda:1", seed=23, max_numel=5000)
+    params = params_with_grads(grads)
+    originals = [g.clone() for g in grads]
+    with torch.cuda.device(0):
+        for _ in range(3):  # cold, kept (the fast path's prepared calls), kept
+            for g, o in zip(grads, originals):
+                g.copy_(o)
+            total = fusedclip.clip_grad_norm_(params, 0.5, backend="triton")
+            assert total.device == torch.device("cuda", 1)
+            assert_total_close(total, ref_total_norm(originals, 2.0), torch.float32)
+            for g, o in zip(grads, originals):
+                assert_scaled(g, o, min(1.0, 0.5 / (total.item() + 1e-6)))
+        assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.profiler
 def test_gpu_launch_count_at_most_three():

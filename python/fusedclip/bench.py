@@ -558,12 +558,13 @@ def write_record(record: dict, out: str) -> None:
 # Modes:
 #   kept   the gradients stay in place between calls;
 #   fresh  before each call every .grad is set to None (zero_grad(set_to_none=True)), then new gradients are made in
-#          reverse parameter order, as backward makes them. On a GPU they come from torch's caching allocator, which
-#          in a steady loop hands back the same addresses (`address_reuse` says how often it did). The CPU's system
-#          allocator does not (glibc gives new addresses almost every time), so on CPU the benchmark stands in for a
-#          caching allocator: each new .grad is a new tensor over the memory the previous one had;
-#   moved  new gradients at new addresses before each call (the old ones are released only after the new ones
-#          exist): every call must find that its gradients moved and rebuild its plan.
+#          reverse parameter order, as backward makes them, at the addresses the old ones had, as torch's CUDA caching
+#          allocator hands them back in a steady loop. On every device the benchmark stands in for that allocator
+#          (each new .grad is a new tensor over the memory the previous one had), so that the mode means the same
+#          wherever it runs, whatever else the allocator serves between calls (`address_reuse` is 1 by construction);
+#   moved  new gradients before each call at addresses no earlier call saw (on every device: views of an arena at
+#          an offset that grows by 16 bytes per call), so that every call must find that its gradients moved and
+#          rebuild its plan: no kept plan and no plan cache can know them. `address_reuse` is 0 by construction.
 HOST_SIZES = (148, 2000, 10000)
 HOST_MODES = ("kept", "fresh", "moved")
 STOCK = "stock torch"
@@ -583,35 +584,53 @@ class _Pair(torch.nn.Module):
 class HostSet:
     """`count` parameters of `numel` elements in a model of two-parameter modules, with gradients."""
 
+    ARENA_SPARE = 1024  # calls of `moved` one arena serves before the next (a new allocation) takes over
+
     def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device, seed: int) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
         self.masters = [torch.randn(numel, generator=gen, dtype=dtype, device=device) for _ in range(count)]
         self.params = [torch.nn.Parameter(torch.empty(numel, dtype=dtype, device=device)) for _ in range(count)]
         self.model = torch.nn.ModuleList(_Pair(self.params[i : i + 2]) for i in range(0, count, 2))
-        # The CPU's stand-in for a caching allocator (see the modes above): the memory each .grad is made in.
-        self.blocks = [m.clone() for m in self.masters] if device.type == "cpu" else None
+        # The stand-in for a caching allocator (see the modes above): the memory each `fresh` .grad is made in.
+        self.blocks = [m.clone() for m in self.masters]
+        # `moved`: gradient i of a call at arena[offset + i * stride], the offset 16 bytes further at each call.
+        self.step = max(1, 16 // self.masters[0].element_size()) if count else 1
+        self.stride = -(-numel // self.step) * self.step
+        self.arena: Optional[Tensor] = None
+        self.offset = 0
         self.grads: list[Tensor] = []
-        self.new_grads("moved")
+        self.new_grads("fresh")
 
     def new_grads(self, mode: str) -> None:
-        """Replace every .grad: `fresh` in the memory the old ones had (as a caching allocator does), `moved`
-        elsewhere. Either way set_to_none first, then new tensors in reverse parameter order."""
-        old = self.grads  # alive until the new ones exist, for `moved`
+        """Replace every .grad: set_to_none first, then new tensors in reverse parameter order; `fresh`: in the memory
+        the old ones had, `moved`: at addresses no earlier call had."""
+        if mode not in ("fresh", "moved"):
+            raise ValueError(f"mode must be 'fresh' or 'moved', got {mode!r}")
         for p in self.params:
             p.grad = None
-        if mode == "fresh":
-            old = []
+        self.grads = []
+        at = self._next_offset() if mode == "moved" else 0
         for i in reversed(range(len(self.params))):
             m = self.masters[i]
-            if mode == "fresh" and self.blocks is not None:
+            if mode == "moved":
+                g = self.arena[at + i * self.stride : at + i * self.stride + m.numel()]  # type: ignore[index]
+            else:
                 block = self.blocks[i]
                 g = torch.empty(0, dtype=m.dtype, device=m.device).set_(block.untyped_storage(), 0, block.shape)
-                g.copy_(m)
-            else:
-                g = m.clone()
+            g.copy_(m)
             self.params[i].grad = g
         self.grads = [p.grad for p in self.params]
-        del old
+
+    def _next_offset(self) -> int:
+        """The element offset of this `moved` call in the arena: one step past the last call's, in a new arena (made
+        while the old one is alive, so at other addresses) when this one is used up."""
+        if self.arena is None or self.offset == self.ARENA_SPARE * self.step:
+            m = self.masters[0]
+            self.arena = torch.empty(len(self.masters) * self.stride + self.ARENA_SPARE * self.step, dtype=m.dtype,
+                                     device=m.device)
+            self.offset = 0
+        self.offset += self.step
+        return self.offset
 
     def addresses(self) -> list[int]:
         return [g.data_ptr() for g in self.grads]

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import torch_backend
-from .backends.plan import KERNEL_DTYPES, DevicePlan, capturing
+from .backends.plan import KERNEL_DTYPES, DevicePlan, capturing, stream_of
 from .dispatch import Group, Plan
 
 ENV_NO_EXT = "FUSEDCLIP_NO_HOST_EXT"
@@ -271,7 +271,7 @@ def uses_extension() -> bool:
 class Entry:
     """A kept plan: what a call over the list needs besides its tensors, and the signatures that say it still holds."""
 
-    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "plan")
+    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "plans")
 
     def __init__(self, sigs: Any, name: Optional[str], foreach: Optional[bool], group: Group, plan: Plan) -> None:
         self.sigs = sigs
@@ -283,9 +283,10 @@ class Entry:
         self.count = plan.count
         self.device_plan = group.device_plan()
         # A backend that reads only its device plan is called without a tensor list, so every call's plan is the
-        # same: made once, with the backend's prepared calls. Other backends get a plan with the call's tensors.
+        # same: made once per stream (stream_of; None on CPU), with the backend's prepared calls, which bind that
+        # stream's scratch (DevicePlan.scratch). Other backends get a plan with the call's tensors.
         reads_plan_only = self.device_plan is not None and group.backend.reads_plan_only
-        self.plan = self._plan(None, {}) if reads_plan_only else None
+        self.plans: Optional[dict] = {} if reads_plan_only else None
 
     def _plan(self, tensors: Optional[list[Tensor]], steps: Optional[dict]) -> Plan:
         group = Group(self.backend, tensors, range(self.count), self.device, self.device_plan)
@@ -301,14 +302,21 @@ class Entry:
             return None
         if not self.backend_now():
             return None
-        if self.plan is None:
+        if self.plans is None:
             tensors = self.sigs.collect(items)
-            return None if tensors is None else self._plan(tensors, None)
+            if tensors is None:
+                return None
+            if isinstance(self.device_plan, DevicePlan):
+                self.device_plan.packed.before_use()  # another stream: wait for the tables
+            return self._plan(tensors, None)
         if not self.sigs.matches(items):
             return None
-        if self.device.type == "cuda" and isinstance(self.device_plan, DevicePlan):
-            self.device_plan.packed.before_use()  # another stream: wait for the tables
-        return self.plan
+        stream = stream_of(self.device)
+        plan = self.plans.get(stream)
+        if plan is None:  # the first call from this stream
+            self.device_plan.packed.before_use()  # type: ignore[union-attr]  (wait for the tables)
+            plan = self.plans[stream] = self._plan(None, {})
+        return plan
 
 
 _buckets: OrderedDict[tuple, list[Entry]] = OrderedDict()
