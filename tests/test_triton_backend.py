@@ -474,6 +474,40 @@ def test_many_tensors_mixed_dtypes_and_alignment_gpu_configuration():
         assert torch.equal(v, e)
 
 
+# ---- p-norms: |x|^p and the root in float64 -----------------------------------------------------------------------
+
+
+def tiny_values(sizes, dtype, exponent, seed):
+    """Tensors of `sizes` elements whose magnitudes lie in [1, 2) * 2^exponent, of random signs (none is zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        magnitude = (1 + torch.rand(n, generator=gen, dtype=torch.float64)) * 2.0**exponent
+        sign = torch.where(torch.rand(n, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
+        t = (magnitude * sign).to(dtype)
+        assert bool((t != 0).all())
+        out.append(t.to(DEVICE))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p, exponent", [(3.0, -44), (0.5, -130)])
+def test_p_norm_terms_below_the_float32_normal_range_count(tb, dtype, p, exponent):
+    """Terms |x|^p under 2^-126 (p = 3 of values near 2^-44) and subnormal gradients themselves (p = 0.5 of values
+    near 2^-130) count, in every tensor's norm and in the total (some of which are under 2^-126 too). On a GPU,
+    Triton's float32 exp2 / log2 flush them to zero (ex2.approx.ftz; libdevice's log2f with ftz); the kernels take
+    |x|^p and the root in float64. Magnitudes in [1, 2) * 2^exponent keep each float32 term within 2^-18 of |x|^p.
+    The interpreter computes with numpy, which flushes nothing: on the CPU this pins the values the GPU must give,
+    and tests/test_triton_compile.py checks the GPU code for approximate exp2 / log2."""
+    grads = tiny_values(ODD_SIZES, dtype, exponent, seed=-exponent)
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+    for i, g in enumerate(grads):
+        assert_total_close(norms[i], ref_tensor_norm(g, p), torch.float32, what=f"norm of tensor {i} ({g.numel()})")
+    total2, coef = tb.norm_and_coef(grads, p, 1.0)
+    assert torch.equal(total, total2) and coef.item() == 1.0
+
+
 # ---- plan cache ---------------------------------------------------------------------------------------------------
 
 

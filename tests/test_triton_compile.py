@@ -197,6 +197,19 @@ def test_fp_fusion_is_off(compiled):
         assert controls[0]["fma"] > 0, f"sm_{arch}: the control (fusion on) has no fma"
 
 
+def test_p_norms_use_no_approximate_exp2_or_log2(compiled):
+    """The p-norm variants (reduce and finalize, float32 and float64 accumulation) evaluate |x|^p and the root in
+    float64 (libdevice): no ex2.approx / lg2.approx, float32 instructions that are approximate and flush results
+    below 2^-126 to zero, in their PTX."""
+    seen = set()
+    for arch, result in compiled.items():
+        for v in result["variants"]:
+            if _norm(v) == NORM_P:
+                assert not {"ex2", "lg2"} & set(v["approx"]), f"sm_{arch} {v['kernel']} {v['args']}: {v['approx']}"
+                seen.add((arch, v["kernel"], v["args"]["ACC"]["tl_dtype"]))
+    assert len(seen) == len(ARCHS) * 2 * 2, f"p-norm variants compiled: {sorted(seen)}"
+
+
 # ---- the PTX reader itself --------------------------------------------------------------------------------------
 
 _PTX_SAMPLE = """

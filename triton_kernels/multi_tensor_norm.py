@@ -7,6 +7,10 @@ Launch 2 (`_finalize_kernel`, one program per BLOCK_T tensors): each tensor's ch
 order into `tensor_vals[t]`; the last program to take a ticket reduces `tensor_vals` in a fixed order into the
 total and the coefficient, then resets the ticket. No float atomics: the same input gives the same bits.
 
+|x|^p (p not 0, 1, 2 or +-inf) and the 1/p-th root are evaluated in float64 (libdevice's exp2 / log2 on a GPU,
+numpy's under the interpreter): Triton's float32 exp2 / log2 are approximate (ex2.approx) and flush values below
+2^-126 to zero. A float32 term is rounded once, from float64.
+
 NaN propagates as in torch: sums carry it naturally; max/min use a separate "any NaN" flag because tl.max and
 tl.maximum may drop a NaN.
 """
@@ -56,7 +60,7 @@ def _reduce_kernel(
     n = tl.minimum(tl.load(meta_ptr + num_tensors + t) - start, CHUNK)  # elements of this chunk
     code = tl.load(meta_ptr + 2 * num_tensors + t)
     if NORM == NORM_P:
-        p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        p = p_bits.to(tl.int64).to(tl.float64, bitcast=True)
     else:
         p = 0.0
     if NORM == NORM_NEG_INF:
@@ -94,8 +98,10 @@ def _reduce_kernel(
                 elif NORM == NORM_ZERO:
                     acc += (x != 0).to(ACC)  # NaN counts as non-zero, as in torch
                 elif NORM == NORM_P:
-                    # |x|^p as exp2(p log2|x|); x == 0 kept out of log2 (gives 0). NaN and inf propagate.
-                    acc += tl.where(x == 0, 0.0, tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x))))
+                    # |x|^p as exp2(p log2|x|) in float64, rounded once to ACC (see the module docstring); x == 0
+                    # kept out of log2 (gives 0). NaN and inf propagate.
+                    w = tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x).to(tl.float64)))
+                    acc += tl.where(x == 0, 0.0, w).to(ACC)
                 elif NORM == NORM_INF:
                     acc = tl.maximum(acc, x)
                     nan |= (x != x).to(tl.int32)
@@ -135,7 +141,7 @@ def _finalize_kernel(
     BLOCK_R: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True)
     ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = ids < num_tensors
     first = tl.load(tensor_chunks_ptr + ids, mask=tmask, other=0)
@@ -172,8 +178,8 @@ def _finalize_kernel(
                 tl.store(norms_ptr + ids, tl.sqrt_rn(vals), mask=tmask)  # tl.sqrt may be approximate
             else:
                 tl.store(norms_ptr + ids, tl.sqrt(vals), mask=tmask)
-        elif NORM == NORM_P:
-            root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals)) / p)
+        elif NORM == NORM_P:  # the root in float64, as the terms
+            root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals).to(tl.float64)) / p)
             tl.store(norms_ptr + ids, tl.where(vals == 0, 0.0, root).to(ACC), mask=tmask)
         else:
             tl.store(norms_ptr + ids, vals, mask=tmask)
@@ -211,7 +217,8 @@ def _finalize_kernel(
             else:
                 total = tl.sqrt(total)
         elif NORM == NORM_P:
-            total = tl.where(total == 0, 0.0, tl.exp2(tl.log2(tl.where(total == 0, 1.0, total)) / p)).to(ACC)
+            root = tl.exp2(tl.log2(tl.where(total == 0, 1.0, total).to(tl.float64)) / p)
+            total = tl.where(total == 0, 0.0, root).to(ACC)
         tl.store(total_ptr, total)
         if has_coef != 0:
             # torch: clamp(max_norm / (total + 1e-6), max=1), evaluated as torch does: reciprocal, then times.
