@@ -11,10 +11,11 @@ the way run() does next time.
 Under Triton's interpreter there is no compiled kernel: every launch goes through run().
 
 Floating-point contraction is set, not left to Triton's default (which TRITON_DEFAULT_FP_FUSION changes, and
-triton 3.10 is to change): off. Every float operation then rounds as the source writes it, as numpy does under the
-interpreter, whatever LLVM would fuse (a kernel that wants an fma must write tl.fma). What that costs: the L2 reduce's
-x * x + acc is a multiply and an add, not one fma, in a loop bound by memory. (libdevice's functions keep the fmas
-they call explicitly.) tests/test_triton_compile.py checks the PTX: no fma where no libdevice function is inlined.
+triton 3.10 is to change): off, which triton 3.9's TRITON_FORCE_DISABLE_FP_FUSION cannot override either. Every
+float operation then rounds as the source writes it, as numpy does under the interpreter, whatever LLVM would fuse (a
+kernel that wants an fma must write tl.fma). What that costs: the L2 reduce's x * x + acc is a multiply and an add,
+not one fma, in a loop bound by memory. (libdevice's functions keep the fmas they call explicitly.)
+tests/test_triton_compile.py checks the PTX: no fma where no libdevice function is inlined.
 
 No-op mode (`stubbed()`): every launch of every Launcher is replaced by a call to a no-op of the same arguments, after
 the key lookup, so what remains is the host work of a launch. It needs no GPU (and no interpreter); the kernels do
