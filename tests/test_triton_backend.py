@@ -14,6 +14,8 @@ from fusedclip.backends.plan import DTYPE_CODES, unit_rows
 from reference import (
     FLOAT_DTYPES,
     NORM_TYPES,
+    TOTAL_RTOL,
+    assert_rel_close,
     assert_scaled,
     assert_total_close,
     params_with_grads,
@@ -472,6 +474,147 @@ def test_many_tensors_mixed_dtypes_and_alignment_gpu_configuration():
     b.clamp_(views, 0.05)
     for v, e in zip(views, expected):
         assert torch.equal(v, e)
+
+
+# ---- p-norms: |x|^p and the root in float64 -----------------------------------------------------------------------
+
+
+def tiny_values(sizes, dtype, exponent, seed):
+    """Tensors of `sizes` elements whose magnitudes lie in [1, 2) * 2^exponent, of random signs (none is zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        magnitude = (1 + torch.rand(n, generator=gen, dtype=torch.float64)) * 2.0**exponent
+        sign = torch.where(torch.rand(n, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
+        t = (magnitude * sign).to(dtype)
+        assert bool((t != 0).all())
+        out.append(t.to(DEVICE))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p, exponent", [(3.0, -44), (0.5, -130)])
+def test_p_norm_terms_below_the_float32_normal_range_count(tb, dtype, p, exponent):
+    """Terms |x|^p under 2^-126 (p = 3 of values near 2^-44) and subnormal gradients themselves (p = 0.5 of values
+    near 2^-130) count, in every tensor's norm and in the total (some of which are under 2^-126 too). On a GPU,
+    Triton's float32 exp2 / log2 flush them to zero (ex2.approx.ftz; libdevice's log2f with ftz); the kernels take
+    |x|^p and the root in float64. Magnitudes in [1, 2) * 2^exponent keep each float32 term within 2^-18 of |x|^p.
+    The interpreter computes with numpy, which flushes nothing: on the CPU this pins the values the GPU must give,
+    and tests/test_triton_compile.py checks the GPU code for approximate exp2 / log2."""
+    grads = tiny_values(ODD_SIZES, dtype, exponent, seed=-exponent)
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+    for i, g in enumerate(grads):
+        assert_total_close(norms[i], ref_tensor_norm(g, p), torch.float32, what=f"norm of tensor {i} ({g.numel()})")
+    total2, coef = tb.norm_and_coef(grads, p, 1.0)
+    assert torch.equal(total, total2) and coef.item() == 1.0
+
+
+# ---- the finalize: many chunks, many tensors ----------------------------------------------------------------------
+# The total: slabs of `block` partials, one per finalize program, then the slabs' values in the last program, `block`
+# at a time. Per-tensor values (and p = 0's count): tiles of tensors whose partials are read in steps of at most 256.
+# With the tiny configuration (chunk 16, block 8) a few hundred chunks make many slabs, tiles and steps.
+
+
+def many_chunk_case(seed, dtypes=(torch.float32, torch.bfloat16)):
+    """A tensor of 100 chunks (tiny configuration), two of 41 and 17 chunks, and 70 of 1 to 8 elements: 228 chunks,
+    29 slabs (the last program takes 4 steps over them), 10 tiles of 8 tensors (2 steps, for p = 0), and steps that
+    cover several tensors or part of one."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [100 * CHUNK - 3, 41 * CHUNK, 17 * CHUNK - 1]
+    sizes += [int(n) for n in torch.randint(1, 9, (70,), generator=gen)]
+    sizes.insert(30, sizes.pop(1))  # the 41-chunk tensor among the small ones
+    return [random_tensor((n,), dtypes[i % len(dtypes)], DEVICE, gen, scale=0.5 + i % 5) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_finalize_many_chunks_and_many_tensors(tb, p):
+    grads = many_chunk_case(seed=90)
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+    ref = torch.tensor([ref_tensor_norm(g, p) for g in grads], dtype=torch.float64)
+    assert_rel_close(norms, ref, TOTAL_RTOL[torch.float32], "per-tensor norms")
+    total2, coef = tb.norm_and_coef(grads, p, 1.0)  # no tiles (but for p = 0): the same total, bit for bit
+    assert torch.equal(total, total2)
+    prepared = tb.prepare_norm(tb.cache.get(grads), p)  # a kept plan's: the slabs' values over their first partials
+    assert torch.equal(prepared(), total) and torch.equal(prepared(), total)
+
+
+def test_finalize_many_chunks_float64_accumulation(tb):
+    grads = many_chunk_case(seed=92, dtypes=(torch.float64, torch.float32, torch.bfloat16))
+    for p in (2.0, 3.0, float("-inf")):
+        total, norms = tb.norms(grads, p, per_tensor=True)
+        assert_total_close(total, ref_total_norm(grads, p), torch.float64, all_fp64=False)
+        ref = torch.tensor([ref_tensor_norm(g, p) for g in grads], dtype=torch.float64)
+        assert_rel_close(norms, ref, TOTAL_RTOL[torch.float32], "per-tensor norms")
+
+
+class FinalizeLoads:
+    """The masked loads of each program of the finalize launches (interpreter only), by program id."""
+
+    def __init__(self, monkeypatch):
+        from fusedclip.triton_kernels import multi_tensor_norm
+
+        interpreter = pytest.importorskip("triton.runtime.interpreter")
+        builder = interpreter.interpreter_builder
+        self.per_program: dict[int, int] = {}
+        kernel, inside, counts = multi_tensor_norm._finalize_kernel, [], self.per_program
+
+        class Flagged:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    inside.append(1)
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        inside.pop()
+
+                return run
+
+        real = builder.create_masked_load
+
+        def counted(*args):
+            if inside:
+                counts[builder.grid_idx[0]] = counts.get(builder.grid_idx[0], 0) + 1
+            return real(*args)
+
+        monkeypatch.setattr(multi_tensor_norm, "_finalize_kernel", Flagged())
+        monkeypatch.setattr(builder, "create_masked_load", counted)
+
+
+def test_finalize_spreads_a_long_tensor_over_programs(tb, monkeypatch):
+    """The total of one tensor of 100 chunks: 13 finalize programs, each loading its slab of 8 partials once, and
+    the last, 2 more steps over the 13 slab values (one program, 100 / 16 steps, before). Its per-tensor norm: one
+    tile, 100 / 8 steps of 8 partials (at most 256 a step with a GPU's block)."""
+    if DEVICE != "cpu":
+        pytest.skip("counts interpreter loads")
+    g = random_tensor((100 * CHUNK - 3,), torch.float32, DEVICE, torch.Generator().manual_seed(93))
+    loads = FinalizeLoads(monkeypatch)
+    total, _ = tb.norms([g], 2.0, per_tensor=False)
+    assert loads.per_program == {**dict.fromkeys(range(12), 1), 12: 1 + 2}
+    assert_total_close(total, ref_total_norm([g], 2.0), torch.float32)
+    loads.per_program.clear()
+    total2, norms = tb.norms([g], 2.0, per_tensor=True)
+    tile = 3 + 13  # its tensors' chunk ranges (3 loads of tensor_chunks), then 13 steps
+    assert loads.per_program == {0: 1 + tile, **dict.fromkeys(range(1, 12), 1), 12: 1 + 2}
+    assert torch.equal(total, total2) and norms[0].item() == pytest.approx(ref_tensor_norm(g, 2.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("p", [2.0, float("inf"), 0.0])
+def test_finalize_bits_do_not_depend_on_program_order(tb, monkeypatch, p):
+    """The same bits whichever program runs first or takes the last ticket: here every launch runs its programs in
+    reverse order (program 0 is the last), against the interpreter's own order."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if DEVICE != "cpu":
+        pytest.skip("reorders interpreter programs")
+    grads = many_chunk_case(seed=91, dtypes=(torch.float32, torch.float16))
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    builder = interpreter.interpreter_builder
+    real = builder.set_grid_idx
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: real(builder.grid_dim[0] - 1 - x, y, z))
+    again, norms_again = tb.norms(grads, p, per_tensor=True)
+    assert torch.equal(total, again) and torch.equal(norms, norms_again)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
 
 
 # ---- plan cache ---------------------------------------------------------------------------------------------------

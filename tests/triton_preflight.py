@@ -7,8 +7,9 @@
   stand-in driver whose target is that GPU binds the arguments as a real launch would, then Triton lowers to PTX
   and assembles a cubin with its bundled ptxas. It runs in a fresh process: once TRITON_INTERPRET is set, the
   interpreter has replaced triton.language's helpers (tl.sum, ...) in this one, and they no longer compile.
-- `ptx_loops()` / `resource_usage()` read back what the compiler made: which global loads and stores sit in which
-  loop (LLVM writes its loop analysis into the PTX as comments on each basic block), local memory, registers.
+- `ptx_loops()` / `ptx_arithmetic()` / `resource_usage()` read back what the compiler made: which global loads and
+  stores sit in which loop (LLVM writes its loop analysis into the PTX as comments on each basic block), fused
+  multiply-adds and approximate instructions, local memory, registers.
 
 Run as a script, this file is that worker: `python triton_preflight.py RECORDS.json ARCH OUT.json`.
 """
@@ -143,6 +144,8 @@ _BLOCK_START = re.compile(r"^\s*(?:\$L__(BB\d+_\d+):|// %bb\.\d+:)")
 _OWN_HEADER = re.compile(r"=>This (?:Inner )?Loop Header")
 _IN_LOOP = re.compile(r"in Loop: Header=(BB\d+_\d+)")
 _SHARED = re.compile(r"^\s*(@!?%p\d+\s+)?((ld|st)\.shared|bar\.sync)")  # a layout conversion's traffic
+_FMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?fma\.", re.M)  # fused multiply-adds, whatever the type
+_APPROX = re.compile(r"^\s*(?:@!?%p\d+\s+)?(\w+)\.approx\b", re.M)  # ex2.approx..., lg2.approx..., rcp.approx...
 _GLOBAL_ACCESS = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s")
 
 
@@ -201,6 +204,12 @@ def ptx_loops(ptx: str) -> dict[str | None, dict]:
             dtype = "float32"
         out[h] = {**counts, "dtype": dtype}
     return out
+
+
+def ptx_arithmetic(ptx: str) -> dict:
+    """What the float arithmetic compiled to: `fma`, the number of fused multiply-adds (any type), and `approx`, the
+    number of each approximate instruction ({"ex2": 64, "rcp": 8}: ex2.approx.*, rcp.approx.*)."""
+    return {"fma": len(_FMA.findall(ptx)), "approx": dict(Counter(_APPROX.findall(ptx)))}
 
 
 def resource_usage(cubin: bytes, sass: bool) -> dict[str, int]:
@@ -371,6 +380,7 @@ def _worker(records_path: str, arch: int, out_path: str) -> None:
                 **record,
                 "loops": {str(k): v for k, v in ptx_loops(ptx).items()},
                 "ptx_local": bool(re.search(r"\.local\b", ptx)),
+                **ptx_arithmetic(ptx),
                 "usage": resource_usage(compiled.asm["cubin"], sass=record.get("sass", False)),
                 "cpu_seconds": _cpu_seconds() - cpu,  # compile, ptxas and the checks
             }
