@@ -58,6 +58,7 @@ SOURCES = {  # what each part of the kit is made from: a change makes that part 
     "extension": ("setup.py", "csrc"),
     "triton_kernels": ("triton_kernels",),
     "launches": ("tests",),  # which launches the device tests make: a change may leave some uncompiled (a JIT there)
+    "kit": ("bench/lease_kit.py",),  # how the kit is made (the launchers' linking, say): a change remakes it all
 }
 SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".cuh", ".h", ".txt")
 
@@ -132,12 +133,16 @@ def triton_facts() -> dict[str, Any]:
 
 
 def _libcuda_stub(folder: Path) -> Path:
-    """A libcuda.so.1 to link Triton's launchers against here (no driver on this machine): empty, with the real
-    library's soname, so each launcher records libcuda.so.1 as needed and the device's driver resolves it."""
-    stub = folder / "libcuda.so.1"
+    """What Triton's launchers are linked with here (no driver on this machine): an empty libcuda.so.1 with the real
+    library's soname, and a `cc` that links it even though it defines nothing they call (gcc's default
+    --as-needed would drop it), so each launcher names libcuda.so.1 as needed and the device's driver resolves it."""
     src = folder / "stub.c"
     src.write_text("void fusedclip_libcuda_stub(void) {}\n")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub), str(src)], check=True)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(folder / "libcuda.so.1"),
+                    str(src)], check=True)
+    cc = folder / "cc"
+    cc.write_text('#!/bin/sh\nexec gcc -Wl,--no-as-needed "$@"\n')
+    cc.chmod(0o755)
     return folder
 
 
@@ -230,8 +235,8 @@ def stale_parts(kit: Path) -> list[str]:
             or sources.get("extension") != source_hash("extension")):
         parts.append("extension")
     facts = triton_facts()
-    if any(manifest.get(k) != v for k, v in facts.items()) or sources.get("triton_kernels") != source_hash(
-            "triton_kernels"):
+    if any(manifest.get(k) != v for k, v in facts.items()) or any(
+            sources.get(part) != source_hash(part) for part in ("triton_kernels", "kit")):
         parts.append("triton-cache")  # every entry is stale: start the cache afresh
     elif sources.get("launches") != source_hash("launches") or not (kit / "launches.json").exists() or any(
             e not in cache_entries(kit / CACHE) for e in (manifest.get("triton_cache") or {}).get("entries", [None])):
@@ -322,7 +327,7 @@ def setup(kit: Path, report_path: Path, root: Path = ROOT, sample: int = 12) -> 
         report["extension"] = f"to build here: {why}"
         rc = 3
     relocated = relocate(kit / CACHE)  # the kit was made at another path: its group files name that one
-    report["triton_cache"] = _probe_cache(kit, manifest, sample) if torch.cuda.is_available() else {
+    report["triton_cache"] = _probe_cache(kit, sample) if torch.cuda.is_available() else {
         "probe": "not run: no CUDA device"}
     report["triton_cache"]["groups_relocated"] = relocated
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -330,14 +335,14 @@ def setup(kit: Path, report_path: Path, root: Path = ROOT, sample: int = 12) -> 
     return rc
 
 
-def _probe_cache(kit: Path, manifest: dict, sample: int) -> dict[str, Any]:
+def _probe_cache(kit: Path, sample: int) -> dict[str, Any]:
     """Look the first launch record of each kernel (up to `sample`) up in the kit's cache with the real driver."""
     records = read_json(kit / "launches.json") or []
     first: dict[str, dict] = {}
     for r in records:
         first.setdefault(r["kernel"], r)
     picked = (list(first.values()) + [r for r in records if r not in first.values()])[:sample]
-    if os.environ.get("TRITON_CACHE_DIR") != str((kit / CACHE).resolve()):
+    if Path(os.environ.get("TRITON_CACHE_DIR", "")).resolve() != (kit / CACHE).resolve():
         return {"probe": f"not run: TRITON_CACHE_DIR is {os.environ.get('TRITON_CACHE_DIR')}, not the kit's cache"}
     sys.path.insert(0, str(ROOT / "tests"))
     import triton_preflight

@@ -498,6 +498,10 @@ def test_the_kits_triton_cache_is_hit_from_another_checkout_and_missed_after_a_k
     files = [f.name for d in cache.iterdir() for f in d.iterdir()]
     assert "_scale_kernel.cubin" in files
     assert any(f.startswith("__triton_launcher.") for f in files) and any(f.startswith("cuda_utils.") for f in files)
+    if shutil.which("readelf"):  # linked against the driver, which the device resolves (a stub here)
+        for so in cache.glob("*/*.so"):
+            needed = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True).stdout
+            assert "[libcuda.so.1]" in needed, (so.name, needed)
 
     other = tmp_path / "elsewhere"  # the same sources at another path, as the device's checkout
     shutil.copytree(ROOT / "python" / "fusedclip", other / "fusedclip",

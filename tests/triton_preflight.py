@@ -234,15 +234,16 @@ def compile_variants(records: list[dict], arch: int, timeout: float = 1200, cach
     """Start a worker that compiles `records` for sm_`arch` (and disassembles the SASS of those marked "sass");
     `collect()` its result. By default into a cache of its own, removed by collect(): every run really lowers and
     assembles each variant. With `cache_dir`, into that Triton cache, which is kept (bench/lease_kit.py makes the
-    lease's cache so); with `libcuda_dir` too (a folder holding a libcuda.so.1 to link against), each variant's
-    launcher and Triton's cuda_utils are built into it as well, as a first launch on the GPU would."""
+    lease's cache so); with `libcuda_dir` too (a folder holding a libcuda.so.1 to link against and the `cc` to link
+    with), each variant's launcher and Triton's cuda_utils are built into it as well, as a first launch on the GPU
+    would."""
     fd, path = tempfile.mkstemp(suffix=".json", prefix="fusedclip-launches-")
     with os.fdopen(fd, "w") as f:
         json.dump(records, f)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = cache_dir or tempfile.mkdtemp(prefix="fusedclip-triton-cache-")
     if libcuda_dir:
-        env["TRITON_LIBCUDA_PATH"] = libcuda_dir
+        env.update(TRITON_LIBCUDA_PATH=libcuda_dir, CC=os.path.join(libcuda_dir, "cc"))
     out, log = path + f".sm{arch}.out.json", path + f".sm{arch}.log"
     with open(log, "w") as log_file:  # a file, not a pipe: a worker printing a failed kernel's PTX never blocks
         proc = subprocess.Popen(
