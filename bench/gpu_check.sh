@@ -3,7 +3,8 @@
 # design.md 6c). A lease is 15 minutes of device time in all: the machine's start (1-2 min), every call, idle time
 # and transfers count.
 #
-# Before the lease, on this machine (no GPU; ~10 min the first time, seconds when nothing changed since):
+# Before the lease, on this machine (no GPU; 8-15 min on 2 cores the first time, ~5 after a change to tests/ or the
+# kernels (the launches are recorded again), seconds when nothing changed):
 #   bash bench/gpu_check.sh prepare      makes the kit, bench/kit/ (bench/lease_kit.py): fusedclip._C and _host
 #                                        built for sm_90 against PyPI's torch 2.11.0+cu130 under Python 3.12 (the
 #                                        devices' Python; found with pyenv, PYTHON312 or on PATH), and a Triton
