@@ -182,7 +182,12 @@ prepare() {
   vpy=$venv/bin/python
   mkdir -p "$KIT"
   parts=$("$vpy" bench/lease_kit.py stale --kit "$KIT") || return 1
-  if [[ -z $parts ]]; then echo "== the kit is up to date: nothing to make"; else echo "== to make: $parts"; fi
+  if [[ -z $parts ]]; then
+    echo "== the kit is up to date: nothing to make"
+    "$vpy" bench/lease_kit.py check --kit "$KIT"
+    return $?
+  fi
+  echo "== to make: $parts"
   work=$cache/lease-work
   src=$work/src
   rm -rf "$work" && mkdir -p "$src"
