@@ -78,6 +78,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     i = sub.add_parser("info", help="versions, devices, available backends and why others are missing")
     i.add_argument("--json", action="store_true")
+    i.add_argument(
+        "--probe-tools", action="store_true",
+        help="also try compute-sanitizer and ncu on a tiny kernel (seconds; needs a GPU)",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -122,7 +126,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "info":
         from .info import collect, format_info
 
-        info = collect()
+        info = collect(args.probe_tools)
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
 
