@@ -291,6 +291,11 @@ class Entry:
         group = Group(self.backend, tensors, range(self.count), self.device, self.device_plan)
         return Plan([group], self.count, self.device, self.dtype, steps)
 
+    def plan_of(self, tensors: list[Tensor]) -> Plan:
+        """The kept plan over `tensors`, which the caller has checked itself (fusedclip.distributed: a subset of a
+        list another entry just checked)."""
+        return self.plan if self.plan is not None else self._plan(tensors, None)
+
     def backend_now(self) -> bool:
         """Whether the general path would pick the same backend now (FUSEDCLIP_BACKEND, what is loaded)."""
         b = backends.select(self.name, self.device)
@@ -330,17 +335,25 @@ def find(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool
     return None
 
 
+def make_entry(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool], plan: Plan) -> Optional[Entry]:
+    """A kept plan over `items`, made by the general path from them, if it qualifies (see the module docstring);
+    else None. fusedclip.distributed keeps such entries over the local shards of its calls."""
+    single = plan.single
+    if single is None or single.tensors is None or torch.compiler.is_compiling() or capturing(plan.device):
+        return None
+    sigs = Signatures(items, grads)
+    if not sigs.eligible or sigs.present != plan.count:
+        return None
+    return Entry(sigs, backends.check_backend_name(backend), foreach, single, plan)
+
+
 def remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool], plan: Plan) -> None:
     """Keep `plan`, which the general path just made from `items`, for the next calls over the same tensors, if it
     qualifies (see the module docstring). Cheap to call when it does not."""
-    single = plan.single
-    if single is None or single.tensors is None or torch.compiler.is_compiling() or capturing(plan.device):
+    entry = make_entry(items, grads, backend, foreach, plan)
+    if entry is None:
         return
-    sigs = Signatures(items, grads)
-    if not sigs.eligible or sigs.present != plan.count:
-        return
-    name = backends.check_backend_name(backend)
-    key = (grads, name, foreach, len(items))
+    key = (grads, entry.name, foreach, len(items))
     bucket = _buckets.get(key)
     if bucket is None:
         bucket = _buckets[key] = []
@@ -348,7 +361,7 @@ def remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional[
             _buckets.popitem(last=False)
     else:
         _buckets.move_to_end(key)
-    bucket.insert(0, Entry(sigs, name, foreach, single, plan))
+    bucket.insert(0, entry)
     del bucket[PER_BUCKET:]
     stats.kept += 1
 
