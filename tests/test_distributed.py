@@ -33,14 +33,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank: int, world: int, port: int, queue) -> None:
+def _entry(fn, rank: int, world: int, port: int, queue, deadline_s: float) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=DEADLINE_S - 10),
+            timeout=datetime.timedelta(seconds=deadline_s - 10),
         )
         fn(rank, world)
         dist.barrier()
@@ -52,15 +52,17 @@ def _entry(fn, rank: int, world: int, port: int, queue) -> None:
             dist.destroy_process_group()
 
 
-def launch(fn, world: int) -> None:
+def launch(fn, world: int, deadline_s: float = DEADLINE_S) -> None:
     """Run fn(rank, world) on `world` gloo ranks; raise with every failing rank's traceback."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world, port, queue, deadline_s), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     results: dict[int, str | None] = {}
     try:
         while len(results) < world and time.monotonic() < deadline:
@@ -83,7 +85,7 @@ def launch(fn, world: int) -> None:
     missing = [r for r in range(world) if r not in results]
     if errors or missing:
         raise AssertionError(
-            "\n".join(errors) + (f"\nranks {missing} did not finish within {DEADLINE_S}s" if missing else "")
+            "\n".join(errors) + (f"\nranks {missing} did not finish within {deadline_s}s" if missing else "")
         )
 
 
