@@ -592,12 +592,13 @@ class _Kept:
     """A kept distributed call: its layout, the placements (DTensorSpec) of every gradient, and fastpath entries
     over its non-empty local shards (all of them; the counted ones if fewer)."""
 
-    __slots__ = ("layout", "specs", "absent", "nonempty", "sub", "entry_all", "entry_counted", "empty")
+    __slots__ = ("layout", "grads", "specs", "absent", "nonempty", "sub", "entry_all", "entry_counted", "empty")
 
-    def __init__(self, layout: Layout, specs: Optional[list], absent: Optional[list], nonempty: Optional[list],
+    def __init__(self, layout: Layout, grads: list, absent: Optional[list], nonempty: Optional[list],
                  sub: Optional[list], entry_all: fastpath.Entry, entry_counted: Optional[fastpath.Entry]) -> None:
         self.layout = layout
-        self.specs = specs  # per present gradient (DTensors), or None (plain tensors)
+        self.grads = grads  # the present gradients of the last call (their objects: the same ones need no spec check)
+        self.specs = [g._spec for g in grads] if layout.dtensor else None  # their placements, or None (plain)
         self.absent = absent  # per element: no gradient there; None when every element had one
         self.nonempty = nonempty  # positions of non-empty locals, None when all are
         self.sub = sub  # positions (in the non-empty list) of the counted ones, None when all count
@@ -615,15 +616,18 @@ class _Kept:
                 return None
             found = [g for g in found if g is not None]
         if self.specs is not None:
-            try:
-                specs = [g._spec for g in found]
-            except AttributeError:  # a plain tensor or None where a DTensor was
-                return None
-            if not all(map(operator.is_, specs, self.specs)):
-                if specs != self.specs:  # new DTensors on the same placements pass (their specs are equal)
+            if len(found) != len(self.grads) or not all(map(operator.is_, found, self.grads)):
+                # New gradient objects (set_to_none): they pass on the same placements (equal specs).
+                try:
+                    specs = [g._spec for g in found]
+                except AttributeError:  # a plain tensor or None where a DTensor was
                     return None
-                self.specs = specs
-            local = [g._local_tensor for g in found]
+                if not all(map(operator.is_, specs, self.specs)):
+                    if specs != self.specs:
+                        return None
+                    self.specs = specs
+                self.grads = found
+            local = [g._local_tensor for g in found]  # (the fastpath check below proves where each one is)
         else:
             local = found
         nonempty = local if self.nonempty is None else [local[i] for i in self.nonempty]
@@ -690,8 +694,8 @@ def _remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional
     absent_list: Optional[list] = absent if any(absent) else None
     key = _key(grads, backend, foreach, len(items), process_group, replicated)
     _kept[key] = _Kept(
-        lay, [t._spec for t in tensors] if lay.dtensor else None, absent_list,
-        None if len(nonempty) == len(local) else nonempty, sub, entry_all, entry_counted,
+        lay, list(tensors), absent_list, None if len(nonempty) == len(local) else nonempty, sub, entry_all,
+        entry_counted,
     )
     _kept.move_to_end(key)
     while len(_kept) > KEPT:
