@@ -22,6 +22,7 @@ clipped gradient. Shards are uneven (odd sizes over 2 and 4 ranks), one layer ha
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -431,8 +432,113 @@ def _train(layout: Layout, backend: str) -> list[int]:
             r.mul_(coef)
         for opt in opts:
             opt.step()
+    _api_checks(layout, ours, pp_mesh, backend)
     dist.barrier()
     return empties_seen
+
+
+def _api_checks(layout: Layout, model: Model, pp_mesh, backend: str) -> None:
+    """The rest of the API over the same multi-mesh gradients (left by the last step): kept calls (the second call
+    over the same gradients finds its layout and plans), GradClipper, clip_grads_with_norm_, clip_and_step and
+    unscale_and_clip_grad_norm_, each one collective; then what cannot be combined, refused on every rank with
+    nothing touched."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    import fusedclip
+    from fusedclip import fastpath
+
+    params = list(model.parameters())
+    for q in params:  # fresh values, so that every check below clips
+        if q.grad is not None:
+            q.grad.to_local().mul_(50.0)
+    fulls = [_full(q.grad) for q in params if q.grad is not None]
+    ref = _stages_total(fulls, pp_mesh)
+    pg = {"process_group": pp_mesh, "backend": backend}
+
+    # Kept: the second get_total_norm finds the first one's layout and plans.
+    grads = [q.grad for q in params]
+    first = fusedclip.get_total_norm(grads, 2.0, **pg)
+    hits = fastpath.stats.hits
+    again, calls = _collectives(lambda: fusedclip.get_total_norm(grads, 2.0, **pg))
+    assert fastpath.stats.hits == hits + 1 and calls == 1, (fastpath.stats.hits - hits, calls)
+    assert torch.equal(first, again)
+    _close(again.item(), ref, 1e-5, "kept get_total_norm")
+
+    # clip_grads_with_norm_ (twice: the second is kept) and GradClipper (twice), against the float64 reference.
+    before = [_full(q.grad).clone() for q in params if q.grad is not None]
+    fusedclip.clip_grads_with_norm_(params, ref / 2, first, backend=backend)
+    hits = fastpath.stats.hits
+    _, calls = _collectives(lambda: fusedclip.clip_grads_with_norm_(params, 1e30, first, backend=backend))
+    assert fastpath.stats.hits == hits + 1 and calls == 0, (fastpath.stats.hits - hits, calls)
+    for b, q in zip(before, [q for q in params if q.grad is not None]):
+        torch.testing.assert_close(_full(q.grad), b * ((ref / 2) / (first.item() + 1e-6)), rtol=2e-6, atol=0)
+    clipper = fusedclip.GradClipper(params, 1e-3, **pg)
+    totals = [clipper() for _ in range(2)]
+    assert fastpath.stats.hits >= hits + 2
+    _close(totals[0].item(), ref / 2, 1e-5, "GradClipper")
+    _close(totals[1].item(), 1e-3, 1e-4, "GradClipper again (clipped to max_norm)")
+
+    # clip_and_step (a plain SGD: clipped in place, then stepped) and the AMP path with a GradScaler.
+    for q in params:
+        if q.grad is not None:
+            q.grad.to_local().copy_(torch.randn_like(q.grad.to_local()))
+    fulls = [_full(q.grad).clone() for q in params if q.grad is not None]
+    ref = _stages_total(fulls, pp_mesh)
+    weights = [_full(q.detach()).clone() for q in params if q.grad is not None]
+    opt = torch.optim.SGD(params, lr=0.1)
+    total, calls = _collectives(lambda: fusedclip.clip_and_step(opt, ref / 4, **pg))
+    assert calls == 1, calls
+    _close(float(_full(total)), ref, 1e-5, "clip_and_step total")
+    coef = (ref / 4) / (float(_full(total)) + 1e-6)
+    for w, g, q in zip(weights, fulls, [q for q in params if q.grad is not None]):
+        torch.testing.assert_close(_full(q.detach()), w - 0.1 * g * coef, rtol=1e-5, atol=1e-6)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))  # (sets up its scale)
+    for q, g in zip([q for q in params if q.grad is not None], fulls):
+        q.grad.to_local().copy_(DTensor.from_local(q.grad.to_local(), q.grad.device_mesh, q.grad.placements,
+                                                   run_check=False).to_local() * 0 + 8.0 * _local_of(g, q.grad))
+    total, calls = _collectives(lambda: fusedclip.unscale_and_clip_grad_norm_(opt, scaler, ref / 4, **pg))
+    assert calls == 1, calls
+    _close(float(_full(total)), ref, 1e-5, "unscale_and_clip_grad_norm_ total")
+    flags = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+    assert all(float(f) == 0.0 for f in flags.values()), flags
+    for g, q in zip(fulls, [q for q in params if q.grad is not None]):
+        torch.testing.assert_close(_full(q.grad), g * coef, rtol=1e-5, atol=1e-7)
+
+    # What cannot be combined: nothing is touched, every rank raises.
+    kept = [q.grad.to_local().clone() for q in params if q.grad is not None]
+    stage_ranks = dist.get_process_group_ranks(layout.dense["fsdp"].get_group())
+    sub = dist.new_group([0])  # (every rank creates it; only rank 0 is in it)
+    pp_arg = DeviceMesh.from_group(sub, "cpu") if dist.get_rank() == 0 else sub
+    with pytest.raises(ValueError, match="world of ranks|not part of"):
+        fusedclip.clip_grad_norm_(params, 1e-3, process_group=pp_arg)
+    if layout.pp > 1:  # a gradient on a mesh made on its own over this stage's ranks: another world
+        alone = DeviceMesh.from_group(layout.dense["fsdp"].get_group(), "cpu")
+        odd = nn.Parameter(DTensor.from_local(torch.zeros(3), alone, [Replicate()], run_check=False))
+        odd.grad = DTensor.from_local(torch.ones(3), alone, [Replicate()], run_check=False)
+        with pytest.raises(ValueError, match=re.escape(f"belongs to a world of ranks {stage_ranks}, but")):
+            fusedclip.clip_grad_norm_([*params, odd], 1e-3, process_group=pp_mesh)
+    for k, q in zip(kept, [q for q in params if q.grad is not None]):
+        assert torch.equal(q.grad.to_local(), k)
+
+
+def _stages_total(fulls: list[torch.Tensor], pp_mesh) -> float:
+    """The float64 2-norm over every pipeline stage's full gradients."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([ref_total_norm(fulls, 2.0) ** 2], dtype=torch.float64)
+    if pp_mesh is not None:
+        dist.all_reduce(mine, group=pp_mesh.get_group())
+    return math.sqrt(mine.item())
+
+
+def _local_of(full: torch.Tensor, like) -> torch.Tensor:
+    """This rank's piece of `full` laid out as the DTensor `like`."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def _moe_worker(rank: int, world: int, configs: tuple) -> None:
