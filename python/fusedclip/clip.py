@@ -212,7 +212,8 @@ def clip_grad_norm_(
     foreach : torch's switch, honoured by the torch backend; the kernel backends are always fused
     backend : "cuda", "triton", "torch" or None (auto)
     process_group : a ProcessGroup, a 1-D DeviceMesh, or a sequence of them: the gradients on the ranks of the
-        group are different parts of one gradient set, and the total covers them all (one all-reduce per group)
+        group are different parts of one gradient set (pipeline stages, ZeRO-style shards), and the total covers
+        them all. With DTensor gradients only the extra groups (the pipeline's: torchtitan's pp_mesh)
     replicated : parameters (or gradients) that are identical on every rank of `process_group`, counted once;
         or a predicate on the parameter
 
@@ -221,6 +222,11 @@ def clip_grad_norm_(
     Total norm before clipping: float32 (float64 if any gradient is float64), on the first gradient's device.
     For DTensor gradients (FSDP2, tensor parallel) each rank clips its local shards and the total is a DTensor on
     their mesh, placed as torch places it (Replicate; Partial(max/min) for +/-inf), so `.full_tensor()` works.
+    Gradients on several meshes of one world (expert parallel beside dense weights, HSDP, FSDP2 + TP + EP) are
+    taken in the same call, and the total is then a plain tensor holding the global value. One all-reduce
+    combines every mesh and group where they have a common group (the meshes span the same ranks, and the extra
+    groups tile the world with them); otherwise one per distinct rank set and per extra group (fusedclip.distributed
+    says when). Meshes of different worlds, or a group without this rank, raise ValueError before any collective.
     """
     params = as_list(parameters)
     if not torch.compiler.is_compiling():

@@ -26,6 +26,8 @@ plain dense contiguous tensors of a kernel dtype (no subclass, no sparse, no vie
 zero-size tensor, no two tensors at one address (a gradient listed twice keeps its warning: it always takes the general
 path). The API asks only outside torch.compile tracing, for calls without a process group or `replicated`; a plan is
 neither kept nor used while the current CUDA stream captures a graph (the plan cache's capture rules then apply).
+Distributed calls (DTensor gradients, process groups) are kept by fusedclip.distributed, which holds entries of this
+module (make_entry) over the local shards of its calls.
 
 FUSEDCLIP_NO_HOST_EXT=1 (read at import) makes the check run in Python even where fusedclip._host is built.
 """
