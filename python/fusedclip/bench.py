@@ -829,7 +829,7 @@ def format_host_table(record: dict) -> str:
     return title + "\n" + "\n".join(lines + notes)
 
 
-# ---- host overhead of a mixture-of-experts layout: `python -m fusedclip bench --host --moe` ----------------------------
+# ---- host overhead of a mixture-of-experts layout: `python -m fusedclip bench --host --moe` ------------------------
 #
 # Expert-parallel training in torchtitan's layout, on gloo ranks spawned here (CPU): dense weights FSDP-sharded over
 # a "fsdp" mesh, grouped expert weights over a 2-D ("efsdp", "ep") mesh, both cut from one world mesh. Each rank holds
@@ -913,7 +913,8 @@ def _moe_host_rank(rank: int, world: int, port: int, queue, layers: int, reps: i
             ("clip_grad_norm_", "torchtitan", lambda: titan_clip(params, big, ep_enabled=True)),
         ]
         for name in names:
-            paths.append(("clip_grad_norm_", f"fusedclip {name}", lambda n=name: clip_grad_norm_(params, big, backend=n)))
+            clip = lambda n=name: clip_grad_norm_(params, big, backend=n)  # noqa: E731
+            paths.append(("clip_grad_norm_", f"fusedclip {name}", clip))
             paths.append(("GradClipper", f"fusedclip {name}", GradClipper(params, big, backend=name)))
         times: list[list[float]] = [[] for _ in paths]
         hits = [0] * len(paths)
@@ -1024,7 +1025,7 @@ def run_host_moe(reps: Optional[int] = None, warmup: int = 3, only: Optional[lis
             f"('efsdp', 'ep') = ({world // MOE_EP}, {MOE_EP}), both cut from one world mesh; a few elements each",
             "reps": reps,
             "warmup": warmup,
-            "launches": "Triton: stubbed (every launch a no-op after its host work); torch backend and torchtitan: real",
+            "launches": "Triton: stubbed (every launch a no-op after its host work); torch backend, torchtitan: real",
             "timing": "time.thread_time_ns around each call on every rank (gloo's own threads not counted), rounds "
             "interleaved (each round starts one path further), garbage collection off, one intra-op thread; "
             "median per rank, then the median over ranks; paired_ratio_median: the median over rounds of each "
@@ -1055,7 +1056,8 @@ def format_moe_host_table(record: dict) -> str:
         hit = r.get("fast_path_hit_rate")
         rows.append([
             r["path"], r["impl"], f"{r['median_us']:.0f} ({', '.join(f'{m:.0f}' for m in r['per_rank_median_us'])})",
-            f"{r['ratio_to_torchtitan']:.4f}x", f"{r['paired_ratio_median']:.4f}x", f"{hit:.0%}" if hit is not None else "-",
+            f"{r['ratio_to_torchtitan']:.4f}x", f"{r['paired_ratio_median']:.4f}x",
+            f"{hit:.0%}" if hit is not None else "-",
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]

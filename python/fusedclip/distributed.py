@@ -91,14 +91,16 @@ def _parse(process_group: GroupArg) -> tuple[list, list]:
         elif isinstance(g, dist.ProcessGroup):
             groups.append(g)
             meshes.append(None)
-        elif g is dist.GroupMember.NON_GROUP_MEMBER:
+        elif isinstance(g, int) and g == dist.GroupMember.NON_GROUP_MEMBER:
             raise ValueError(
                 f"{name} is a group this rank (global rank {dist.get_rank()}) is not part of (dist.new_group "
                 "returns that to the ranks outside the group): pass each rank the group of its own pipeline peers, "
                 "e.g. world_mesh['pp'] or the new_group that contains it"
             )
         else:
-            raise TypeError(f"{name} must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, got {type(g).__name__}")
+            raise TypeError(
+                f"{name} must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, got {type(g).__name__}"
+            )
     return groups, meshes
 
 
@@ -269,7 +271,9 @@ class Layout:
         return self.common_.groups if isinstance(self.common_, _Span) else self.common_
 
 
-def make_layout(owners: list[Tensor], tensors: list[Tensor], process_group: GroupArg, replicated: ReplicatedArg) -> Layout:
+def make_layout(
+    owners: list[Tensor], tensors: list[Tensor], process_group: GroupArg, replicated: ReplicatedArg
+) -> Layout:
     """The layout of a call (raises ValueError/TypeError/RuntimeError on what cannot be combined, on every rank
     that sees it alike: only the meshes' layouts and the arguments are read, before any collective)."""
     import torch.distributed as dist
@@ -328,14 +332,14 @@ def make_layout(owners: list[Tensor], tensors: list[Tensor], process_group: Grou
         counts_extra=counts_extra,
         spans=spans,
         extra=groups,
-        common_=_common_groups(spans, groups, me),
+        common_=_common_groups(spans, groups),
         plain_placements=not dtensor or all(_plain_placements(t) for t in tensors),
         device=device,
         dtype=acc_dtype(t.dtype for t in locals_),
     )
 
 
-def _common_groups(spans: list[_Span], extra: list, me: int) -> Union[list, _Span, None]:
+def _common_groups(spans: list[_Span], extra: list) -> Union[list, _Span, None]:
     """Groups whose all-reduce covers every span and extra group at once, or None (then: one per span and group).
 
     One span and no extra group: the span's own groups (one group whenever the mesh allows). Otherwise the ranks
