@@ -253,17 +253,26 @@ def _sum_gradients(module) -> None:
 
 
 class Layout:
-    def __init__(self, pp: int, fsdp: int, ep: int) -> None:
+    """torchtitan's meshes for pp x replicate x fsdp ranks (replicate > 1: HSDP), experts over ep of the fsdp ranks."""
+
+    def __init__(self, pp: int, fsdp: int, ep: int, replicate: int = 1) -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        self.pp, self.fsdp, self.ep, self.efsdp = pp, fsdp, ep, fsdp // ep
-        assert pp * fsdp == dist.get_world_size()
+        self.pp, self.fsdp, self.ep, self.efsdp, self.replicate = pp, fsdp, ep, fsdp // ep, replicate
+        self.data_parallel = replicate * fsdp
+        assert pp * replicate * fsdp == dist.get_world_size()
         world = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("world",))
-        self.dense = world._unflatten(0, (pp, fsdp), ("pp", "fsdp"))
-        self.sparse = world._unflatten(0, (pp, self.efsdp, ep), ("pp", "efsdp", "ep"))
-        self.pp_mesh = self.dense["pp"]
-        self.stage, self.dp = self.dense.get_coordinate()
+        dense = world._unflatten(0, (pp, replicate, fsdp), ("pp", "dp_replicate", "fsdp"))
+        sparse = world._unflatten(0, (pp, replicate, self.efsdp, ep), ("pp", "dp_replicate", "efsdp", "ep"))
+        hsdp = replicate > 1
+        self.dense_mesh = dense["dp_replicate", "fsdp"] if hsdp else dense["fsdp"]
+        self.expert_mesh = sparse["dp_replicate", "efsdp"] if hsdp else sparse["efsdp"]
+        self.ep_mesh = sparse["ep"]
+        self.fsdp_group = dense["fsdp"].get_group()
+        self.pp_mesh = dense["pp"]
+        stage, rep, shard = dense.get_coordinate()
+        self.stage, self.dp = stage, rep * fsdp + shard
 
     def build(self) -> Model:
         from torch.distributed.fsdp import fully_shard
@@ -275,16 +284,16 @@ class Layout:
             if block.moe is not None:
                 experts = block.moe.experts
                 for name, w in list(experts.named_parameters()):
-                    setattr(experts, name, nn.Parameter(distribute_tensor(w.data, self.sparse["ep"], [Shard(0)])))
-                block.moe.ep_group = self.sparse["ep"].get_group()
-                if self.efsdp > 1:
-                    # (With efsdp = 1 there is nothing to shard, and FSDP2 cannot reduce a unit whose shards are all
+                    setattr(experts, name, nn.Parameter(distribute_tensor(w.data, self.ep_mesh, [Shard(0)])))
+                block.moe.ep_group = self.ep_mesh.get_group()
+                if self.expert_mesh.size() > 1:
+                    # (With one rank there is nothing to shard, and FSDP2 cannot reduce a unit whose shards are all
                     # empty on a rank, "_chunk_cat expects non-empty tensor": the experts stay EP-only DTensors.)
-                    _sum_gradients(fully_shard(experts, mesh=self.sparse["efsdp"]))
+                    _sum_gradients(fully_shard(experts, mesh=self.expert_mesh))
                 else:
                     ep_only |= set(experts.parameters())
-            _sum_gradients(fully_shard(block, mesh=self.dense["fsdp"], ignored_params=ep_only))
-        _sum_gradients(fully_shard(model, mesh=self.dense["fsdp"], ignored_params=ep_only))
+            _sum_gradients(fully_shard(block, mesh=self.dense_mesh, ignored_params=ep_only))
+        _sum_gradients(fully_shard(model, mesh=self.dense_mesh, ignored_params=ep_only))
         return model
 
     def step(self, model: Model) -> None:
@@ -293,7 +302,7 @@ class Layout:
         import torch.distributed as dist
 
         inputs, targets = _batch(self.dp)
-        tokens = BATCH * SEQ * self.fsdp
+        tokens = BATCH * SEQ * self.data_parallel
         pp_ranks = dist.get_process_group_ranks(self.pp_mesh.get_group())
         if model.first and model.last:
             _loss(model(inputs), targets, tokens).backward()
@@ -375,8 +384,8 @@ def _train(layout: Layout, backend: str) -> list[int]:
             _set_skip(m, step == SKIP_STEP)
         for m in (ours, theirs):
             layout.step(m)
-        tokens = BATCH * SEQ * layout.fsdp
-        sum(_loss(ref(_batch(d)[0]), _batch(d)[1], tokens) for d in range(layout.fsdp)).backward()
+        tokens = BATCH * SEQ * layout.data_parallel
+        sum(_loss(ref(_batch(d)[0]), _batch(d)[1], tokens) for d in range(layout.data_parallel)).backward()
 
         # Every sharded gradient is the unsharded model's (the reference below is then the right one).
         mine = {n: q for n, q in zip(names, ours.parameters())}
@@ -509,13 +518,13 @@ def _api_checks(layout: Layout, model: Model, pp_mesh, backend: str) -> None:
 
     # What cannot be combined: nothing is touched, every rank raises.
     kept = [q.grad.to_local().clone() for q in params if q.grad is not None]
-    stage_ranks = dist.get_process_group_ranks(layout.dense["fsdp"].get_group())
+    stage_ranks = dist.get_process_group_ranks(layout.fsdp_group)
     sub = dist.new_group([0])  # (every rank creates it; only rank 0 is in it)
     pp_arg = DeviceMesh.from_group(sub, "cpu") if dist.get_rank() == 0 else sub
     with pytest.raises(ValueError, match="world of ranks|not part of"):
         fusedclip.clip_grad_norm_(params, 1e-3, process_group=pp_arg)
     if layout.pp > 1:  # a gradient on a mesh made on its own over this stage's ranks: another world
-        alone = DeviceMesh.from_group(layout.dense["fsdp"].get_group(), "cpu")
+        alone = DeviceMesh.from_group(layout.fsdp_group, "cpu")
         odd = nn.Parameter(DTensor.from_local(torch.zeros(3), alone, [Replicate()], run_check=False))
         odd.grad = DTensor.from_local(torch.ones(3), alone, [Replicate()], run_check=False)
         with pytest.raises(ValueError, match=re.escape(f"belongs to a world of ranks {stage_ranks}, but")):
@@ -542,8 +551,8 @@ def _local_of(full: torch.Tensor, like) -> torch.Tensor:
 
 
 def _moe_worker(rank: int, world: int, configs: tuple) -> None:
-    for pp, fsdp, ep in configs:
-        empties = _train(Layout(pp, fsdp, ep), "torch")
+    for pp, fsdp, ep, *replicate in configs:
+        empties = _train(Layout(pp, fsdp, ep, *replicate), "torch")
         if fsdp == 4:  # HIDDEN = 6 over 4 ranks: 2, 2, 2, 0 (and 9 experts over 4: 3, 3, 3, 0)
             assert empties, "no rank held an empty shard: the layout does not test what it says"
 
@@ -557,7 +566,7 @@ def _four(rank: int, world: int) -> None:
 
 
 def _eight(rank: int, world: int) -> None:
-    _moe_worker(rank, world, ((2, 4, 4),))
+    _moe_worker(rank, world, ((2, 4, 4), (1, 4, 2, 2)))  # EP x FSDP x PP; HSDP (2 replicas of FSDP 4) x EP
 
 
 def test_moe_ep_fsdp_two_ranks():
@@ -568,5 +577,20 @@ def test_moe_ep_fsdp_pp_four_ranks():
     launch(_four, 4)
 
 
-def test_moe_ep_fsdp_pp_eight_ranks():
-    launch(_eight, 8, deadline_s=180)  # 8 processes on CI's 2 cores
+def test_moe_ep_fsdp_pp_hsdp_eight_ranks():
+    launch(_eight, 8, deadline_s=240)  # 8 processes on CI's 2 cores
+
+
+def test_moe_host_bench_record():
+    """`bench --host --moe` at toy size: the record holds every path, the totals agreed before timing, and
+    fusedclip's calls took their kept layouts."""
+    from fusedclip import bench
+
+    record = bench.run_host_moe(reps=2, warmup=1, layers=2)
+    assert record["kind"] == "host-moe" and record["check"]["matched"], record["check"]
+    assert record["results"][0]["impl"] == "torchtitan"
+    ours = [r for r in record["results"] if r["impl"].startswith("fusedclip")]
+    assert {r["path"] for r in ours} == {"clip_grad_norm_", "GradClipper"}
+    assert all(r["fast_path_hit_rate"] == 1.0 for r in ours), [(r["impl"], r["fast_path_hit_rate"]) for r in ours]
+    assert all(len(r["per_rank_median_us"]) == bench.MOE_WORLD and r["median_us"] > 0 for r in record["results"])
+    assert "host time per call" in bench.format_moe_host_table(record)

@@ -611,14 +611,20 @@ class _Kept:
         self.empty = dispatch.make_plan([], None)  # the counted plan where nothing counts on this rank
 
     def call(self, items: list, grads: bool, backend: Optional[str], foreach: Optional[bool]) -> Optional[Call]:
-        try:
-            found = [p.grad for p in items] if grads else items
-        except AttributeError:
-            return None
+        pair = fastpath.grads_and_locals(items) if grads and self.specs is not None else None
+        if pair is not None:  # (C++: the .grad getter of a DTensor parameter is slow in Python)
+            found, local = pair
+        else:
+            try:
+                found = [p.grad for p in items] if grads else items
+            except AttributeError:
+                return None
+            local = None
         if self.absent is not None:
             if [g is None for g in found] != self.absent:
                 return None
             found = [g for g in found if g is not None]
+            local = None if local is None else [t for t in local if t is not None]
         if self.specs is not None:
             if len(found) != len(self.grads) or not all(map(operator.is_, found, self.grads)):
                 # New gradient objects (set_to_none): they pass on the same placements (equal specs).
@@ -631,7 +637,8 @@ class _Kept:
                         return None
                     self.specs = specs
                 self.grads = found
-            local = [g._local_tensor for g in found]  # (the fastpath check below proves where each one is)
+            if local is None or len(local) != len(found):
+                local = [g._local_tensor for g in found]  # (the fastpath check below proves where each one is)
         else:
             local = found
         nonempty = local if self.nonempty is None else [local[i] for i in self.nonempty]

@@ -254,6 +254,18 @@ def _load_extension() -> tuple[Optional[type], str]:
 
 CppSignatures, _how = _load_extension()
 Signatures: Any = CppSignatures or PySignatures  # the check new plans get (tests switch it)
+# fusedclip.distributed's kept calls read DTensor parameters' gradients and local shards through this (C++), where the
+# extension is used; None: in Python.
+_host_grads_and_locals = getattr(importlib.import_module("fusedclip._host"), "grads_and_locals", None) if (
+    CppSignatures is not None) else None
+
+
+def grads_and_locals(items: Any) -> Optional[tuple[list, list]]:
+    """(each parameter's .grad, each gradient's _local_tensor; None where absent), read in C++ while the extension's
+    check is the one in use; None otherwise (or for an element the general path must read)."""
+    if _host_grads_and_locals is None or Signatures is not CppSignatures:
+        return None
+    return _host_grads_and_locals(items)
 
 
 def describe() -> str:
