@@ -3,6 +3,7 @@ mixture-of-experts clip on four gloo ranks."""
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def _moe_example(rank: int, world: int) -> None:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = mod.main(pp=2)  # checks its totals and gradients itself (float64 reference, torchtitan)
-    assert out["meshes"] == 2 and out["torchtitan"] is not None, out
+    without = os.environ.get("FUSEDCLIP_TEST_WITHOUT_TORCHTITAN", "") == "1"  # (see tests/test_moe_parallel.py)
+    assert out["meshes"] == 2 and (without or out["torchtitan"] is not None), out
     assert math.isclose(out["total"], out["reference"], rel_tol=1e-5), out
 
 

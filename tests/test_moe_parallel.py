@@ -22,6 +22,7 @@ clipped gradient. Shards are uneven (odd sizes over 2 and 4 ranks), one layer ha
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -44,10 +45,18 @@ STEPS = (2.0, math.inf, 1.0, 0.0)  # one norm type per training step
 SKIP_STEP = 2  # the step whose forward skips layer 2's experts (their gradients stay None)
 
 
+# The torch 2.11 stage of CI (.ci/torch-cuda-build.sh) runs the suite in a venv without torchtitan: there the
+# float64 reference is the only oracle. Everywhere else a missing torchtitan fails these tests.
+WITHOUT_TORCHTITAN = os.environ.get("FUSEDCLIP_TEST_WITHOUT_TORCHTITAN", "") == "1"
+
+
 def _torchtitan_clip():
+    """torchtitan's clip_grad_norm_, or None where FUSEDCLIP_TEST_WITHOUT_TORCHTITAN=1 says it is not installed."""
     try:
         from torchtitan.distributed.utils import clip_grad_norm_
     except ImportError as e:  # the README's test command installs it; say so rather than skip silently
+        if WITHOUT_TORCHTITAN:
+            return None
         pytest.fail(f"torchtitan (the oracle) is not importable ({e}); install it as the README's test command does")
     return clip_grad_norm_
 
@@ -413,11 +422,13 @@ def _train(layout: Layout, backend: str) -> list[int]:
         _close(total.item(), ref_total, 1e-5, f"step {step} p={p} vs the unsharded float64 reference")
         theirs_params = list(theirs.parameters())
         oracle = True
+        empty = math.isinf(p) and _empty_anywhere(theirs_params)
+        if empty:
+            empties_seen.append(step)
         if p == 0:
             want = _stock_clip_count(theirs_params, max_norm, pp_mesh)
-        elif math.isinf(p) and _empty_anywhere(theirs_params):
+        elif empty or tt_clip is None:
             oracle = False  # torchtitan raises there; theirs is clipped by the reference's total to stay in step
-            empties_seen.append(step)
             for qs in _by_mesh(theirs_params):
                 torch.nn.utils.clip_grads_with_norm_(qs, max_norm, torch.tensor(ref_total))
         else:
@@ -586,6 +597,8 @@ def test_moe_host_bench_record():
     fusedclip's calls took their kept layouts."""
     from fusedclip import bench
 
+    if WITHOUT_TORCHTITAN:
+        pytest.skip("FUSEDCLIP_TEST_WITHOUT_TORCHTITAN=1: the benchmark compares against torchtitan")
     record = bench.run_host_moe(reps=2, warmup=1, layers=2)
     assert record["kind"] == "host-moe" and record["check"]["matched"], record["check"]
     assert record["results"][0]["impl"] == "torchtitan"
