@@ -486,6 +486,14 @@ def _api_checks(layout: Layout, model: Model, pp_mesh, backend: str) -> None:
     assert torch.equal(first, again)
     _close(again.item(), ref, 1e-5, "kept get_total_norm")
 
+    if dist.get_world_size() == 2:  # the Triton kernels (interpreted here) on a kept plan of the local shards
+        first = fusedclip.get_total_norm(grads, 2.0, process_group=pp_mesh, backend="triton")
+        hits = fastpath.stats.hits
+        again = fusedclip.get_total_norm(grads, 2.0, process_group=pp_mesh, backend="triton")
+        assert fastpath.stats.hits == hits + 1
+        for t in (first, again):
+            _close(t.item(), ref, 1e-5, "triton get_total_norm")
+
     # clip_grads_with_norm_ (twice: the second is kept) and GradClipper (twice), against the float64 reference.
     before = [_full(q.grad).clone() for q in params if q.grad is not None]
     fusedclip.clip_grads_with_norm_(params, ref / 2, first, backend=backend)
