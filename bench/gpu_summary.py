@@ -1,42 +1,53 @@
 """The summary of a bench/gpu_check.sh run: $OUT/gpu_check.json, from the logs the script leaves in $OUT/logs.
 
-Standard library only (unit-tested on CPU machines, and it must summarise a run whose build failed). The
-`env` and `backends` subcommands import torch / fusedclip lazily, on the device.
+Standard library only (unit-tested on CPU machines, and it must summarise a run whose build failed). `env`
+loads python/fusedclip/info.py by path (fusedclip is not installed yet then); `backends` imports fusedclip.
 
-    gpu_summary.py summarize --logs DIR --out FILE [--merge FILE]   write the summary (never fails on bad logs)
+    gpu_summary.py summarize --logs DIR --out FILE [--merge FILE] [--kit DIR]   write the summary (never fails)
     gpu_summary.py validate FILE                                    check a summary against the schema
-    gpu_summary.py env --out FILE                                   the device's environment (torch, driver...)
-    gpu_summary.py backends --out FILE                              fusedclip's backends; exit 1 without cuda+triton
+    gpu_summary.py env --out FILE                                   the device: GPU, driver, sandbox, tools tried
+    gpu_summary.py backends --out FILE [--info FILE]                fusedclip's backends (and `fusedclip info`);
+                                                                    exit 1 without cuda and triton
+    gpu_summary.py tool-usable NAME --logs DIR                      exit 1 (and why) if env found NAME refused
+    gpu_summary.py rerun-plan SUMMARY                               what `gpu_check.sh rerun` runs again
     gpu_summary.py gpu-name --logs DIR                              the device name as a path component
     gpu_summary.py fake-logs --logs DIR STEP...                     passing logs for the script's --dry-run
 
 What the script leaves in the logs folder: status.tsv (one line per step: name, exit status, seconds, time
-limit; 124/137 mean the step hit its `timeout`), NAME.log per step, tests.xml and sanitize-TOOL.xml (pytest's
-junit XML), records/*.json (benchmark records), environment.json, backends.json.
+limit; 124/137 mean the step hit its `timeout`, -1 that it was skipped to stay within the budget), NAME.log per
+step, tests.xml and sanitize-TOOL.xml (pytest's junit XML), sanitize-TOOL.skipped (why the sanitizer did not run),
+records/*.json (benchmark records), environment.json, kit.json (setup's report), backends.json, info.json.
 
-Summary schema: {"ok", "environment": {device_name, driver, cuda, torch, triton, python, git_commit, date},
-"backends": [...], "stages": {"build": {"ok", "seconds"}, "tests": {"ok", "passed", "failed", "errors",
-"skipped", "seconds", "failures": [test ids]}, "sanitize-memcheck": {"ok", "sanitizer_errors"},
-"sanitize-racecheck": {...}, "sanitize-synccheck": {...}, "bench": {"ok", "records": [...]}}}; every stage also
-has "rc", "timed_out" and "seconds", and only the stages that ran are present (see --merge).
+Summary schema: {"ok", "environment": {ENV_KEYS}, "backends": [...], "triton_cache": {...} or null,
+"stages": {"setup": {"ok", "extension", ...}, "build": {"ok", "seconds"}, "tests": {"ok", "passed", "failed",
+"errors", "skipped", "seconds", "failures": [test ids]}, "sanitize-memcheck": {"ok", "sanitizer_errors"} (and
+"skipped": why, where the device refused the sanitizer), "sanitize-racecheck": {...}, "sanitize-synccheck": {...},
+"bench": {"ok", "records": [...]}}}; every stage also has "rc", "timed_out" and "seconds" ("skipped" when the
+budget left it out), and only the stages that ran are present (see --merge).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import re
+import shlex
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Optional
 
-ENV_KEYS = ("device_name", "driver", "cuda", "torch", "triton", "python", "git_commit", "date")
+ROOT = Path(__file__).resolve().parent.parent
+ENV_KEYS = ("device_name", "compute_capability", "driver", "cuda_driver", "cuda", "torch", "triton", "python",
+            "kernel", "sandbox", "compute_sanitizer", "ncu", "git_commit", "date")
 SANITIZERS = ("memcheck", "racecheck", "synccheck")
 REQUIRED_BACKENDS = ("cuda", "triton")
 TIMED_OUT = (124, 137)  # GNU timeout: the limit was hit (137: it had to SIGKILL after the grace period)
+SKIPPED = -1  # the step was left out: its limit would have ended past the run's budget
+NEEDS_BUILD = 3  # setup's exit status when the kit's extension does not fit the device (a build step follows)
 ERROR_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+errors?")
 RECORD_FIELDS = ("case", "impl", "median_ms", "GBps", "pct_of_copy_bandwidth", "speedup_vs_torch_foreach", "matched")
 
@@ -59,6 +70,7 @@ def read_status(logs: Path) -> dict[str, dict[str, Any]]:
             "rc": rc,
             "seconds": round(float(parts[2]), 1),
             "timed_out": rc in TIMED_OUT,
+            "skipped": rc == SKIPPED,
             "limit_s": int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else None,
         }
     return steps
@@ -119,7 +131,10 @@ def sanitizer_errors(log: Path) -> Optional[int]:
 
 
 def _step_stage(step: dict[str, Any]) -> dict[str, Any]:
-    return {"ok": step["rc"] == 0, "seconds": step["seconds"], "rc": step["rc"], "timed_out": step["timed_out"]}
+    stage = {"ok": step["rc"] == 0, "seconds": step["seconds"], "rc": step["rc"], "timed_out": step["timed_out"]}
+    if step.get("skipped"):
+        stage["skipped"] = "left out: its time limit would have ended past the run's budget"
+    return stage
 
 
 def _pytest_stage(step: dict[str, Any], junit: Path) -> dict[str, Any]:
@@ -137,6 +152,12 @@ def _pytest_stage(step: dict[str, Any], junit: Path) -> dict[str, Any]:
 
 def _sanitizer_stage(step: dict[str, Any], logs: Path, tool: str) -> dict[str, Any]:
     name = f"sanitize-{tool}"
+    try:
+        refused = (logs / f"{name}.skipped").read_text().strip()
+    except OSError:
+        refused = None
+    if refused and step["rc"] == 0:  # the device refuses compute-sanitizer (gVisor): recorded, not a failure
+        return {**_step_stage(step), "sanitizer_errors": None, "skipped": refused}
     tests = _pytest_stage(step, logs / f"{name}.xml")
     errors = sanitizer_errors(logs / f"{name}.log")
     stage = _step_stage(step)
@@ -186,22 +207,62 @@ def _backends_stage(step: dict[str, Any], found: Any) -> dict[str, Any]:
     return stage
 
 
-def summarize(logs: Path, merge: Optional[dict] = None) -> dict[str, Any]:
+def _setup_stage(step: dict[str, Any], report: Any) -> dict[str, Any]:
+    """setup's status and its report: whether the kit's extension was used, what differed, the cache lookups."""
+    stage = _step_stage(step)
+    stage["ok"] = step["rc"] in (0, NEEDS_BUILD)  # NEEDS_BUILD: the build step that follows has its own stage
+    report = report if isinstance(report, dict) else {}
+    stage["extension"] = report.get("extension", "no report (setup did not finish)")
+    for key in ("mismatches", "triton_cache"):
+        if report.get(key):
+            stage[key] = report[key]
+    return stage
+
+
+def triton_cache_report(kit: Optional[Path]) -> Optional[dict[str, Any]]:
+    """What was compiled on the device: the Triton cache's entries that the kit's manifest does not list (kernels
+    of ours, launchers and Triton's own modules, and anything else such as inductor's); None without a kit."""
+    manifest = read_json(kit / "manifest.json") if kit else None
+    cache = kit / "triton-cache" if kit else None
+    if not isinstance(manifest, dict) or cache is None or not cache.is_dir():
+        return None
+    listed = set((manifest.get("triton_cache") or {}).get("entries") or [])
+    ours = {r["kernel"].split(":")[-1] for r in read_json(kit / "launches.json") or [] if isinstance(r, dict)}
+    new_ours, launchers, other = [], 0, 0
+    for entry in sorted(cache.iterdir()):
+        if entry.name in listed or not entry.is_dir():
+            continue
+        names = [f.name for f in entry.iterdir()]
+        if any(n.startswith(("__triton_launcher", "cuda_utils")) for n in names):
+            launchers += 1
+        elif any(n in names for n in (f"{k}.json" for k in ours)):
+            new_ours.append(next(k for k in ours if f"{k}.json" in names))
+        else:
+            other += 1  # e.g. inductor's kernels (torch.compile tests)
+    return {"kit_entries": len(listed), "compiled_here": {"kernels_of_ours": sorted(new_ours),
+            "launchers_and_modules": launchers, "other": other}}
+
+
+def summarize(logs: Path, merge: Optional[dict] = None, kit: Optional[Path] = None) -> dict[str, Any]:
     """The summary of the steps recorded in `logs`; stages of `merge` (an earlier summary) that did not run now
-    are kept, so the three device calls of a lease add up to one summary."""
+    are kept, so a re-run call adds up with the first one to one summary."""
     steps = read_status(logs)
     previous = merge if isinstance(merge, dict) else {}
     env = read_json(logs / "environment.json")
     if not isinstance(env, dict):
         env = previous.get("environment") or {}
+    info = read_json(logs / "info.json")
+    if isinstance(info, dict):  # torch's own word (env reads versions from package metadata, torch not imported)
+        said = {"torch": info.get("torch"), "cuda": info.get("torch_cuda"), "triton": info.get("triton")}
+        env = {**env, **{k: v for k, v in said.items() if v is not None}}
     backends_found = read_json(logs / "backends.json")
     stages: dict[str, Any] = dict(previous.get("stages") or {})
+    if "setup" in steps:
+        stages["setup"] = _setup_stage(steps["setup"], read_json(logs / "kit.json"))
     if "build" in steps:
         stages["build"] = _step_stage(steps["build"])
     if "backends" in steps:
         stages["backends"] = _backends_stage(steps["backends"], backends_found)
-    if "info" in steps:
-        stages["info"] = _step_stage(steps["info"])
     if "tests" in steps:
         stages["tests"] = _pytest_stage(steps["tests"], logs / "tests.xml")
     for tool in SANITIZERS:
@@ -217,6 +278,7 @@ def summarize(logs: Path, merge: Optional[dict] = None) -> dict[str, Any]:
         "ok": bool(stages) and all(s.get("ok") for s in stages.values()),
         "environment": {k: env.get(k) for k in ENV_KEYS},
         "backends": backends,
+        "triton_cache": triton_cache_report(kit) or previous.get("triton_cache"),
         "stages": stages,
     }
 
@@ -250,45 +312,88 @@ def validate(summary: Any) -> list[str]:
 # ---- on the device ----------------------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
+def _info_module():
+    """python/fusedclip/info.py, loaded by path: its machine part needs neither fusedclip installed nor torch."""
+    spec = importlib.util.spec_from_file_location("fusedclip_info", ROOT / "python" / "fusedclip" / "info.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def environment(probe_tools: bool = True) -> dict[str, Any]:
+    """The device, before anything is installed: its GPU, driver, sandbox and tools (compute-sanitizer and ncu
+    tried on a tiny kernel), and the versions of the packages there (from their metadata: nothing is imported)."""
+    from importlib import metadata
+
     env: dict[str, Any] = dict.fromkeys(ENV_KEYS)
     env["python"] = sys.version.split()[0]
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    try:
-        import torch
-
-        env["torch"] = torch.__version__
-        env["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            env["device_name"] = torch.cuda.get_device_name()
-            env["capability"] = "%d.%d" % torch.cuda.get_device_capability()
-    except Exception as e:  # noqa: BLE001 - the environment is reported, whatever is broken
-        env["torch"] = f"import failed: {e}"
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    for name in ("torch", "triton"):
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = None
+    found = _info_module().machine(probe_tools)
+    gpus = found.pop("gpus")
+    if gpus:
+        env["device_name"], env["compute_capability"] = gpus[0]["name"], gpus[0]["compute_capability"]
+        env["gpus"] = gpus
+    env.update(found)
     env["git_commit"] = _run(["git", "rev-parse", "HEAD"])
     return env
 
 
 def _run(cmd: list[str]) -> Optional[str]:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT)
     except (OSError, subprocess.SubprocessError):
         return None
     lines = out.stdout.strip().splitlines()
     return lines[0].strip() if out.returncode == 0 and lines else None
 
 
-def backends() -> dict[str, Any]:
+def backends(info_out: Optional[Path] = None) -> dict[str, Any]:
+    """fusedclip's backends here; with `info_out`, `python -m fusedclip info` there too (JSON) and on stdout."""
     import fusedclip
     from fusedclip import backends as fb
 
+    if info_out is not None:
+        from fusedclip.info import collect, format_info
+
+        info = collect()
+        info_out.write_text(json.dumps(info, indent=2) + "\n")
+        print(format_info(info))
     return {"available": fusedclip.available_backends(), "reasons": fb.unavailable_reasons()}
+
+
+def tool_refused(name: str, logs: Path) -> Optional[str]:
+    """Why env found `name` (compute-sanitizer, ncu) unusable on this device; None when it works or was not tried."""
+    env = read_json(logs / "environment.json")
+    found = env.get(name.replace("-", "_")) if isinstance(env, dict) else None
+    if not isinstance(found, dict) or found.get("works") is not False:
+        return None
+    sandbox = (env.get("sandbox") or {}).get("kind")
+    return f"{name} does not work here{' (gVisor)' if sandbox == 'gvisor' else ''}: {found.get('evidence')}"
+
+
+def rerun_plan(summary: Any) -> tuple[list[str], list[str]]:
+    """(steps, test ids) that `gpu_check.sh rerun` runs again after `summary`: a tests stage that failed, timed out
+    or was left out (only its failing tests when pytest wrote which, else all of it), a sanitizer, a benchmark."""
+    stages = (summary.get("stages") or {}) if isinstance(summary, dict) else {}
+    steps: list[str] = []
+    ids: list[str] = []
+    tests = stages.get("tests")
+    if isinstance(tests, dict) and not tests.get("ok"):
+        steps.append("tests")
+        if tests.get("passed") is not None and not tests.get("timed_out"):
+            ids = list(tests.get("failures") or [])
+    for name, stage in stages.items():
+        if name.startswith("sanitize-") and isinstance(stage, dict) and not stage.get("ok"):
+            steps.append(name)
+    bench = stages.get("bench")
+    if isinstance(bench, dict):
+        steps += list(bench.get("failed_steps") or [])
+    return steps, ids
 
 
 def gpu_name(env: Any) -> str:
@@ -314,6 +419,7 @@ def fake_logs(logs: Path, steps: list[str]) -> None:
     env["device_name"] = "Dry Run GPU"
     (logs / "environment.json").write_text(json.dumps(env))
     (logs / "backends.json").write_text(json.dumps({"available": ["cuda", "triton", "torch"], "reasons": {}}))
+    (logs / "kit.json").write_text(json.dumps({"extension": "carried: (dry run)", "mismatches": {}}))
     for name in steps:
         if name == "tests" or name.startswith("sanitize-"):
             (logs / f"{name}.xml").write_text(_JUNIT)
@@ -337,10 +443,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--logs", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--merge", type=Path, help="an earlier summary whose other stages are kept")
+    p.add_argument("--kit", type=Path, help="the lease kit (bench/kit): what the device compiled beyond it")
     p = sub.add_parser("validate")
     p.add_argument("file", type=Path)
-    for name in ("env", "backends"):
-        sub.add_parser(name).add_argument("--out", type=Path, required=True)
+    sub.add_parser("env").add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("backends")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--info", type=Path, help="also write `python -m fusedclip info --json` here")
+    p = sub.add_parser("tool-usable")
+    p.add_argument("name")
+    p.add_argument("--logs", type=Path, required=True)
+    sub.add_parser("rerun-plan").add_argument("summary", type=Path)
     sub.add_parser("gpu-name").add_argument("--logs", type=Path, required=True)
     p = sub.add_parser("fake-logs")
     p.add_argument("--logs", type=Path, required=True)
@@ -349,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.command == "summarize":
         merge = read_json(args.merge) if args.merge else None
-        summary = summarize(args.logs, merge)
+        summary = summarize(args.logs, merge, args.kit)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
         stages = ", ".join(f"{k}: {'ok' if v.get('ok') else 'FAILED'}" for k, v in summary["stages"].items())
         print(f"summary {args.out}: {stages or 'no stages ran'}")
@@ -365,13 +478,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(env, indent=2))
         return 0
     if args.command == "backends":
-        found = backends()
+        found = backends(args.info)
         args.out.write_text(json.dumps(found, indent=2) + "\n")
         print(json.dumps(found, indent=2))
         missing = [b for b in REQUIRED_BACKENDS if b not in found["available"]]
         if missing:
             print(f"backends {missing} are not available: {found['reasons']}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "tool-usable":
+        why = tool_refused(args.name, args.logs)
+        print(why or f"{args.name}: not refused here")
+        return 1 if why else 0
+    if args.command == "rerun-plan":
+        summary = read_json(args.summary)
+        if not isinstance(summary, dict):
+            print(f"{args.summary} is not a readable summary", file=sys.stderr)
+            return 1
+        steps, ids = rerun_plan(summary)
+        print("steps: " + " ".join(steps))
+        print("tests: " + " ".join(shlex.quote(i) for i in ids))
         return 0
     if args.command == "gpu-name":
         print(gpu_name(read_json(args.logs / "environment.json")))

@@ -13,6 +13,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "fusedclip_kernels.h"
@@ -25,10 +26,8 @@ void check_cuda(cudaError_t err, const char* what) {
 }
 
 // units: the table lists units of the grads (AGC: contiguous rows, at least one per grad), not the grads.
+// (meta was checked by table_of)
 void check_grads(at::TensorList grads, const at::Tensor& meta, bool units) {
-  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == 3 &&
-                  meta.is_contiguous(),
-              "fusedclip: meta must be a contiguous int64 [3, T] CUDA tensor");
   TORCH_CHECK(!grads.empty(), "fusedclip: grads must not be empty");
   if (units) {
     TORCH_CHECK(static_cast<int64_t>(grads.size()) <= meta.size(1), "fusedclip: ", grads.size(),
@@ -48,10 +47,12 @@ void check_grads(at::TensorList grads, const at::Tensor& meta, bool units) {
   }
 }
 
-TensorTable make_table(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
-                       const at::Tensor& chunk_start, const at::Tensor* tensor_chunks, int64_t chunk_size,
-                       bool units = false) {
-  check_grads(grads, meta, units);
+// The tables alone (the planned_* ops have no tensor list to check them against).
+TensorTable table_of(const at::Tensor& meta, const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
+                     const at::Tensor* tensor_chunks, int64_t chunk_size) {
+  TORCH_CHECK(meta.is_cuda() && meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == 3 &&
+                  meta.is_contiguous(),
+              "fusedclip: meta must be a contiguous int64 [3, T] CUDA tensor");
   TORCH_CHECK(chunk_tensor.device() == meta.device() && chunk_tensor.scalar_type() == at::kInt &&
                   chunk_tensor.dim() == 1 && chunk_tensor.is_contiguous(),
               "fusedclip: chunk_tensor must be a contiguous int32 [C] tensor on ", meta.device());
@@ -78,6 +79,14 @@ TensorTable make_table(at::TensorList grads, const at::Tensor& meta, const at::T
   return t;
 }
 
+TensorTable make_table(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                       const at::Tensor& chunk_start, const at::Tensor* tensor_chunks, int64_t chunk_size,
+                       bool units = false) {
+  const TensorTable table = table_of(meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size);
+  check_grads(grads, meta, units);
+  return table;
+}
+
 // SMs of a device, asked of the runtime once per device (the launch grid depends on it).
 int sm_count(const at::Device& device) {
   static std::array<std::atomic<int>, 64> cache{};  // 0: not asked yet
@@ -98,16 +107,13 @@ bool any_float64(at::TensorList grads) {
   return false;
 }
 
-// (total, per-tensor norms or an empty tensor, coef or an undefined tensor)
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(at::TensorList grads, const at::Tensor& meta,
-                                                        const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
-                                                        const at::Tensor& tensor_chunks, int64_t chunk_size,
-                                                        double norm_type, bool per_tensor, bool want_coef,
-                                                        double max_norm, bool units = false) {
-  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, &tensor_chunks, chunk_size, units);
+// (total, per-tensor norms or an empty tensor, coef or an undefined tensor) of a checked table; f64: accumulate in
+// float64 (any tensor of the table is float64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_of_table(const TensorTable& table, const at::Tensor& meta,
+                                                             bool f64, double norm_type, bool per_tensor,
+                                                             bool want_coef, double max_norm) {
   TORCH_CHECK(!std::isnan(norm_type), "fusedclip: norm_type is NaN");
   const c10::cuda::CUDAGuard guard(meta.device());
-  const bool f64 = any_float64(grads);
   const auto opts = meta.options().dtype(f64 ? at::kDouble : at::kFloat);
   at::Tensor total = at::empty({}, opts);
   at::Tensor norms = at::empty({per_tensor ? table.num_tensors : 0}, opts);
@@ -120,6 +126,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(at::TensorList grads, co
                          c10::cuda::getCurrentCUDAStream()),
              "norm launch");
   return {total, norms, coef};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_norm(at::TensorList grads, const at::Tensor& meta,
+                                                        const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
+                                                        const at::Tensor& tensor_chunks, int64_t chunk_size,
+                                                        double norm_type, bool per_tensor, bool want_coef,
+                                                        double max_norm, bool units = false) {
+  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, &tensor_chunks, chunk_size, units);
+  return norm_of_table(table, meta, any_float64(grads), norm_type, per_tensor, want_coef, max_norm);
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_cuda(at::TensorList grads, const at::Tensor& meta,
@@ -139,10 +154,7 @@ std::tuple<at::Tensor, at::Tensor> norm_and_coef_cuda(at::TensorList grads, cons
   return {std::get<0>(r), std::get<2>(r)};
 }
 
-void run_scale(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
-               const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coef, bool per_tensor,
-               bool units = false) {
-  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size, units);
+void scale_table(const TensorTable& table, const at::Tensor& meta, const at::Tensor& coef, bool per_tensor) {
   TORCH_CHECK(coef.device() == meta.device(), "fusedclip: the clip coefficient must be on ", meta.device(), ", got ",
               coef.device());
   TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
@@ -154,6 +166,12 @@ void run_scale(at::TensorList grads, const at::Tensor& meta, const at::Tensor& c
   check_cuda(launch_scale(table, c.data_ptr(), c.scalar_type() == at::kDouble, per_tensor, sm_count(meta.device()),
                           c10::cuda::getCurrentCUDAStream()),
              "scale launch");
+}
+
+void run_scale(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+               const at::Tensor& chunk_start, int64_t chunk_size, const at::Tensor& coef, bool per_tensor,
+               bool units = false) {
+  scale_table(make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size, units), meta, coef, per_tensor);
 }
 
 void scale_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
@@ -180,13 +198,41 @@ void scale_units_cuda(at::TensorList tensors, const at::Tensor& meta, const at::
   run_scale(tensors, meta, chunk_tensor, chunk_start, chunk_size, coefs, true, true);
 }
 
-void clamp_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
-                const at::Tensor& chunk_start, int64_t chunk_size, double clip_value) {
+void clamp_table(const TensorTable& table, const at::Tensor& meta, double clip_value) {
   TORCH_CHECK(clip_value >= 0.0, "fusedclip: clip_value must be >= 0, got ", clip_value);
-  const TensorTable table = make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size);
   const c10::cuda::CUDAGuard guard(meta.device());
   check_cuda(launch_clamp(table, clip_value, sm_count(meta.device()), c10::cuda::getCurrentCUDAStream()),
              "clamp launch");
+}
+
+void clamp_cuda(at::TensorList grads, const at::Tensor& meta, const at::Tensor& chunk_tensor,
+                const at::Tensor& chunk_start, int64_t chunk_size, double clip_value) {
+  clamp_table(make_table(grads, meta, chunk_tensor, chunk_start, nullptr, chunk_size), meta, clip_value);
+}
+
+// The planned_* ops: a kept plan's calls (see the schemas below). Each launches what the op of the same job does,
+// on the table alone; the per-call scratch (counters, partials) is allocated here, on the current stream, as there.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> planned_norm_cuda(const at::Tensor& meta,
+                                                                 const at::Tensor& chunk_tensor,
+                                                                 const at::Tensor& chunk_start,
+                                                                 const at::Tensor& tensor_chunks, int64_t chunk_size,
+                                                                 bool acc_f64, double norm_type, bool per_tensor,
+                                                                 std::optional<double> max_norm) {
+  TORCH_CHECK(!max_norm.has_value() || *max_norm >= 0.0, "fusedclip: max_norm must be >= 0, got ", *max_norm);
+  const TensorTable table = table_of(meta, chunk_tensor, chunk_start, &tensor_chunks, chunk_size);
+  auto r = norm_of_table(table, meta, acc_f64, norm_type, per_tensor, max_norm.has_value(), max_norm.value_or(0.0));
+  at::Tensor coef = std::get<2>(r);
+  return {std::get<0>(r), std::get<1>(r), coef.defined() ? coef : std::get<0>(r).new_empty({0})};
+}
+
+void planned_scale_cuda(const at::Tensor& meta, const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
+                        int64_t chunk_size, const at::Tensor& coef, bool per_tensor) {
+  scale_table(table_of(meta, chunk_tensor, chunk_start, nullptr, chunk_size), meta, coef, per_tensor);
+}
+
+void planned_clamp_cuda(const at::Tensor& meta, const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
+                        int64_t chunk_size, double clip_value) {
+  clamp_table(table_of(meta, chunk_tensor, chunk_start, nullptr, chunk_size), meta, clip_value);
 }
 
 }  // namespace
@@ -219,6 +265,19 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def(
       "scale_units(Tensor(a!)[] tensors, Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, "
       "Tensor coefs) -> ()");
+  // A kept plan's calls (python/fusedclip/fastpath.py, through the cuda backend's prepared calls): the table alone,
+  // no tensor list, for the host cost of the steady state. The caller has just proved that the tensors at the
+  // table's addresses are the ones it describes (address, size, dtype, device of each), which no op could check:
+  // so they are called only there, eagerly, and never traced (what scale and clamp write through the table is not
+  // declared to the dispatcher). planned_norm returns (total, per-tensor norms or an empty tensor, the clip
+  // coefficient or an empty tensor), accumulating in float64 when acc_f64.
+  m.def(
+      "planned_norm(Tensor meta, Tensor chunk_tensor, Tensor chunk_start, Tensor tensor_chunks, int chunk_size, "
+      "bool acc_f64, float norm_type, bool per_tensor, float? max_norm) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "planned_scale(Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, Tensor coef, "
+      "bool per_tensor) -> ()");
+  m.def("planned_clamp(Tensor meta, Tensor chunk_tensor, Tensor chunk_start, int chunk_size, float clip_value) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
@@ -229,4 +288,7 @@ TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("clamp", &fusedclip::clamp_cuda);
   m.impl("unit_norms", &fusedclip::unit_norms_cuda);
   m.impl("scale_units", &fusedclip::scale_units_cuda);
+  m.impl("planned_norm", &fusedclip::planned_norm_cuda);
+  m.impl("planned_scale", &fusedclip::planned_scale_cuda);
+  m.impl("planned_clamp", &fusedclip::planned_clamp_cuda);
 }

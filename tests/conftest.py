@@ -15,6 +15,10 @@ if not HAS_CUDA:
 import fusedclip  # noqa: E402  (after TRITON_INTERPRET)
 import triton_preflight  # noqa: E402  (after TRITON_INTERPRET)
 
+# tests/gpusim runs inside a GPU simulator, started by .ci/gpusim-stage.sh (which sets FUSEDCLIP_GPUSIM_LIB);
+# anywhere else it is not collected at all.
+collect_ignore = [] if os.environ.get("FUSEDCLIP_GPUSIM_LIB") else ["gpusim"]
+
 # Every launch of our Triton kernels is recorded: tests/test_triton_compile.py, which runs last, compiles each
 # specialisation the session launched for sm_80 and sm_90.
 triton_preflight.RECORDER.install()

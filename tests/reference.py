@@ -59,6 +59,19 @@ def random_grads(count: int, dtypes=(torch.float32,), device="cpu", seed=0, max_
     return out
 
 
+def sparse_tiles(tiles: int, tile: int, chunk: int, seed: int, empty_tile: int = -1) -> list[Tensor]:
+    """`tiles` runs of `tile` float32 tensors (the CUDA finalize's tiles), most of them empty, each run but
+    `empty_tile` with five non-empty ones (one element, odd sizes, one of several chunks of `chunk` elements): many
+    tensors and tiles for few chunks."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [0] * (tiles * tile)
+    for t in range(tiles):
+        if t != empty_tile:
+            for k, n in enumerate((1, 37, 3 * chunk + 5, chunk - 1, 2)):
+                sizes[t * tile + 1 + (97 * k * (t + 1)) % (tile - 1)] = n
+    return [random_tensor((n,), torch.float32, gen=gen, scale=0.25 + i % 7) for i, n in enumerate(sizes)]
+
+
 def params_with_grads(grads: list[Tensor]) -> list[torch.nn.Parameter]:
     """A leaf parameter per gradient (zeros of its shape and dtype) with that gradient as its .grad."""
     params = []
@@ -124,3 +137,22 @@ def assert_scaled(got: Tensor, original: Tensor, coef: float, what: str = "gradi
         f"{what}: {int(bad.sum())} of {got.numel()} values off by more than {ulps} ulp; "
         f"first expected {expected[bad][:3].tolist()}, got {actual[bad][:3].tolist()}"
     )
+
+
+# Significant bits and smallest exponent of one ulp (subnormal spacing) of the 16-bit float dtypes.
+_FORMAT = {torch.bfloat16: (8, -133), torch.float16: (11, -24)}
+
+
+def round_to_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 values rounded once, to nearest even, to bfloat16 / float16 (subnormals and overflow to inf included),
+    returned as float64. torch's own float64 -> bfloat16/float16 conversion goes through float32 (two roundings), so
+    it cannot be the oracle of a kernel that is meant to round once."""
+    bits, min_exp = _FORMAT[dtype]
+    x = x.to(torch.float64)
+    _, e = torch.frexp(x)  # |x| in [2^(e-1), 2^e)
+    step = torch.clamp(e.to(torch.float64) - bits, min=min_exp)  # log2 of one ulp at x
+    q = torch.ldexp(x, -step)  # exact: a power-of-two scaling
+    out = torch.ldexp(torch.round(q), step)  # torch.round: half to even
+    big = torch.finfo(dtype).max
+    out = torch.where(out.abs() > big, torch.copysign(torch.full_like(out, math.inf), x), out)
+    return torch.where(torch.isfinite(x), out, x)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -154,3 +156,109 @@ def test_info_runs_as_a_module():
     assert set(info["available_backends"]) | set(info["unavailable_backends"]) == {"cuda", "triton", "torch"}
     assert info["host_fast_path"].startswith("on; per-call check in ")
     assert ("C++" in info["host_fast_path"]) == fusedclip.fastpath.uses_extension()
+
+
+# ---- info: the machine (GPU, driver, sandbox, profiling tools) ----------------------------------------------------
+
+# The lines info wrote before the machine was added, in order: they stay as they were.
+INFO_KEYS = ("fusedclip", "python", "torch", "torch_cuda", "cuda_available", "devices", "TRITON_INTERPRET",
+             "FUSEDCLIP_BACKEND", "triton", "available_backends", "backends_by_device", "unavailable_backends",
+             "auto_backend_cuda", "auto_backend_cpu", "cuda_extension", "host_fast_path")
+
+
+def test_info_keeps_its_lines_and_adds_the_machine_after_them():
+    from fusedclip import info
+
+    data = info.collect()
+    assert list(data) == list(INFO_KEYS) + list(info.MACHINE_KEYS)
+    expected = []
+    for key in INFO_KEYS:
+        if key == "unavailable_backends":
+            expected += [f"{'backend ' + name:20s} unavailable: {why}" for name, why in data[key].items()]
+        else:
+            expected.append(f"{key:20s} {data[key]}")
+    lines = info.format_info(data).splitlines()
+    assert lines[: len(expected)] == expected
+    machine = dict(line.split(None, 1) for line in lines[len(expected):])
+    assert list(machine) == list(info.MACHINE_KEYS)
+    assert machine["kernel"] == data["kernel"] and machine["sandbox"].startswith("kind: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the answer of a machine without a GPU")
+def test_info_without_a_gpu_says_so_and_never_fails():
+    from fusedclip import info
+
+    found = info.machine(probe_tools=True)
+    assert found["kernel"] == __import__("platform").release()
+    assert set(found["sandbox"]) == {"kind", "evidence"} and found["sandbox"]["evidence"]
+    if shutil.which("nvidia-smi") is None:
+        assert found["gpus"] == [] and found["driver"] is None
+    for key in ("compute_sanitizer", "ncu"):
+        tool = found[key]
+        assert set(tool) == {"path", "version", "works", "evidence"}
+        assert tool["works"] is False  # absent, or present but no GPU to run the probe kernel on
+    assert "none found" in info.format_info({"gpus": []})
+    assert info.probe_kernel() == 1  # no driver: a message, exit status 1
+
+
+@pytest.mark.parametrize("proc_version, dmesg, cmdline, release, kind", [
+    ("Linux version 4.4.0 #1 SMP Sun Jan 10 15:06:54 PST 2016", "[    0.000000] Starting gVisor...\n", "", "4.4.0",
+     "gvisor"),
+    ("Linux version 4.19.0-gvisor", "", "", "4.19.0-gvisor", "gvisor"),
+    ("Linux version 6.18.44-fc-v310-gpu", "", "", "6.18.44-fc-v310-gpu", "firecracker"),
+    ("Linux version 6.1.0", "", "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5", "6.1.0", "firecracker"),
+    ("Linux version 6.1.0-18-amd64", "[ 0.0] Linux version 6.1.0-18-amd64\n", "BOOT_IMAGE=/vmlinuz", "6.1.0-18-amd64",
+     None),
+    ("Linux version 4.4.0", "", "", "4.4.0", None),  # gVisor's usual release alone is a hint, not evidence
+])
+def test_sandbox_is_detected_from_what_the_kernel_shows(proc_version, dmesg, cmdline, release, kind):
+    from fusedclip import info
+
+    found = info.sandbox(proc_version=proc_version, dmesg=dmesg, cmdline=cmdline, release=release)
+    assert found["kind"] == kind, found
+    if release == "4.4.0" and kind is None:
+        assert "gVisor reports" in found["evidence"]
+
+
+FAKE_TOOL_OUTPUT = {  # what each tool prints on a machine where it works, and on a gVisor one (KINDS.md)
+    ("compute-sanitizer", True): ("========= COMPUTE-SANITIZER\nprobe: the kernel ran\n"
+                                  "========= ERROR SUMMARY: 0 errors", 0),
+    ("compute-sanitizer", False): ("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n"
+                                   "probe: cuMemAlloc failed with CUDA error 999\n========= ERROR SUMMARY: 1 error", 1),
+    ("ncu", True): ("==PROF== Connected to process 7\nprobe: the kernel ran\n  probe (1, 1, 1)x(1, 1, 1)\n"
+                    "    gpu__time_duration.sum     usecond         1.25", 0),
+    ("ncu", False): ("==PROF== Connected to process 7\n==ERROR== Failed to initialize the profiler: "
+                     "LibraryNotLoaded\nprobe: the kernel ran", 1),
+}
+
+
+@pytest.mark.parametrize("name, works", list(FAKE_TOOL_OUTPUT))
+def test_a_tool_works_only_when_it_ran_the_probe_kernel_cleanly(tmp_path, monkeypatch, name, works):
+    from fusedclip import info
+
+    text, rc = FAKE_TOOL_OUTPUT[(name, works)]
+    fake = tmp_path / name
+    fake.write_text(f"#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'fake {name} 2025.3'; exit 0; fi\n"
+                    f"cat <<'EOF'\n{text}\nEOF\nexit {rc}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    found = info.tool(name, probe=True)
+    assert found["path"] == str(fake) and found["version"] == f"fake {name} 2025.3"
+    assert found["works"] is works, found
+    if not works:
+        assert ("Device not supported" if name == "compute-sanitizer" else "LibraryNotLoaded") in found["evidence"]
+    assert info.tool(name)["works"] is None  # not tried unless asked
+
+
+def test_the_probe_kernel_assembles_for_sm90():
+    triton_knobs = pytest.importorskip("triton").knobs
+    ptxas = triton_knobs.nvidia.ptxas.path  # Triton's bundled ptxas: there wherever triton is
+    from fusedclip import info
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.ptx")
+        with open(src, "w") as f:
+            f.write(info.PROBE_PTX)
+        run = subprocess.run([ptxas, "-arch=sm_90", src, "-o", os.path.join(tmp, "probe.cubin")],
+                             capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr

@@ -314,25 +314,72 @@ def test_gpu_whole_training_step_in_one_cuda_graph(set_to_none):
     _assert_matches_reference(totals, model, warmup + replays, max_norm)
 
 
-@pytest.mark.gpu
-def test_gpu_training_step_compiled_reduce_overhead():
-    """The same training step under torch.compile(mode="reduce-overhead") (CUDA graphs by inductor): the
-    compiled graphs (forward, backward, clip) are replayed from the third step on."""
-    max_norm, steps = 0.5, 7
+def _reduce_overhead_step(max_norm, backend=None):
+    """A model, its capturable fused AdamW, and its forward, backward and clip compiled with
+    mode="reduce-overhead" (CUDA graphs by inductor)."""
     model = _gpu_model(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True, capturable=True)
 
     @torch.compile(mode="reduce-overhead")
     def step(x, y):
         (torch.nn.functional.mse_loss(model(x), y) * 100).backward()
-        return fusedclip.clip_grad_norm_(model.parameters(), max_norm)
+        return fusedclip.clip_grad_norm_(model.parameters(), max_norm, backend=backend)
 
+    return model, opt, step
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_compiled_reduce_overhead():
+    """The same training step under torch.compile(mode="reduce-overhead") (CUDA graphs by inductor): the
+    compiled graphs (forward, backward, clip) are replayed from the third step on."""
+    max_norm, steps = 0.5, 7
+    model, opt, step = _reduce_overhead_step(max_norm)
     totals = []
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
         totals.append(step(*_gpu_batch(s)).clone())
         opt.step()
     torch.cuda.synchronize()
+    _assert_matches_reference(totals, model, steps, max_norm)
+
+
+@pytest.mark.gpu
+@pytest.mark.compile
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_reduce_overhead_replays_keep_nothing_in_the_trees_pool(backend, monkeypatch):
+    """Issue 25 item 7: torch.compile(mode="reduce-overhead") warms a function up and records it with every
+    allocation sent to its CUDA-graph tree's pool, whose blocks it frees and hands out again by its bookkeeping of
+    the function's outputs. A plan (or scratch) built then and kept by fusedclip would be memory the tree does not
+    know about: with inductor's slow-path checks on, the tree fails on any such block, and a block handed out twice
+    would corrupt later totals. Many replays, other allocations between them, every total checked against stock
+    torch and the clipped gradients against float64."""
+    if backend not in fusedclip.available_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._inductor.config.triton, "slow_path_cudagraph_asserts", True)
+    torch._dynamo.reset()
+    counters.clear()
+    max_norm, steps = 0.05, 30
+    model, opt, step = _reduce_overhead_step(max_norm, backend)
+    totals, churn = [], []
+    try:
+        for s in range(steps):
+            opt.zero_grad(set_to_none=True)
+            total = step(*_gpu_batch(s)).clone()
+            clipped = [p.grad.double() for p in model.parameters()]
+            got = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped])).item()
+            want = total.item() * min(1.0, max_norm / (total.item() + 1e-6))
+            assert abs(got - want) <= 1e-5 * want, (s, got, want)
+            totals.append(total)
+            opt.step()
+            churn = [torch.empty(1000 * (s % 7 + 1), device="cuda") for _ in range(s % 5)]  # other allocations
+    finally:
+        torch._dynamo.reset()
+    del churn
+    torch.cuda.synchronize()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     _assert_matches_reference(totals, model, steps, max_norm)
 
 

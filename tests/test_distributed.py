@@ -33,14 +33,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank: int, world: int, port: int, queue) -> None:
+def _entry(fn, rank: int, world: int, port: int, queue, deadline_s: float) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=DEADLINE_S - 10),
+            timeout=datetime.timedelta(seconds=deadline_s - 10),
         )
         fn(rank, world)
         dist.barrier()
@@ -52,15 +52,17 @@ def _entry(fn, rank: int, world: int, port: int, queue) -> None:
             dist.destroy_process_group()
 
 
-def launch(fn, world: int) -> None:
+def launch(fn, world: int, deadline_s: float = DEADLINE_S) -> None:
     """Run fn(rank, world) on `world` gloo ranks; raise with every failing rank's traceback."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world, port, queue, deadline_s), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     results: dict[int, str | None] = {}
     try:
         while len(results) < world and time.monotonic() < deadline:
@@ -83,7 +85,7 @@ def launch(fn, world: int) -> None:
     missing = [r for r in range(world) if r not in results]
     if errors or missing:
         raise AssertionError(
-            "\n".join(errors) + (f"\nranks {missing} did not finish within {DEADLINE_S}s" if missing else "")
+            "\n".join(errors) + (f"\nranks {missing} did not finish within {deadline_s}s" if missing else "")
         )
 
 
@@ -403,12 +405,25 @@ def _mesh2d_worker(rank: int, world: int) -> None:
         torch.testing.assert_close(q.grad.full_tensor(), t.grad.full_tensor(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(q.grad.full_tensor(), r * coef, rtol=1e-4, atol=1e-7)
 
-    # Gradients on a mesh and on its sub-mesh: a clear error on every rank, nothing touched.
-    odd_grad = DTensor.from_local(torch.ones(3), mesh["dp"], [torch.distributed.tensor.Replicate()], run_check=False)
+    # Gradients on a mesh and on its sub-mesh (one world, no common group): one all-reduce per rank set. The
+    # sub-mesh's Replicate tensor counts once within each dp slice, beside the 2-D mesh's gradients.
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate
+
+    odd_grad = DTensor.from_local(torch.full((3,), 0.5), mesh["dp"], [Replicate()], run_check=False)
     odd = torch.nn.Parameter(torch.zeros_like(odd_grad))
     odd.grad = odd_grad
+    clipped = [g.full_tensor() for g in grads]
+    for p in (2.0, math.inf, 0.0):
+        got, calls = _collectives(lambda: fusedclip.get_total_norm([*grads, odd_grad], p))
+        assert calls == 2, f"mesh + sub-mesh p={p}: {calls} collectives"
+        want = ref_total_norm(clipped + [torch.full((3,), 0.5)], p)
+        _close(got.item(), want, 1e-5, f"mesh + sub-mesh p={p}")
+    # A mesh of another world (made from a group on its own): a clear error on every rank, nothing touched.
+    alone = DeviceMesh.from_group(mesh.get_group("dp"), "cpu")
+    odd.grad = DTensor.from_local(torch.ones(3), alone, [Replicate()], run_check=False)
     kept = [q.grad.to_local().clone() for q in ours.parameters()]
-    with pytest.raises(ValueError, match="different device meshes"):
+    with pytest.raises(ValueError, match="belongs to a world of ranks"):
         fusedclip.clip_grad_norm_([*ours.parameters(), odd], 1e-3)
     assert all(torch.equal(q.grad.to_local(), k) for q, k in zip(ours.parameters(), kept))
 
@@ -420,8 +435,13 @@ def _mesh2d_worker(rank: int, world: int) -> None:
     flat = torch.cat([t.reshape(-1) for t in stage])
     local = flat.chunk(2)[dp]
     all_stages = [torch.cat([t.reshape(-1) for t in random_grads(5, seed=60 + s, max_numel=50)]) for s in range(2)]
-    for p in (2.0, 1.0, math.inf, -math.inf):
-        got = fusedclip.get_total_norm([local, *shared], p, process_group=(dp_group, pp_group), replicated=shared)
+    for p in (2.0, 1.0, math.inf, -math.inf, 0.0):
+        got, calls = _collectives(lambda: fusedclip.get_total_norm(
+            [local, *shared], p, process_group=(dp_group, pp_group), replicated=shared))
+        assert calls == 1, f"dp x pp p={p}: {calls} collectives (the two groups tile the world: one all-reduce)"
+        if p == 0:
+            assert got.item() == 2 * 2 + len(shared), got  # each rank's piece is a tensor of its own
+            continue
         _close(got.item(), ref_total_norm(all_stages + shared, p), 1e-5, f"dp x pp p={p}")
         _same_on_all_ranks(got, f"dp x pp p={p}")
     dist.barrier()

@@ -123,13 +123,27 @@ def test_readme_installs_are_pinned_and_the_test_command_is_all_ci_runs():
     # Every install names exact versions: an unpinned torch resolves to the newest CUDA build (~2 GB of nvidia-*).
     code = "\n".join(re.findall(r"```bash\n(.*?)```", quick_start, flags=re.S))
     reqs = pip_requirements(code)
-    for name in ("torch", "triton", "accelerate", "zclip"):
+    for name in ("torch", "triton", "accelerate", "zclip", "setuptools"):
         pins = {r for r in reqs if re.split(r"[=<>!~]", r)[0] == name}
         assert pins and all(re.fullmatch(rf"{name}==[\d.]+", r) for r in pins), (name, pins)
         assert len(pins) == 1, f"the Quick start installs two versions of {name}: {pins}"
     assert set(pip_requirements(test_command[0])) >= {"accelerate==1.15.0", "zclip==1.0.0"}  # CI's optional tests
+    # --no-build-isolation builds with the setuptools installed: one that reads the SPDX license (test below).
+    setuptools_pin = [r for r in pip_requirements(test_command[0]) if r.startswith("setuptools==")]
+    assert setuptools_pin and tuple(map(int, setuptools_pin[0].split("==")[1].split(".")[:2])) >= (77, 0)
     assert "--index-url https://download.pytorch.org/whl/cpu" in quick_start  # how to take the CPU build
     # CI installs nothing of its own before the README's command: a README user runs exactly what CI runs.
     ci = (README.parent / ".ci" / "run").read_text()
     before = ci[: ci.index("<!-- test-command -->")]
     assert "pip install" not in "\n".join(ln for ln in before.splitlines() if not ln.lstrip().startswith("#"))
+
+
+def test_the_license_is_an_spdx_expression_the_installed_setuptools_reads():
+    """pyproject's `project.license` is the SPDX string (the table form is deprecated: setuptools stops taking it in
+    2027); setuptools reads that form from 77 on, and the README's commands pin one that does."""
+    setuptools = pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    config = read_configuration(README.parent / "pyproject.toml")
+    assert config["project"]["license"] == "BSD-3-Clause", setuptools.__version__
+    assert "setuptools>=77" in config["build-system"]["requires"]

@@ -1,12 +1,15 @@
-"""The tiny-GPT example: a few steps of each clip mode on CPU give the same losses and norms."""
+"""The examples: the tiny GPT (a few steps of each clip mode on CPU give the same losses and norms) and the
+mixture-of-experts clip on four gloo ranks."""
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_gpt.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE = EXAMPLES / "train_tiny_gpt.py"
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +44,19 @@ def test_plot_or_message(example, tmp_path, capsys):
         assert path.stat().st_size > 1000
     else:
         assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def _moe_example(rank: int, world: int) -> None:
+    spec = importlib.util.spec_from_file_location("moe_clip", EXAMPLES / "moe_clip.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(pp=2)  # checks its totals and gradients itself (float64 reference, torchtitan)
+    without = os.environ.get("FUSEDCLIP_TEST_WITHOUT_TORCHTITAN", "") == "1"  # (see tests/test_moe_parallel.py)
+    assert out["meshes"] == 2 and (without or out["torchtitan"] is not None), out
+    assert math.isclose(out["total"], out["reference"], rel_tol=1e-5), out
+
+
+def test_moe_example_four_ranks():
+    from test_distributed import launch
+
+    launch(_moe_example, 4)

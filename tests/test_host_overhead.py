@@ -5,24 +5,142 @@ clamp on CPU."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import types
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 import fusedclip
-from fusedclip import fastpath
+from conftest import BACKEND_DEVICES
+from fusedclip import backends, fastpath
 from reference import assert_scaled, assert_total_close, params_with_grads, random_grads, ref_total_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["python"] + (["cpp"] if fastpath.CppSignatures is not None else [])
+
+
+class _Op:
+    """One stand-in op: callable, and its own `.default` overload, as torch.ops.fusedclip.<name> is."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.default = self
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+class CudaOpsStandIn:
+    """torch.ops.fusedclip's CUDA ops for the cuda backend on CPU tensors, where the extension cannot be built: each
+    does its op's job with the torch backend, on the tensors it is handed or, for the planned_* ops (the table
+    alone), on the tensors at the table's addresses (those the calls before handed over: every kept plan starts as a
+    call with its tensors). `calls` lists which ops ran. This checks the backend's Python side (which op, which
+    arguments, what comes back); the ops themselves are tested on a GPU (tests/test_cuda_backend.py)."""
+
+    def __init__(self):
+        from fusedclip.backends import clip_coef, torch_backend
+
+        self.calls: list[str] = []
+        self.by_address: dict[int, torch.Tensor] = {}
+        torch_ = torch_backend.load()
+
+        def seen(name, tensors):
+            self.calls.append(name)
+            self.by_address.update((t.data_ptr(), t) for t in tensors)
+            return tensors
+
+        def at(name, meta):
+            self.calls.append(name)
+            return [self.by_address[a] for a in meta[0].tolist()]
+
+        def norm(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, per_tensor):
+            total, norms = torch_.norms(seen("norm", grads), norm_type, True)
+            return total, norms if per_tensor else total.new_empty(0)
+
+        def norm_and_coef(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, max_norm):
+            total, _ = torch_.norms(seen("norm_and_coef", grads), norm_type, False)
+            return total, clip_coef(total, max_norm)
+
+        def planned_norm(meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, acc_f64, norm_type, per_tensor,
+                         max_norm):
+            tensors = at("planned_norm", meta)
+            total, norms = torch_.norms(tensors, norm_type, True)
+            assert (total.dtype == torch.float64) == acc_f64, "acc_f64 does not match the tensors"
+            coef = clip_coef(total, max_norm) if max_norm is not None else total.new_empty(0)
+            return total, norms if per_tensor else total.new_empty(0), coef
+
+        def planned_scale(meta, chunk_tensor, chunk_start, chunk_size, coef, per_tensor):
+            tensors = at("planned_scale", meta)
+            (torch_.scale_per_tensor_ if per_tensor else torch_.scale_)(tensors, coef)
+
+        def scale(grads, meta, chunk_tensor, chunk_start, chunk_size, coef):
+            torch_.scale_(seen("scale", grads), coef)
+
+        def scale_per_tensor(grads, meta, chunk_tensor, chunk_start, chunk_size, coefs):
+            torch_.scale_per_tensor_(seen("scale_per_tensor", grads), coefs)
+
+        def clamp(grads, meta, chunk_tensor, chunk_start, chunk_size, clip_value):
+            torch_.clamp_(seen("clamp", grads), clip_value)
+
+        def planned_clamp(meta, chunk_tensor, chunk_start, chunk_size, clip_value):
+            torch_.clamp_(at("planned_clamp", meta), clip_value)
+
+        schemas = op_schemas()
+        for fn in (norm, norm_and_coef, scale, scale_per_tensor, clamp, planned_norm, planned_scale, planned_clamp):
+            # The stand-in takes the arguments the op's schema names, in its order: a call in another order fails.
+            assert list(inspect.signature(fn).parameters) == schemas[fn.__name__], fn.__name__
+            setattr(self, fn.__name__, _Op(fn))
+
+
+def op_schemas() -> dict[str, list[str]]:
+    """The argument names of every op csrc/ops.cpp defines, in order, read from its m.def schemas."""
+    source = (ROOT / "csrc" / "ops.cpp").read_text()
+    schemas = {}
+    for call in re.findall(r"m\.def\((.*?)\);", source, flags=re.S):
+        schema = "".join(re.findall(r'"([^"]*)"', call))
+        name, rest = schema.split("(", 1)
+        depth, args = 0, ""
+        for c in rest:
+            if c == ")" and depth == 0:
+                break
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            args += c
+        schemas[name] = [a.split()[-1] for a in args.split(",")]
+    return schemas
+
+
+def install_cuda_stand_in(monkeypatch) -> CudaOpsStandIn:
+    """The cuda backend over CudaOpsStandIn, taking CPU tensors, as backend "cuda" for this test."""
+    from fusedclip.backends import cuda_backend
+
+    ops = CudaOpsStandIn()
+    monkeypatch.setattr(cuda_backend, "_ops", ops)
+    backend = cuda_backend.CudaBackend()
+    monkeypatch.setattr(backend, "runs_on", lambda device: True)
+    monkeypatch.setitem(backends._loaded, "cuda", backend)
+    return ops
+
+
+# Every backend this machine runs, and where the cuda backend cannot run, the cuda backend with stand-in ops on CPU.
+STAND_IN = "cuda" not in fusedclip.available_backends()
+PAIRS = BACKEND_DEVICES + ([("cuda", "cpu")] if STAND_IN else [])
+
+
+@pytest.fixture(params=PAIRS, ids=[f"{b}-{d}" if (b, d) != ("cuda", "cpu") else "cuda_stand_in-cpu" for b, d in PAIRS])
+def backend_device(request, monkeypatch) -> tuple[str, str]:
+    if request.param == ("cuda", "cpu"):
+        install_cuda_stand_in(monkeypatch)
+    return request.param
 
 
 @pytest.fixture(params=CHECKS)
@@ -208,7 +326,7 @@ def test_clip_grad_value_and_clip_grads_with_norm_on_the_fast_path(backend_devic
 
 def _kept_steps() -> list[dict]:
     """The prepared-call tables of every kept plan (kept plans of a backend without a tensor list have one)."""
-    return [e.plan.steps for bucket in fastpath._buckets.values() for e in bucket if e.plan is not None]
+    return [p.steps for bucket in fastpath._buckets.values() for e in bucket if e.plans for p in e.plans.values()]
 
 
 def test_prepared_calls_follow_each_calls_arguments(backend_device, check):
@@ -244,6 +362,102 @@ def test_prepared_calls_follow_each_calls_arguments(backend_device, check):
         assert not steps  # the torch backend reads tensors: its kept plans are made per call, with no steps
     else:
         assert steps and all(0 < len(t) <= fusedclip.dispatch.STEPS for t in steps)
+
+
+@pytest.mark.skipif(not STAND_IN, reason="the cuda backend runs here: its own tests cover it")
+def test_cuda_backend_kept_plans_launch_from_the_tables_alone(check, monkeypatch):
+    """Issue 25 item 2: the cuda backend reads its plan only when the planned_* ops are there, so a kept plan's
+    calls take the tables alone (no tensor list to build and convert per call) and prepare their calls as the
+    Triton backend does; the first call over a list takes the checked ops with its tensors. Ops are stand-ins."""
+    from fusedclip.backends import cuda_backend
+
+    ops = install_cuda_stand_in(monkeypatch)
+    assert backends.select("cuda", torch.device("cpu")).reads_plan_only
+    params = params_with_grads(new_grads(17, "cpu", seed=70))
+    clip = lambda ps, **kw: fusedclip.clip_grad_norm_(ps, 0.5, backend="cuda", **kw)  # noqa: E731
+    assert_clip_matches_torch(params, 0.5, clip)
+    assert ops.calls == ["norm_and_coef", "scale"]
+    for kwargs, want in [({}, ["planned_norm", "planned_scale"]), ({}, ["planned_norm", "planned_scale"]),
+                         ({"error_if_nonfinite": True}, ["planned_norm", "planned_scale"])]:
+        ops.calls.clear()
+        assert_clip_matches_torch(params, 0.5, lambda ps: clip(ps, **kwargs))
+        assert ops.calls == want, kwargs
+    (entry,) = _kept_entries()
+    assert set(entry.plans) == {None} and ("clip_norm", 2.0, 0.5) in entry.plans[None].steps
+    ops.calls.clear()
+    before = [p.grad.clone() for p in params]
+    fusedclip.clip_grad_value_(params, 1e-3, backend="cuda")
+    fusedclip.clip_grads_with_norm_(params, 0.5, torch.tensor(4.0), backend="cuda")
+    coef = torch.clamp(torch.tensor(0.5) / (torch.tensor(4.0) + 1e-6), max=1.0).item()
+    for p, b in zip(params, before):
+        assert_scaled(p.grad, b.clamp(-1e-3, 1e-3), coef)
+    assert ops.calls == ["planned_clamp", "planned_scale"]
+    grads = [p.grad for p in params]
+    for _ in range(2):
+        ops.calls.clear()
+        total, norms = fusedclip.multi_tensor_norm(grads, backend="cuda", per_tensor=True)
+        assert_total_of(total, grads)
+        for g, n in zip(grads, norms.tolist()):
+            assert math.isclose(n, ref_total_norm([g], 2.0), rel_tol=1e-5)
+    assert ops.calls == ["planned_norm"]  # per-tensor norms of a kept plan: the tables alone too
+    monkeypatch.setattr(cuda_backend, "_ops", types.SimpleNamespace(**{k: v for k, v in vars(ops).items()
+                                                                         if not k.startswith("planned_")}))
+    assert not cuda_backend.CudaBackend().reads_plan_only  # an extension built before the planned_* ops
+
+
+def _kept_entries() -> list:
+    return [e for bucket in fastpath._buckets.values() for e in bucket]
+
+
+def test_kept_plans_prepare_their_calls_per_stream(check, monkeypatch):
+    """A kept plan's prepared calls bind scratch (ticket, partials, coefficient): calls from two streams get a plan
+    and prepared calls each, bound to that stream's scratch (DevicePlan.scratch), so that they never share a
+    ticket; each stream's first call waits for the tables (before_use), later ones do not ask again. Streams are
+    stand-ins (plan.stream_of replaced); the totals and gradients are checked."""
+    triton_backend = _triton_or_skip()
+    from fusedclip.backends import plan as plan_module
+
+    stream = ["A"]
+    for module in (plan_module, fastpath):
+        monkeypatch.setattr(module, "stream_of", lambda device: stream[0])
+    waits = []
+    real_before_use = plan_module.PackedTables.before_use
+    monkeypatch.setattr(plan_module.PackedTables, "before_use", lambda packed: waits.append(stream[0]) or
+                        real_before_use(packed))
+    params = params_with_grads(new_grads(13, "cpu", seed=60))
+    gen = torch.Generator().manual_seed(61)
+    for step, name in enumerate(["A", "A", "B", "B", "A", "B"]):
+        stream[0] = name
+        for p in params:
+            p.grad.copy_(torch.randn(p.grad.shape, generator=gen, dtype=torch.float64))
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+    (entry,) = _kept_entries()
+    assert set(entry.plans) == {"A", "B"} and fastpath.stats.hits == 5
+    device_plan = entry.device_plan
+    assert set(device_plan.scratches) == {"A", "B"}
+    assert device_plan.scratches["B"].ticket.data_ptr() != device_plan.ticket.data_ptr()
+    assert waits == ["A", "B"]  # once per stream, at its first kept call
+    assert isinstance(triton_backend.load(), triton_backend.TritonBackend)
+
+
+def test_a_kept_plan_of_a_backend_that_reads_tensors_waits_for_its_tables(check, monkeypatch):
+    """A kept device plan handed to a backend that is called with the tensors (reads_plan_only False) is made ready
+    for the current stream on every hit, as one found in the plan cache is (before_use: wait for the tables' copy
+    and record the stream on their buffer), not only the plans of backends that read the plan alone."""
+    triton_backend = _triton_or_skip()
+    from fusedclip.backends import plan as plan_module
+
+    monkeypatch.setattr(triton_backend.load(), "reads_plan_only", False)
+    calls = []
+    real_before_use = plan_module.PackedTables.before_use
+    monkeypatch.setattr(plan_module.PackedTables, "before_use", lambda packed: calls.append(packed) or
+                        real_before_use(packed))
+    params = params_with_grads(new_grads(10, "cpu", seed=62))
+    for _ in range(4):
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+    (entry,) = _kept_entries()
+    assert fastpath.stats.hits == 3 and len([c for c in calls if c is entry.device_plan.packed]) == 3
+    assert entry.plans is None  # (a plan per call, with the call's tensors)
 
 
 def test_a_returned_total_is_not_overwritten_by_later_calls(backend_device, check):
@@ -601,12 +815,56 @@ def test_host_benchmark_smoke(tmp_path):
             assert r["fast_path_hit_rate"] == 1.0, r
         else:
             assert r["fast_path_hit_rate"] == 0.0, r
-    fresh = [r for r in rows if r["mode"] == "fresh"]
-    assert all(r["address_reuse"] == 1.0 for r in fresh)
+    # The modes' meaning, on whatever device ran it (a GPU's caching allocator for `fresh` there): fresh gradients
+    # at the old addresses, moved ones never.
+    assert all(r["address_reuse"] == {"fresh": 1.0, "moved": 0.0}[r["mode"]] for r in rows if r["mode"] != "kept")
     from fusedclip.bench import markdown_host_table
 
     table = markdown_host_table([("host.json", record)])
     assert "| 20 | kept | GradClipper | " in table and "| 20 | moved | clip_grad_value_ | " in table
+
+
+def _host_set_addresses_per_mode(device: str) -> None:
+    """HostSet's modes mean the same on every device: `fresh` makes new gradient tensors at the addresses the old
+    ones had, `moved` at addresses no earlier call had (over more calls than any plan cache holds); the values are
+    the parameter set's own either way."""
+    from fusedclip.backends.plan import CACHE_SIZE
+    from fusedclip.bench import HostSet
+
+    state = HostSet(9, 3, torch.float32, torch.device(device), seed=0)
+    masters = [m.clone() for m in state.masters]
+    for _ in range(3):
+        before, old = state.addresses(), [weakref.ref(g) for g in state.grads]
+        state.new_grads("fresh")
+        assert state.addresses() == before
+        assert all(r() is None for r in old), "fresh gradients are new tensors (set_to_none, then made anew)"
+        assert all(p.grad is g for p, g in zip(state.params, state.grads))
+    seen = [state.addresses()]
+    for _ in range(CACHE_SIZE + 8):
+        state.new_grads("moved")
+        now = state.addresses()
+        assert len(set(now)) == len(now)
+        assert all(a != b for earlier in seen for a, b in zip(now, earlier)), "a gradient came back to an old address"
+        seen.append(now)
+        assert all(torch.equal(g, m) for g, m in zip(state.grads, masters))
+
+
+def test_host_benchmark_modes_put_gradients_where_they_say(monkeypatch):
+    _host_set_addresses_per_mode("cpu")
+    from fusedclip.bench import HostSet
+
+    monkeypatch.setattr(HostSet, "ARENA_SPARE", 2)  # a new arena every other call: made while the old one lives
+    state = HostSet(5, 7, torch.float32, torch.device("cpu"), seed=3)
+    for _ in range(6):
+        before = state.addresses()
+        state.new_grads("moved")
+        assert all(a != b for a, b in zip(state.addresses(), before))
+
+
+@pytest.mark.gpu
+def test_gpu_host_benchmark_modes_put_gradients_where_they_say():
+    """The same on a GPU (the benchmark's CUDA records: `bench --host` there)."""
+    _host_set_addresses_per_mode("cuda")
 
 
 # ---- the torch backend's clamp on CPU ----------------------------------------------------------------------------

@@ -126,32 +126,48 @@ def test_pack_tables_any_dtypes_shapes_and_empty_tables():
     assert packed.host.numel() < sum(t.numel() * t.element_size() for t in tables) + 16 * len(tables)
 
 
+def pin_requests(monkeypatch) -> list[tuple[str, int, bool]]:
+    """torch.zeros and torch.empty without pinning (a CPU-only torch cannot pin), recording each host allocation:
+    (function, bytes, pin_memory asked). A fresh pinned reserve (plan.reserve) for the test."""
+    requests = []
+
+    def unpinned(name, real):
+        def alloc(*args, pin_memory=False, **kwargs):
+            t = real(*args, **kwargs)
+            if t.device.type == "cpu":
+                requests.append((name, t.numel() * t.element_size(), pin_memory))
+            return t
+
+        return alloc
+
+    monkeypatch.setattr(torch, "zeros", unpinned("zeros", torch.zeros))
+    monkeypatch.setattr(torch, "empty", unpinned("empty", torch.empty))
+    monkeypatch.setattr(plan, "reserve", plan.PinnedReserve())
+    return requests
+
+
 def test_pinned_non_blocking_copy_only_for_cuda(monkeypatch):
     """The CUDA branch, run on the meta device: one pinned host buffer (requested), one non-blocking copy of
     it, views of one device buffer. For a CPU device: no pinning and no copy at all."""
-    requests, copies = [], []
-    real_zeros, real_copy = torch.zeros, torch.Tensor.copy_
-
-    def zeros(*args, pin_memory=False, **kwargs):
-        requests.append(pin_memory)
-        return real_zeros(*args, **kwargs)  # a CPU-only torch cannot pin
+    requests, copies = pin_requests(monkeypatch), []
+    real_copy = torch.Tensor.copy_
 
     def copy_(self, src, non_blocking=False):
         copies.append((self.device.type, src.device.type, self.numel(), non_blocking))
         return real_copy(self, src, non_blocking)
 
-    monkeypatch.setattr(torch, "zeros", zeros)
     monkeypatch.setattr(torch.Tensor, "copy_", copy_)
     tables = [torch.arange(6, dtype=torch.int64).view(2, 3), torch.arange(5, dtype=torch.int32)]
 
     pack_tables(torch.device("cpu"), tables)
-    assert requests == [False] and all(c[0] == "cpu" for c in copies)  # host fills only
+    assert [r[2] for r in requests if r[0] == "zeros"] == [False] and all(c[0] == "cpu" for c in copies)
 
     requests.clear()
     copies.clear()
     monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)  # what a CUDA device gets
     packed, views = pack_tables(torch.device("meta"), tables)
-    assert requests == [True] and packed.pinned and packed.device.device.type == "meta"
+    assert [r[2] for r in requests if r[0] == "zeros"] == [True] and packed.pinned
+    assert packed.device.device.type == "meta"
     to_device = [c for c in copies if c[0] == "meta"]
     assert to_device == [("meta", "cpu", packed.device.numel(), True)]  # one copy, non-blocking
     assert packed.host is None  # built outside capture: the host buffer is dropped once its copy is issued
@@ -204,29 +220,97 @@ def test_the_lru_bound_holds_outside_capture(monkeypatch):
     assert keep
 
 
-def test_a_plan_built_while_capturing_is_never_evicted_nor_given_to_eager_calls(monkeypatch):
+def test_a_plan_built_while_capturing_serves_that_call_only(monkeypatch):
+    """A miss while capturing builds a plan for that call alone: its device buffer is then a temporary of the graph
+    (the graph's pool owns it; keeping it would hold memory the pool may hand out again), its host source is kept
+    for good (the graph's copy node reads it at every replay). Later calls, captured or eager, build their own."""
     cap = Capture(monkeypatch)
     cache = PlanCache(16, capacity=4)
     grads = random_grads(5, seed=2)
     cap.on = True
-    captured = cache.get(grads)  # (on CPU the build itself copies nothing: uploads counts the re-copies)
-    assert cap.uploads == 0 and cache.kept_for_graphs == 1
+    captured = cache.get(grads)
+    assert cache.builds == 1 and len(cache) == 0 and cache.kept_for_graphs == 0
     source = weakref.ref(captured.packed.host)
-    assert cache.get(grads) is captured and cap.uploads == 1  # a capturing hit records the copy again
-    cap.on = False
-    eager = cache.get(grads)  # its tables are filled only when the graph replays: an eager call builds its own
-    assert eager is not captured and cache.builds == 2
-    assert cache.get(grads) is eager
-    keep = fill_cache(cache, 100, 200)
-    del captured
-    gc.collect()
-    cap.on = True
     again = cache.get(grads)
-    assert again.packed.host is source() and source() is not None  # still cached, host source alive
-    assert len(cache._lru) == 4 and cache.kept_for_graphs == 1  # outside the LRU bound
-    assert_layout(again, old_tables([t.data_ptr() for t in grads], [t.numel() for t in grads],
+    assert again is not captured and cache.builds == 2  # a second capture (or call) builds again
+    cap.on = False
+    eager = cache.get(grads)
+    assert eager is not captured and eager is not again and cache.builds == 3
+    assert cache.get(grads) is eager and len(cache) == 1  # an eager build is cached as before
+    del captured, again
+    gc.collect()
+    assert source() is not None  # kept for the graph that copies from it
+    assert_layout(eager, old_tables([t.data_ptr() for t in grads], [t.numel() for t in grads],
                                     [DTYPE_CODES[t.dtype] for t in grads], 16))
-    assert keep
+    cache.clear()
+    gc.collect()
+    assert source() is None
+
+
+def test_captured_builds_keep_no_device_memory_and_take_pinned_buffers_from_the_reserve(monkeypatch):
+    """The CUDA branch on the meta device. An eager build sets pinned buffers aside (PinnedReserve); a build while
+    capturing takes one instead of asking for pinned memory (cudaHostAlloc is not allowed in a capture), keeps it
+    for good, and keeps no reference to its device buffer once the call is done. An empty reserve falls back to
+    torch's pinned allocation, counted."""
+    cap = Capture(monkeypatch)
+    requests = pin_requests(monkeypatch)
+    monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)
+    meta = torch.device("meta")
+    cache = IndexCache()
+    cache.get(meta, [3, 1, 2])
+    pinned = [r for r in requests if r[2]]
+    assert [r[0] for r in pinned] == ["empty"] * plan.PinnedReserve.COUNT + ["zeros"]
+    assert len(plan.reserve.buffers) == plan.PinnedReserve.COUNT
+
+    requests.clear()
+    cap.on = True
+    for k in range(plan.PinnedReserve.COUNT):
+        index = cache.get(meta, [k, 7])
+        device_buffer = weakref.ref(index.untyped_storage())
+        assert index.shape == (2,) and index.dtype == torch.int64
+        del index
+        gc.collect()
+        assert device_buffer() is None, "a device buffer built while capturing was kept"
+    assert not [r for r in requests if r[2]], "a pinned allocation while capturing"
+    assert plan.reserve.buffers == [] and plan.reserve.misses == 0 and len(cache._graph_sources) == 4
+    cache.get(meta, [9])  # the reserve is empty: torch's allocator, counted
+    assert plan.reserve.misses == 1 and [r[0] for r in requests if r[2]] == ["zeros"]
+
+    cap.on = False
+    requests.clear()
+    cache.get(meta, list(range(2000)))  # a larger eager build: larger buffers replace the smaller ones
+    assert len(plan.reserve.buffers) == plan.PinnedReserve.COUNT
+    assert all(b.numel() >= 2000 * 8 for b in plan.reserve.buffers)
+
+
+def test_scratch_is_per_stream_and_fresh_for_each_captured_call(monkeypatch):
+    """DevicePlan.scratch: the stream that built the plan uses the scratch in its packed buffer, every other stream
+    one of its own (zeroed, kept with the plan), a call being captured or run in a CUDA-graph tree's warm-up a new
+    one each time (never kept). Streams are stand-ins here (stream_of replaced)."""
+    cap = Capture(monkeypatch)
+    stream = ["A"]
+    warming = [False]
+    monkeypatch.setattr(plan, "stream_of", lambda device: stream[0])
+    monkeypatch.setattr(plan, "warming_up_graphs", lambda device: warming[0])
+    p = PlanCache(16).get(random_grads(4, seed=5))
+    home = p.scratch()
+    assert home.ticket is p.ticket and home.partials is p.partials and home.coef is p.coef
+    stream[0] = "B"
+    other = p.scratch()
+    assert other.ticket.data_ptr() != p.ticket.data_ptr() and int(other.ticket) == 0
+    assert other.partials.shape == p.partials.shape and other.tensor_vals.shape == p.tensor_vals.shape
+    assert p.scratch() is other and set(p.scratches) == {"A", "B"}
+    for mode in ("capture", "warm-up"):
+        cap.on, warming[0] = mode == "capture", mode == "warm-up"
+        stream[0] = "C"
+        first, second = p.scratch(), p.scratch()
+        assert first is not second and first.ticket.data_ptr() != second.ticket.data_ptr()
+        assert int(first.ticket) == 0 and "C" not in p.scratches
+        stream[0] = "A"
+        if cap.on:
+            assert p.scratch() is not home  # captured even on the building stream: a graph may replay anywhere
+    cap.on = warming[0] = False
+    assert p.scratch() is home
 
 
 def test_an_eager_plan_used_while_capturing_is_kept_and_stays_shared(monkeypatch):
@@ -245,13 +329,53 @@ def test_an_eager_plan_used_while_capturing_is_kept_and_stays_shared(monkeypatch
     assert keep
 
 
+def test_warming_up_graphs_is_a_cuda_graph_trees_warm_up_on_the_trees_stream(monkeypatch):
+    """warming_up_graphs: true while the current stream of the device is the stream of torch.compile's CUDA-graph
+    tree manager for it (where the trees warm functions up with allocations sent to their pool); false without a
+    manager, on another stream, on other devices, or when inductor's trees were never imported. Inductor's module
+    and the streams are stand-ins here (a GPU test runs the real trees)."""
+    import sys
+    import types
+
+    cuda1 = torch.device("cuda", 1)
+    trees = types.ModuleType("torch._inductor.cudagraph_trees")
+    managers = {}
+    trees.get_manager = lambda index, create_if_none_exists=True: managers.get(index)
+    current = {"stream": "user"}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.delitem(sys.modules, "torch._inductor.cudagraph_trees", raising=False)
+    assert not plan.warming_up_graphs(cuda1)
+    monkeypatch.setitem(sys.modules, "torch._inductor.cudagraph_trees", trees)
+    assert not plan.warming_up_graphs(cuda1)  # no manager for the device
+    managers[1] = types.SimpleNamespace(stream="tree")
+    assert not plan.warming_up_graphs(cuda1)  # the user's stream
+    current["stream"] = "tree"
+    assert plan.warming_up_graphs(cuda1) and not plan.warming_up_graphs(torch.device("cpu"))
+    assert not plan.warming_up_graphs(torch.device("cuda", 0))
+
+
+def test_a_build_while_graph_trees_warm_up_serves_that_call_only(monkeypatch):
+    """The tree's pool owns what is allocated during its warm-up: a plan built then is not cached (nor is its
+    scratch, see the scratch test), so nothing fusedclip keeps lives in memory the tree may hand out again."""
+    Capture(monkeypatch)
+    warming = [True]
+    monkeypatch.setattr(plan, "warming_up_graphs", lambda device: warming[0])
+    cache = PlanCache(16)
+    grads = random_grads(3, seed=7)
+    first = cache.get(grads)
+    assert cache.get(grads) is not first and len(cache) == 0 and cache.builds == 2
+    warming[0] = False
+    kept = cache.get(grads)
+    warming[0] = True
+    assert cache.get(grads) is kept  # built outside the pool: used by the warm-up as by any call
+
+
 def test_the_host_buffer_is_kept_only_for_plans_built_while_capturing(monkeypatch):
     """A device plan's pinned host source is dropped once its copy is issued (torch's caching host allocator holds
     the block until the copy ran), except for one built while capturing: the graph's copy node re-reads it at every
-    replay, and a later capture re-issues the copy from it. The meta device stands in for CUDA."""
+    replay. The meta device stands in for CUDA."""
     cap = Capture(monkeypatch)
-    real_zeros = torch.zeros
-    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))  # CPU torch: no pins
+    pin_requests(monkeypatch)
     monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)
     tables = [torch.arange(7, dtype=torch.int64)]
     eager, _ = pack_tables(torch.device("meta"), tables)
@@ -259,8 +383,7 @@ def test_the_host_buffer_is_kept_only_for_plans_built_while_capturing(monkeypatc
     cap.on = True
     captured, _ = pack_tables(torch.device("meta"), tables)
     assert captured.host is not None and torch.equal(captured.host.view(torch.int64), tables[0])
-    captured.upload()  # what TableCache does when a later capture finds it
-    assert captured.host is not None and cap.uploads == 3
+    assert cap.uploads == 2
 
 
 def test_an_evicted_plans_host_buffer_is_freed(monkeypatch):
@@ -282,18 +405,15 @@ def test_unit_plans_follow_the_same_rules(monkeypatch):
     rows = [4, 3]
     cap.on = True
     captured = cache.get_units(tensors, rows)
-    cap.on = False
-    keep = fill_cache(cache, 10, 500)
-    cap.on = True
-    assert cache.get_units(tensors, rows) is captured and cap.uploads == 1
+    assert cache.get_units(tensors, rows) is not captured and len(cache) == 0  # for its call only
     cap.on = False
     eager = cache.get_units(tensors, rows)
     assert eager is not captured
     cap.on = True
     assert cache.get_units(tensors, rows) is eager  # filled eagerly: preferred, and now kept for the graph
     cap.on = False
-    fill_cache(cache, 10, 600)
-    assert cache.get_units(tensors, rows) is eager and cache.kept_for_graphs == 2
+    keep = fill_cache(cache, 10, 600)
+    assert cache.get_units(tensors, rows) is eager and cache.kept_for_graphs == 1
     assert keep
 
 
@@ -398,12 +518,13 @@ def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
     # and leaves the plan of `grads` cold.
     fusedclip.clip_grad_norm_(params_with_grads([g.clone() for g in grads]), 0.5, backend=backend)
     cache = fusedclip.backends.select(backend, grads[0].device).cache  # type: ignore[attr-defined]
-    builds = cache.builds
+    builds, misses = cache.builds, plan.reserve.misses
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # (capture_error_mode "global": no pinned allocation may happen in it)
         total = fusedclip.clip_grad_norm_(params, 0.5, backend=backend)
     assert cache.builds == builds + 1, "the capture should have built the plan (a cold cache)"
+    assert plan.reserve.misses == misses, "the capture's build found no pinned buffer set aside for it"
 
     originals = [g.clone() for g in grads]
     eager_total = fusedclip.get_total_norm(grads, backend=backend)  # eager, before any replay
@@ -453,3 +574,40 @@ def test_gpu_a_plan_used_from_another_stream_waits_for_its_tables(backend):
         again = fusedclip.get_total_norm(grads, backend=backend)
     torch.cuda.synchronize()
     torch.testing.assert_close(again.double().cpu(), torch.tensor(ref_total_norm(grads, 2.0)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_two_streams_and_a_graph_replay_on_one_kept_plan(backend):
+    """Issue 25 item 5: one kept plan used at once from two streams, and by a CUDA graph replaying on a third
+    stream beside them, with nothing ordering them: each gets its own ticket and scratch, so every total is right
+    (a shared ticket would finalize some early, or never) and every ticket is back to zero afterwards."""
+    if backend not in _kernel_backends():
+        pytest.skip(f"backend {backend!r} is not available")
+    grads = random_grads(300, (torch.float32, torch.bfloat16), "cuda", seed=96, max_numel=20000)
+    ref = ref_total_norm(grads, 2.0)
+    for _ in range(3):  # build, keep (fast path), prepared calls
+        fusedclip.get_total_norm(grads, backend=backend)
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    graph = torch.cuda.CUDAGraph()
+    streams[2].wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(streams[2]):
+        fusedclip.get_total_norm(grads, backend=backend)  # torch's recipe: a warm-up on a side stream first
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        graph_total = fusedclip.get_total_norm(grads, backend=backend)
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    totals, replays = [], []
+    for _ in range(40):
+        for s in streams[:2]:
+            with torch.cuda.stream(s):
+                totals.append(fusedclip.get_total_norm(grads, backend=backend))
+        with torch.cuda.stream(streams[2]):
+            graph.replay()
+            replays.append(graph_total.clone())
+    torch.cuda.synchronize()
+    for i, t in enumerate(totals + replays):
+        assert abs(t.item() - ref) <= 1e-5 * ref, (i, t.item(), ref)
+    device_plan = fusedclip.backends.select(backend, grads[0].device).cache.get(grads)  # type: ignore[attr-defined]
+    assert all(int(s.ticket) == 0 for s in device_plan.scratches.values())

@@ -14,6 +14,8 @@ from fusedclip.backends.plan import DTYPE_CODES, unit_rows
 from reference import (
     FLOAT_DTYPES,
     NORM_TYPES,
+    TOTAL_RTOL,
+    assert_rel_close,
     assert_scaled,
     assert_total_close,
     params_with_grads,
@@ -474,6 +476,147 @@ def test_many_tensors_mixed_dtypes_and_alignment_gpu_configuration():
         assert torch.equal(v, e)
 
 
+# ---- p-norms: |x|^p and the root in float64 -----------------------------------------------------------------------
+
+
+def tiny_values(sizes, dtype, exponent, seed):
+    """Tensors of `sizes` elements whose magnitudes lie in [1, 2) * 2^exponent, of random signs (none is zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        magnitude = (1 + torch.rand(n, generator=gen, dtype=torch.float64)) * 2.0**exponent
+        sign = torch.where(torch.rand(n, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
+        t = (magnitude * sign).to(dtype)
+        assert bool((t != 0).all())
+        out.append(t.to(DEVICE))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p, exponent", [(3.0, -44), (0.5, -130)])
+def test_p_norm_terms_below_the_float32_normal_range_count(tb, dtype, p, exponent):
+    """Terms |x|^p under 2^-126 (p = 3 of values near 2^-44) and subnormal gradients themselves (p = 0.5 of values
+    near 2^-130) count, in every tensor's norm and in the total (some of which are under 2^-126 too). On a GPU,
+    Triton's float32 exp2 / log2 flush them to zero (ex2.approx.ftz; libdevice's log2f with ftz); the kernels take
+    |x|^p and the root in float64. Magnitudes in [1, 2) * 2^exponent keep each float32 term within 2^-18 of |x|^p.
+    The interpreter computes with numpy, which flushes nothing: on the CPU this pins the values the GPU must give,
+    and tests/test_triton_compile.py checks the GPU code for approximate exp2 / log2."""
+    grads = tiny_values(ODD_SIZES, dtype, exponent, seed=-exponent)
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+    for i, g in enumerate(grads):
+        assert_total_close(norms[i], ref_tensor_norm(g, p), torch.float32, what=f"norm of tensor {i} ({g.numel()})")
+    total2, coef = tb.norm_and_coef(grads, p, 1.0)
+    assert torch.equal(total, total2) and coef.item() == 1.0
+
+
+# ---- the finalize: many chunks, many tensors ----------------------------------------------------------------------
+# The total: slabs of `block` partials, one per finalize program, then the slabs' values in the last program, `block`
+# at a time. Per-tensor values (and p = 0's count): tiles of tensors whose partials are read in steps of at most 256.
+# With the tiny configuration (chunk 16, block 8) a few hundred chunks make many slabs, tiles and steps.
+
+
+def many_chunk_case(seed, dtypes=(torch.float32, torch.bfloat16)):
+    """A tensor of 100 chunks (tiny configuration), two of 41 and 17 chunks, and 70 of 1 to 8 elements: 228 chunks,
+    29 slabs (the last program takes 4 steps over them), 10 tiles of 8 tensors (2 steps, for p = 0), and steps that
+    cover several tensors or part of one."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [100 * CHUNK - 3, 41 * CHUNK, 17 * CHUNK - 1]
+    sizes += [int(n) for n in torch.randint(1, 9, (70,), generator=gen)]
+    sizes.insert(30, sizes.pop(1))  # the 41-chunk tensor among the small ones
+    return [random_tensor((n,), dtypes[i % len(dtypes)], DEVICE, gen, scale=0.5 + i % 5) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_finalize_many_chunks_and_many_tensors(tb, p):
+    grads = many_chunk_case(seed=90)
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+    ref = torch.tensor([ref_tensor_norm(g, p) for g in grads], dtype=torch.float64)
+    assert_rel_close(norms, ref, TOTAL_RTOL[torch.float32], "per-tensor norms")
+    total2, coef = tb.norm_and_coef(grads, p, 1.0)  # no tiles (but for p = 0): the same total, bit for bit
+    assert torch.equal(total, total2)
+    prepared = tb.prepare_norm(tb.cache.get(grads), p)  # a kept plan's: the slabs' values over their first partials
+    assert torch.equal(prepared(), total) and torch.equal(prepared(), total)
+
+
+def test_finalize_many_chunks_float64_accumulation(tb):
+    grads = many_chunk_case(seed=92, dtypes=(torch.float64, torch.float32, torch.bfloat16))
+    for p in (2.0, 3.0, float("-inf")):
+        total, norms = tb.norms(grads, p, per_tensor=True)
+        assert_total_close(total, ref_total_norm(grads, p), torch.float64, all_fp64=False)
+        ref = torch.tensor([ref_tensor_norm(g, p) for g in grads], dtype=torch.float64)
+        assert_rel_close(norms, ref, TOTAL_RTOL[torch.float32], "per-tensor norms")
+
+
+class FinalizeLoads:
+    """The masked loads of each program of the finalize launches (interpreter only), by program id."""
+
+    def __init__(self, monkeypatch):
+        from fusedclip.triton_kernels import multi_tensor_norm
+
+        interpreter = pytest.importorskip("triton.runtime.interpreter")
+        builder = interpreter.interpreter_builder
+        self.per_program: dict[int, int] = {}
+        kernel, inside, counts = multi_tensor_norm._finalize_kernel, [], self.per_program
+
+        class Flagged:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    inside.append(1)
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        inside.pop()
+
+                return run
+
+        real = builder.create_masked_load
+
+        def counted(*args):
+            if inside:
+                counts[builder.grid_idx[0]] = counts.get(builder.grid_idx[0], 0) + 1
+            return real(*args)
+
+        monkeypatch.setattr(multi_tensor_norm, "_finalize_kernel", Flagged())
+        monkeypatch.setattr(builder, "create_masked_load", counted)
+
+
+def test_finalize_spreads_a_long_tensor_over_programs(tb, monkeypatch):
+    """The total of one tensor of 100 chunks: 13 finalize programs, each loading its slab of 8 partials once, and
+    the last, 2 more steps over the 13 slab values (one program, 100 / 16 steps, before). Its per-tensor norm: one
+    tile, 100 / 8 steps of 8 partials (at most 256 a step with a GPU's block)."""
+    if DEVICE != "cpu":
+        pytest.skip("counts interpreter loads")
+    g = random_tensor((100 * CHUNK - 3,), torch.float32, DEVICE, torch.Generator().manual_seed(93))
+    loads = FinalizeLoads(monkeypatch)
+    total, _ = tb.norms([g], 2.0, per_tensor=False)
+    assert loads.per_program == {**dict.fromkeys(range(12), 1), 12: 1 + 2}
+    assert_total_close(total, ref_total_norm([g], 2.0), torch.float32)
+    loads.per_program.clear()
+    total2, norms = tb.norms([g], 2.0, per_tensor=True)
+    tile = 3 + 13  # its tensors' chunk ranges (3 loads of tensor_chunks), then 13 steps
+    assert loads.per_program == {0: 1 + tile, **dict.fromkeys(range(1, 12), 1), 12: 1 + 2}
+    assert torch.equal(total, total2) and norms[0].item() == pytest.approx(ref_tensor_norm(g, 2.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("p", [2.0, float("inf"), 0.0])
+def test_finalize_bits_do_not_depend_on_program_order(tb, monkeypatch, p):
+    """The same bits whichever program runs first or takes the last ticket: here every launch runs its programs in
+    reverse order (program 0 is the last), against the interpreter's own order."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if DEVICE != "cpu":
+        pytest.skip("reorders interpreter programs")
+    grads = many_chunk_case(seed=91, dtypes=(torch.float32, torch.float16))
+    total, norms = tb.norms(grads, p, per_tensor=True)
+    builder = interpreter.interpreter_builder
+    real = builder.set_grid_idx
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: real(builder.grid_dim[0] - 1 - x, y, z))
+    again, norms_again = tb.norms(grads, p, per_tensor=True)
+    assert torch.equal(total, again) and torch.equal(norms, norms_again)
+    assert_total_close(total, ref_total_norm(grads, p), torch.float32)
+
+
 # ---- plan cache ---------------------------------------------------------------------------------------------------
 
 
@@ -680,6 +823,153 @@ def _refill(grads, seed):
     for g, f in zip(grads, fresh):
         g.copy_(f)
     return fresh
+
+
+class Launches:
+    """Records the ticket and scratch every norm launch of the backend gets (its launchers' arguments), and which
+    (stand-in) CUDA device is current at every kernel launch."""
+
+    def __init__(self, monkeypatch):
+        from fusedclip.backends import plan as plan_module
+        from fusedclip.triton_kernels import launch, multi_tensor_norm
+
+        self.tickets: list[torch.Tensor] = []
+        self.scratch: list[tuple] = []
+        self.devices: list[int] = []
+        self.current = 0
+        self.switches = 0
+        real_norm, real_prepare = multi_tensor_norm.multi_tensor_norm, multi_tensor_norm.prepare_norm
+
+        def norm(*args, **kwargs):
+            self.tickets.append(args[4])
+            return real_norm(*args, **kwargs)
+
+        def prepare(*args, **kwargs):
+            self.tickets.append(args[4])
+            self.scratch.append(args[10:13])
+            return real_prepare(*args, **kwargs)
+
+        monkeypatch.setattr(multi_tensor_norm, "multi_tensor_norm", norm)
+        monkeypatch.setattr(multi_tensor_norm, "prepare_norm", prepare)
+        real_launch = launch.Launcher.launch
+
+        def launch_(launcher, *args):
+            self.devices.append(self.current)
+            return real_launch(launcher, *args)
+
+        monkeypatch.setattr(launch.Launcher, "launch", launch_)
+        self.plan = plan_module
+
+
+def test_each_stream_launches_with_its_own_ticket_and_scratch(tb, monkeypatch):
+    """Two streams launching over one plan at once would interleave one ticket's atomics (a total finalized early,
+    or never, and the ticket left non-zero): so a launch from the stream that built the plan uses the plan's own
+    ticket, one from any other stream that stream's, and a call being captured a fresh one; prepared calls bind the
+    scratch of the stream they were prepared on. Streams and capture are stand-ins (the race needs a GPU: see
+    tests/test_plan.py's gpu tests); every result is still checked against float64."""
+    rec = Launches(monkeypatch)
+    stream, capture = ["A"], [False]
+    monkeypatch.setattr(rec.plan, "stream_of", lambda device: stream[0])
+    monkeypatch.setattr(rec.plan, "capturing", lambda device: capture[0])
+    grads = grads_of_sizes([5, CHUNK + 3, 40], (torch.float32, torch.bfloat16), seed=21)
+    ref = ref_total_norm(grads, 2.0)
+    plan = tb.plan(grads)
+
+    def total_from(name):
+        stream[0] = name
+        total, _ = tb.norms(grads, 2.0, False, plan)
+        assert_total_close(total, ref, torch.float32, what=f"total from stream {name}")
+        return rec.tickets[-1]
+
+    assert total_from("A") is plan.ticket
+    b = total_from("B")
+    assert b is plan.scratches["B"].ticket and b.data_ptr() != plan.ticket.data_ptr()
+    assert total_from("B") is b and total_from("A") is plan.ticket
+    capture[0] = True
+    captured = [total_from("A"), total_from("A")]
+    assert all(t.data_ptr() not in (plan.ticket.data_ptr(), b.data_ptr()) for t in captured)
+    assert captured[0] is not captured[1]
+    capture[0] = False
+    assert all(int(t) == 0 for t in (plan.ticket, b, *captured))  # every launch left its ticket at zero
+
+    for name in ("A", "B"):
+        stream[0] = name
+        mine = plan.scratches[name]
+        for g, o in zip(grads, originals := [g.clone() for g in grads]):
+            g.copy_(o)
+        total = tb.prepare_clip_norm(plan, 2.0, 0.5)()
+        assert rec.tickets[-1] is mine.ticket and rec.scratch[-1] == (mine.partials, mine.tensor_vals, mine.coef)
+        want = ref_total_norm(originals, 2.0)
+        assert_total_close(total, want, torch.float32, what=f"prepared clip from stream {name}")
+        for g, o in zip(grads, originals):
+            assert_scaled(g, o, min(1.0, 0.5 / (total.item() + 1e-6)))
+
+
+def test_launches_run_on_the_plans_device_whichever_device_is_current(tb, monkeypatch):
+    """Triton launches on the current CUDA device: gradients on cuda:1 while cuda:0 is current would launch on
+    device 0 over device 1's tables. Every launch (norms, scale, clamp, and the prepared calls) runs with the plan's
+    device current and restores the caller's afterwards; a plan on the current device switches nothing. The device
+    index is a stand-in (this machine has no second GPU: the gpu test below needs two); the kernels run here, and
+    their results are checked."""
+    import contextlib
+    import dataclasses
+
+    rec = Launches(monkeypatch)
+    monkeypatch.setattr(rec.plan, "stream_of", lambda device: None)
+    monkeypatch.setattr(rec.plan, "capturing", lambda device: False)
+    monkeypatch.setattr(triton_backend, "kernel_coef", lambda coef, device: coef.float())  # stays on this CPU
+
+    @contextlib.contextmanager
+    def device(index):
+        index = index.index if isinstance(index, torch.device) else index
+        before, rec.current = rec.current, index
+        rec.switches += 1
+        try:
+            yield
+        finally:
+            rec.current = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: rec.current)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    grads = grads_of_sizes([7, CHUNK + 1], (torch.float32,), seed=22)
+    originals = [g.clone() for g in grads]
+    on_cpu = tb.plan(grads)
+    for index in (1, 0):
+        p = dataclasses.replace(on_cpu, device=torch.device("cuda", index))
+        rec.devices.clear()
+        switches = rec.switches
+        for g, o in zip(grads, originals):
+            g.copy_(o)
+        total, _ = tb.norms(None, 2.0, False, p)
+        assert_total_close(total, ref_total_norm(originals, 2.0), torch.float32)
+        total, coef = tb.norm_and_coef(None, 2.0, 0.5, p)
+        tb.scale_(None, coef, p)
+        for g, o in zip(grads, originals):
+            assert_scaled(g, o, min(1.0, 0.5 / (total.item() + 1e-6)))
+        tb.clamp_(None, 1e-3, p)
+        tb.prepare_norm(p, 2.0)()
+        tb.prepare_clip_norm(p, 2.0, 0.5)()
+        tb.prepare_clamp(p, 1e-3)()
+        assert len(rec.devices) >= 10 and set(rec.devices) == {index} and rec.current == 0
+        assert (rec.switches > switches) == (index != 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_gradients_on_another_device_than_the_current_one():
+    grads = random_grads(20, (torch.float32, torch.bfloat16), "cuda:1", seed=23, max_numel=5000)
+    params = params_with_grads(grads)
+    originals = [g.clone() for g in grads]
+    with torch.cuda.device(0):
+        for _ in range(3):  # cold, kept (the fast path's prepared calls), kept
+            for g, o in zip(grads, originals):
+                g.copy_(o)
+            total = fusedclip.clip_grad_norm_(params, 0.5, backend="triton")
+            assert total.device == torch.device("cuda", 1)
+            assert_total_close(total, ref_total_norm(originals, 2.0), torch.float32)
+            for g, o in zip(grads, originals):
+                assert_scaled(g, o, min(1.0, 0.5 / (total.item() + 1e-6)))
+        assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.gpu

@@ -27,12 +27,16 @@ triton_backend = pytest.importorskip("fusedclip.backends.triton_backend")
 if "triton" not in fusedclip.available_backends():
     pytest.skip(f"triton backend unavailable: {backends.unavailable_reasons().get('triton')}", allow_module_level=True)
 
+from fusedclip.triton_kernels import addressing  # noqa: E402  (triton is there)
+
 pytestmark = pytest.mark.slow  # about a minute of CPU; CI runs it (deselect locally with -m "not slow")
 
 ARCHS = (80, 90)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NORM_L2, NORM_P = addressing.NORM_L2.value, addressing.NORM_P.value
+REDUCE = "fusedclip.triton_kernels.multi_tensor_norm:_reduce_kernel"
 DATA_KERNELS = {  # kernels that stream gradient memory, and whether they write it back
-    "fusedclip.triton_kernels.multi_tensor_norm:_reduce_kernel": False,
+    REDUCE: False,
     "fusedclip.triton_kernels.scale:_scale_kernel": True,
     "fusedclip.triton_kernels.clamp:_clamp_kernel": True,
 }
@@ -79,6 +83,10 @@ def compiled() -> dict[int, dict]:
     for name in DATA_KERNELS:  # SASS (half a second a cubin) for one GPU-configuration variant of each data kernel
         first = next(r for r in records if r["kernel"] == name and _block(r) == triton_backend.GPU_BLOCK)
         first["sass"] = True
+    # The control of test_fp_fusion_is_off: the float32 L2 reduce of the GPU configuration, with fusion on.
+    l2 = next(r for r in records if r["kernel"] == REDUCE and _norm(r) == NORM_L2
+              and _block(r) == triton_backend.GPU_BLOCK and r["args"]["ACC"] == {"tl_dtype": "fp32"})
+    records.append({**l2, "options": {**l2["options"], "enable_fp_fusion": True}, "sass": False})
     # Worker processes side by side: one per arch, up to 4 where the machine has the cores (the records split; each
     # worker imports torch and triton, some hundreds of MB).
     per_arch = max(1, min(len(records), 4, (os.cpu_count() or 2) // len(ARCHS)))
@@ -108,6 +116,15 @@ def compiled() -> dict[int, dict]:
 
 def _block(variant: dict) -> int:
     return variant["args"]["BLOCK"]["int"]
+
+
+def _norm(variant: dict) -> int | None:
+    """The norm kind (triton_kernels/addressing.py) of a norm kernel's variant; None for the other kernels."""
+    return variant["args"].get("NORM", {}).get("int")
+
+
+def _fp_fusion(variant: dict) -> bool | None:
+    return variant["options"].get("enable_fp_fusion")
 
 
 def test_every_launched_variant_compiles_for_sm80_and_sm90(compiled):
@@ -161,6 +178,38 @@ def test_no_local_memory(compiled):
             assert v["usage"]["LOCAL"] == 0, f"sm_{arch} {v['kernel']} {v['args']}: {v['usage']}"
 
 
+def test_fp_fusion_is_off(compiled):
+    """Every launch sets enable_fp_fusion=False (triton_kernels/launch.py: Triton's default changes with its version
+    and with TRITON_DEFAULT_FP_FUSION), and the compiler honours it: no fma in the PTX of any variant but the p-norms',
+    whose fmas are libdevice's own (its float64 exp2 / log2). The control, the float32 L2 reduce compiled with fusion
+    on, does fuse (its x * x + acc), so the count would see a variant compiled with fusion."""
+    for arch, result in compiled.items():
+        controls = []
+        for v in result["variants"]:
+            what = f"sm_{arch} {v['kernel']} {v['args']} {v['options']}"
+            if _fp_fusion(v) is True:
+                controls.append(v)
+                continue
+            assert _fp_fusion(v) is False, f"{what}: launched without enable_fp_fusion=False"
+            if _norm(v) != NORM_P:
+                assert v["fma"] == 0, f"{what}: {v['fma']} fma"
+        assert [(c["kernel"], _norm(c)) for c in controls] == [(REDUCE, NORM_L2)], f"sm_{arch}: the control"
+        assert controls[0]["fma"] > 0, f"sm_{arch}: the control (fusion on) has no fma"
+
+
+def test_p_norms_use_no_approximate_exp2_or_log2(compiled):
+    """The p-norm variants (reduce and finalize, float32 and float64 accumulation) evaluate |x|^p and the root in
+    float64 (libdevice): no ex2.approx / lg2.approx, float32 instructions that are approximate and flush results
+    below 2^-126 to zero, in their PTX."""
+    seen = set()
+    for arch, result in compiled.items():
+        for v in result["variants"]:
+            if _norm(v) == NORM_P:
+                assert not {"ex2", "lg2"} & set(v["approx"]), f"sm_{arch} {v['kernel']} {v['args']}: {v['approx']}"
+                seen.add((arch, v["kernel"], v["args"]["ACC"]["tl_dtype"]))
+    assert len(seen) == len(ARCHS) * 2 * 2, f"p-norm variants compiled: {sorted(seen)}"
+
+
 # ---- the PTX reader itself --------------------------------------------------------------------------------------
 
 _PTX_SAMPLE = """
@@ -178,6 +227,13 @@ $L__BB0_4:                              // =>This Inner Loop Header: Depth=1
 $L__BB0_5:
 \t@%p3 st.global.v4.b32 [ %rd8 + 0 ], { %r1, %r2, %r3, %r4 };
 """
+
+
+def test_ptx_arithmetic_counts_fma_and_approximate_instructions():
+    sample = "\tfma.rn.f32 \t%r1, %r2, %r3, %r4;\n\t@%p1 fma.rn.f64 \t%fd1, %fd2, %fd3, %fd4;\n" \
+             "\tex2.approx.ftz.f32 \t%r5, %r6;\n\tlg2.approx.f32 \t%r7, %r8;\n\trcp.approx.ftz.f64 \t%fd5, %fd6;\n" \
+             "\tmul.rn.f32 \t%r9, %r1, %r1;\n\t// fma.rn.f32 in a comment\n"
+    assert triton_preflight.ptx_arithmetic(sample) == {"fma": 2, "approx": {"ex2": 1, "lg2": 1, "rcp": 1}}
 
 
 def test_ptx_reader_places_accesses_in_their_loops():

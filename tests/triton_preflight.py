@@ -7,8 +7,9 @@
   stand-in driver whose target is that GPU binds the arguments as a real launch would, then Triton lowers to PTX
   and assembles a cubin with its bundled ptxas. It runs in a fresh process: once TRITON_INTERPRET is set, the
   interpreter has replaced triton.language's helpers (tl.sum, ...) in this one, and they no longer compile.
-- `ptx_loops()` / `resource_usage()` read back what the compiler made: which global loads and stores sit in which
-  loop (LLVM writes its loop analysis into the PTX as comments on each basic block), local memory, registers.
+- `ptx_loops()` / `ptx_arithmetic()` / `resource_usage()` read back what the compiler made: which global loads and
+  stores sit in which loop (LLVM writes its loop analysis into the PTX as comments on each basic block), fused
+  multiply-adds and approximate instructions, local memory, registers.
 
 Run as a script, this file is that worker: `python triton_preflight.py RECORDS.json ARCH OUT.json`.
 """
@@ -143,6 +144,8 @@ _BLOCK_START = re.compile(r"^\s*(?:\$L__(BB\d+_\d+):|// %bb\.\d+:)")
 _OWN_HEADER = re.compile(r"=>This (?:Inner )?Loop Header")
 _IN_LOOP = re.compile(r"in Loop: Header=(BB\d+_\d+)")
 _SHARED = re.compile(r"^\s*(@!?%p\d+\s+)?((ld|st)\.shared|bar\.sync)")  # a layout conversion's traffic
+_FMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?fma\.", re.M)  # fused multiply-adds, whatever the type
+_APPROX = re.compile(r"^\s*(?:@!?%p\d+\s+)?(\w+)\.approx\b", re.M)  # ex2.approx..., lg2.approx..., rcp.approx...
 _GLOBAL_ACCESS = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s")
 
 
@@ -203,6 +206,12 @@ def ptx_loops(ptx: str) -> dict[str | None, dict]:
     return out
 
 
+def ptx_arithmetic(ptx: str) -> dict:
+    """What the float arithmetic compiled to: `fma`, the number of fused multiply-adds (any type), and `approx`, the
+    number of each approximate instruction ({"ex2": 64, "rcp": 8}: ex2.approx.*, rcp.approx.*)."""
+    return {"fma": len(_FMA.findall(ptx)), "approx": dict(Counter(_APPROX.findall(ptx)))}
+
+
 def resource_usage(cubin: bytes, sass: bool) -> dict[str, int]:
     """REG / STACK / SHARED / LOCAL of the cubin's function, from Triton's bundled cuobjdump; with `sass`, also the
     number of 128-bit global loads and stores in the SASS (LDG128 / STG128; a disassembly costs about 0.5 s)."""
@@ -229,22 +238,29 @@ _TOOLS: dict[str, str] = {}  # resolving a tool's path runs it (--version): once
 # ---- compiling (in a fresh process) ------------------------------------------------------------------------------
 
 
-def compile_variants(records: list[dict], arch: int, timeout: float = 1200) -> subprocess.Popen:
+def compile_variants(records: list[dict], arch: int, timeout: float = 1200, cache_dir: str | None = None,
+                     libcuda_dir: str | None = None) -> subprocess.Popen:
     """Start a worker that compiles `records` for sm_`arch` (and disassembles the SASS of those marked "sass");
-    `collect()` its result."""
+    `collect()` its result. By default into a cache of its own, removed by collect(): every run really lowers and
+    assembles each variant. With `cache_dir`, into that Triton cache, which is kept (bench/lease_kit.py makes the
+    lease's cache so); with `libcuda_dir` too (a folder holding a libcuda.so.1 to link against and the `cc` to link
+    with), each variant's launcher and Triton's cuda_utils are built into it as well, as a first launch on the GPU
+    would."""
     fd, path = tempfile.mkstemp(suffix=".json", prefix="fusedclip-launches-")
     with os.fdopen(fd, "w") as f:
         json.dump(records, f)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # A cache of its own: every run really lowers and assembles each variant (nothing comes from an older run).
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedclip-triton-cache-")
+    env["TRITON_CACHE_DIR"] = cache_dir or tempfile.mkdtemp(prefix="fusedclip-triton-cache-")
+    if libcuda_dir:
+        env.update(TRITON_LIBCUDA_PATH=libcuda_dir, CC=os.path.join(libcuda_dir, "cc"))
     out, log = path + f".sm{arch}.out.json", path + f".sm{arch}.log"
     with open(log, "w") as log_file:  # a file, not a pipe: a worker printing a failed kernel's PTX never blocks
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), path, str(arch), out],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
-    proc.fusedclip_paths = (path, out, log, env["TRITON_CACHE_DIR"])  # type: ignore[attr-defined]
+    # The cache is removed with the worker's files unless it was given.
+    proc.fusedclip_paths = (path, out, log, None if cache_dir else env["TRITON_CACHE_DIR"])  # type: ignore[attr-defined]
     proc.fusedclip_timeout = timeout  # type: ignore[attr-defined]
     return proc
 
@@ -270,7 +286,8 @@ def collect(proc: subprocess.Popen) -> dict:
         for p in (path, out, log):
             if os.path.exists(p):
                 os.remove(p)
-        shutil.rmtree(cache, ignore_errors=True)
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def discard(proc: subprocess.Popen) -> None:
@@ -284,7 +301,8 @@ def discard(proc: subprocess.Popen) -> None:
     for p in files:
         if os.path.exists(p):
             os.remove(p)
-    shutil.rmtree(cache, ignore_errors=True)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _rebuild(arg: dict):
@@ -344,6 +362,71 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _launcher_source(compiled) -> str:
+    """The C source of the launcher Triton's CUDA driver builds for `compiled` (as CudaLauncher.__init__ does)."""
+    from triton.backends.nvidia.driver import make_launcher
+
+    src = compiled.src
+    constants = {(src.fn.arg_names.index(k),) if isinstance(k, str) else k: v for k, v in src.constants.items()}
+    return make_launcher(constants, dict(src.signature), getattr(compiled.metadata, "tensordesc_meta", None))
+
+
+def _build_launcher(compiled) -> None:
+    """Build the launcher of `compiled` (None: Triton's cuda_utils module) into the Triton cache, as the first launch
+    on a GPU would: gcc, linked against the libcuda.so.1 in TRITON_LIBCUDA_PATH. The build lands in the cache before
+    Triton loads it; loading it needs the real libcuda, so here it fails, and that is expected."""
+    from triton.backends.nvidia.driver import CudaLauncher, CudaUtils
+
+    try:
+        CudaUtils() if compiled is None else CudaLauncher(compiled.src, compiled.metadata)
+    except ImportError:
+        pass
+
+
+def launcher_cached(compiled) -> bool:
+    """Whether the Triton cache holds the launcher a first launch of `compiled` would otherwise build (its key is
+    the launcher's C source and the platform, as in triton.runtime.build.compile_module_from_src)."""
+    import hashlib
+    import sysconfig
+
+    from triton.runtime.build import platform_key
+    from triton.runtime.cache import get_cache_manager
+
+    key = hashlib.sha256((_launcher_source(compiled) + platform_key()).encode("utf-8")).hexdigest()
+    name = "__triton_launcher" + sysconfig.get_config_var("EXT_SUFFIX")
+    return get_cache_manager(key).get_file(name) is not None
+
+
+def lookup(records: list[dict], arch: int | None = None) -> list[dict]:
+    """Look each recorded launch up in the Triton cache (TRITON_CACHE_DIR) as its first launch would, with the real
+    driver, or with `arch` under the stand-in driver: [{"kernel", "cache_hit", "launcher_cached"}]. A miss compiles
+    the variant (into the cache) as the launch would. Run it in a process that has not launched these kernels (they
+    would come from the process's own kernel cache) and without TRITON_INTERPRET."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    kernels = our_kernels()
+    hits: list[bool] = []
+    previous_listener, knobs.compilation.listener = knobs.compilation.listener, (
+        lambda *, cache_hit, **_: hits.append(cache_hit))
+    previous = driver._active
+    if arch is not None:
+        driver.set_active(_stand_in_driver(arch))
+    found = []
+    try:
+        for record in records:
+            hits.clear()
+            args = {k: _rebuild(v) for k, v in record["args"].items()}
+            compiled = kernels[record["kernel"]].warmup(grid=(1,), **args, **record["options"])
+            # No compile() call at all: the kernel came from this process's own kernel cache (None: not looked up).
+            found.append({"kernel": record["kernel"], "cache_hit": all(hits) if hits else None,
+                          "launcher_cached": launcher_cached(compiled)})
+    finally:
+        knobs.compilation.listener = previous_listener
+        driver.set_active(previous)
+    return found
+
+
 def _worker(records_path: str, arch: int, out_path: str) -> None:
     from triton.runtime.driver import driver
 
@@ -354,6 +437,9 @@ def _worker(records_path: str, arch: int, out_path: str) -> None:
     driver.set_active(_stand_in_driver(arch))
     variants: dict[int, dict] = {}
     failures = []
+    launchers = bool(os.environ.get("TRITON_LIBCUDA_PATH"))
+    if launchers:
+        _build_launcher(None)
     try:
         for record in records:
             kernel = kernels[record["kernel"]]
@@ -366,11 +452,14 @@ def _worker(records_path: str, arch: int, out_path: str) -> None:
                 continue
             if id(compiled) in variants:
                 continue
+            if launchers:
+                _build_launcher(compiled)
             ptx = compiled.asm["ptx"]
             variants[id(compiled)] = {
                 **record,
                 "loops": {str(k): v for k, v in ptx_loops(ptx).items()},
                 "ptx_local": bool(re.search(r"\.local\b", ptx)),
+                **ptx_arithmetic(ptx),
                 "usage": resource_usage(compiled.asm["cubin"], sass=record.get("sass", False)),
                 "cpu_seconds": _cpu_seconds() - cpu,  # compile, ptxas and the checks
             }

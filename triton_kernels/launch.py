@@ -3,11 +3,19 @@ compiled kernel directly; and the no-op mode that the host-overhead benchmark me
 
 `kernel[grid](...)` (JITFunction.run) binds and specialises every argument, builds a string key, looks the compiled
 kernel up and checks the kernel's globals on every launch. Which compiled kernel a launch gets depends only on the
-constexprs, the launch options and what Triton specialises a runtime argument on: a tensor's dtype and 16-byte
-alignment; an int's width (i32, i64, u64) and whether it is 1 or a multiple of 16 (tests/triton_preflight.py
-records launches by the same key). `Launcher` keys the CompiledKernel that run() returned by exactly that (finer
-than Triton where a parameter is not specialised, never coarser), and calls it the way run() does next time.
+constexprs, the launch options (num_warps, and OPTIONS below, the same for every launch) and what Triton specialises
+a runtime argument on: a tensor's dtype and 16-byte alignment; an int's width (i32, i64, u64) and whether it is 1 or a
+multiple of 16 (tests/triton_preflight.py records launches by the same key). `Launcher` keys the CompiledKernel that
+run() returned by exactly that (finer than Triton where a parameter is not specialised, never coarser), and calls it
+the way run() does next time.
 Under Triton's interpreter there is no compiled kernel: every launch goes through run().
+
+Floating-point contraction is set, not left to Triton's default (which TRITON_DEFAULT_FP_FUSION changes, and
+triton 3.10 is to change): off, which triton 3.9's TRITON_FORCE_DISABLE_FP_FUSION cannot override either. Every
+float operation then rounds as the source writes it, as numpy does under the interpreter, whatever LLVM would fuse (a
+kernel that wants an fma must write tl.fma). What that costs: the L2 reduce's x * x + acc is a multiply and an add,
+not one fma, in a loop bound by memory. (libdevice's functions keep the fmas they call explicitly.)
+tests/test_triton_compile.py checks the PTX: no fma where no libdevice function is inlined.
 
 No-op mode (`stubbed()`): every launch of every Launcher is replaced by a call to a no-op of the same arguments, after
 the key lookup, so what remains is the host work of a launch. It needs no GPU (and no interpreter); the kernels do
@@ -19,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from types import MappingProxyType
 from typing import Any
 
 import triton.language as tl
@@ -27,6 +36,10 @@ from triton import knobs
 from triton.runtime import driver
 
 _stubbed = 0  # depth of nested stubbed() blocks
+
+# Compile options of every launch (and of tests/triton_preflight.py's ahead-of-time compiles, which record them);
+# read-only, so that the launch keys, which hold them once (_OPTIONS_KEY), stay true.
+OPTIONS = MappingProxyType({"enable_fp_fusion": False})
 
 
 @contextlib.contextmanager
@@ -74,6 +87,7 @@ class _NoOp:
 
 
 _NO_OP = _NoOp()
+_OPTIONS_KEY = tuple(sorted(OPTIONS.items()))
 
 
 def _constexpr_flags(kernel: Any) -> tuple[bool, ...]:
@@ -99,7 +113,7 @@ class Launcher:
 
     def key_tail(self, num_warps: int, args: tuple) -> tuple:
         """What picks the compiled kernel, but the device (a launch adds the current one in front)."""
-        return (num_warps,) + tuple(a if c else spec(a) for a, c in zip(args, self.constexpr))
+        return (num_warps, _OPTIONS_KEY) + tuple(a if c else spec(a) for a, c in zip(args, self.constexpr))
 
     def __call__(self, grid: tuple[int, ...], *args: Any, num_warps: int = 4) -> None:
         self.launch(grid, args, self.key_tail(num_warps, args), num_warps)
@@ -122,13 +136,13 @@ class Launcher:
             return
         jit = self.namespace[self.name]
         if self.interpreted or jit is not self.kernel or jit.pre_run_hooks:
-            jit[grid](*args, num_warps=num_warps)
+            jit[grid](*args, num_warps=num_warps, **OPTIONS)
             return
         device = driver.active.get_current_device()
         key = (device,) + tail
         kernel = self.compiled.get(key)
         if kernel is None:
-            kernel = jit[grid](*args, num_warps=num_warps)
+            kernel = jit[grid](*args, num_warps=num_warps, **OPTIONS)
             if kernel is not None and not hasattr(kernel, "result"):  # not an async compile's future
                 self.compiled[key] = kernel
             return

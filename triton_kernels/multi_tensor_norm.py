@@ -3,9 +3,20 @@ the clip coefficient as device scalars.
 
 Launch 1 (`_reduce_kernel`, one program per chunk): the chunk's partial, sum |x|^p (or max / min / non-zero
 count) accumulated in float32 (float64 when ACC is float64), into `partials[chunk]`.
-Launch 2 (`_finalize_kernel`, one program per BLOCK_T tensors): each tensor's chunk partials reduced in a fixed
-order into `tensor_vals[t]`; the last program to take a ticket reduces `tensor_vals` in a fixed order into the
-total and the coefficient, then resets the ticket. No float atomics: the same input gives the same bits.
+Launch 2 (`_finalize_kernel`): the total in two levels, spread over the programs: program g reduces slab g, the SLAB
+consecutive partials from g * SLAB whichever tensors they belong to, into `slabs[g * slab_stride]`; the last program
+to take a ticket reduces the slabs' values (SLAB at a time), writes the total and the coefficient, then resets the
+ticket. Per-tensor values (per-tensor norms, and p = 0, whose total counts tensors) come from tiles: program g takes
+BLOCK_T tensors and reads their partials, which are contiguous, BLOCK_W at a time (so a tile costs its partials /
+BLOCK_W steps, however they are shared among its tensors); for p = 0 the tile's count of non-zero tensors is its
+value. The slabs' values have a buffer of their own, or (a prepared call, which reads no tile) overwrite the first
+partial of their slab, which no other program reads: slab_stride = SLAB.
+Every sum is in a fixed order that depends on the tables alone, not on which program runs when, and no float
+atomics: the same input gives the same bits, per-tensor norms asked for or not.
+
+|x|^p (p not 0, 1, 2 or +-inf) and the 1/p-th root are evaluated in float64 (libdevice's exp2 / log2 on a GPU,
+numpy's under the interpreter): Triton's float32 exp2 / log2 are approximate (ex2.approx) and flush values below
+2^-126 to zero. A float32 term is rounded once, from float64.
 
 NaN propagates as in torch: sums carry it naturally; max/min use a separate "any NaN" flag because tl.max and
 tl.maximum may drop a NaN.
@@ -56,7 +67,7 @@ def _reduce_kernel(
     n = tl.minimum(tl.load(meta_ptr + num_tensors + t) - start, CHUNK)  # elements of this chunk
     code = tl.load(meta_ptr + 2 * num_tensors + t)
     if NORM == NORM_P:
-        p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        p = p_bits.to(tl.int64).to(tl.float64, bitcast=True)
     else:
         p = 0.0
     if NORM == NORM_NEG_INF:
@@ -94,8 +105,10 @@ def _reduce_kernel(
                 elif NORM == NORM_ZERO:
                     acc += (x != 0).to(ACC)  # NaN counts as non-zero, as in torch
                 elif NORM == NORM_P:
-                    # |x|^p as exp2(p log2|x|); x == 0 kept out of log2 (gives 0). NaN and inf propagate.
-                    acc += tl.where(x == 0, 0.0, tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x))))
+                    # |x|^p as exp2(p log2|x|) in float64, rounded once to ACC (see the module docstring); x == 0
+                    # kept out of log2 (gives 0). NaN and inf propagate.
+                    w = tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x).to(tl.float64)))
+                    acc += tl.where(x == 0, 0.0, w).to(ACC)
                 elif NORM == NORM_INF:
                     acc = tl.maximum(acc, x)
                     nan |= (x != x).to(tl.int32)
@@ -114,90 +127,113 @@ def _reduce_kernel(
     tl.store(partial_ptr + c, part)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "p_bits", "max_norm_bits", "per_tensor", "has_coef"])
+@triton.jit(
+    do_not_specialize=["slab_stride", "num_tensors", "num_chunks", "p_bits", "max_norm_bits", "per_tensor", "has_coef"]
+)
 def _finalize_kernel(
     partial_ptr,
     tensor_chunks_ptr,
-    tensor_val_ptr,
+    slab_ptr,
     norms_ptr,
     total_ptr,
     coef_ptr,
     ticket_ptr,
+    slab_stride,
     num_tensors,
+    num_chunks,
     p_bits,
     max_norm_bits,
     per_tensor,
     has_coef,
     NORM: tl.constexpr,
     NEUTRAL: tl.constexpr,
+    SLAB: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = ids < num_tensors
-    first = tl.load(tensor_chunks_ptr + ids, mask=tmask, other=0)
-    count = tl.load(tensor_chunks_ptr + ids + 1, mask=tmask, other=0) - first
-    # Each tensor's chunk partials, BLOCK_J at a time: a fixed order whatever the grid.
-    acc = tl.full([BLOCK_T, BLOCK_J], NEUTRAL, ACC)
-    nan = tl.full([BLOCK_T, BLOCK_J], 0, tl.int32)
-    most = tl.max(count, 0)
-    j = 0
-    while j < most:
-        jj = j + tl.arange(0, BLOCK_J)
-        m = tmask[:, None] & (jj[None, :] < count[:, None])
-        v = tl.load(partial_ptr + first[:, None].to(tl.int64) + jj[None, :], mask=m, other=NEUTRAL)
-        if NORM == NORM_INF:
-            acc = tl.maximum(acc, v)
-            nan |= (v != v).to(tl.int32)
-        elif NORM == NORM_NEG_INF:
-            acc = tl.minimum(acc, v)
-            nan |= (v != v).to(tl.int32)
-        else:
-            acc += v
-        j += BLOCK_J
-    if NORM == NORM_INF:
-        vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.max(acc, 1))
-    elif NORM == NORM_NEG_INF:
-        vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.min(acc, 1))
-    else:
-        vals = tl.sum(acc, 1)
-    vals = vals.to(ACC)
-    tl.store(tensor_val_ptr + ids, vals, mask=tmask)
-    if per_tensor != 0:
-        if NORM == NORM_L2:
-            if ACC == tl.float32:
-                tl.store(norms_ptr + ids, tl.sqrt_rn(vals), mask=tmask)  # tl.sqrt may be approximate
+    g = tl.program_id(0)
+    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    # The total's first level (p = 0 counts tensors instead: below): slab g, whichever tensors its partials are of.
+    if NORM != NORM_ZERO:
+        if g * SLAB < num_chunks:
+            s = g * SLAB + tl.arange(0, SLAB)
+            v = tl.load(partial_ptr + s, mask=s < num_chunks, other=NEUTRAL)
+            if NORM == NORM_INF:
+                part = tl.where(tl.max((v != v).to(tl.int32), 0) > 0, float("nan"), tl.max(v, 0))
+            elif NORM == NORM_NEG_INF:
+                part = tl.where(tl.max((v != v).to(tl.int32), 0) > 0, float("nan"), tl.min(v, 0))
             else:
-                tl.store(norms_ptr + ids, tl.sqrt(vals), mask=tmask)
-        elif NORM == NORM_P:
-            root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals)) / p)
-            tl.store(norms_ptr + ids, tl.where(vals == 0, 0.0, root).to(ACC), mask=tmask)
+                part = tl.sum(v, 0)
+            tl.store(slab_ptr + g * slab_stride, part.to(ACC))
+    # Per-tensor values of tile g: its tensors' partials are contiguous, [lo, hi); each BLOCK_W-wide step of them
+    # is masked per tensor (row), so a step serves every tensor it covers.
+    if (per_tensor != 0 or NORM == NORM_ZERO) and g * BLOCK_T < num_tensors:
+        ids = g * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = ids < num_tensors
+        first = tl.load(tensor_chunks_ptr + ids, mask=tmask, other=0)
+        end = tl.load(tensor_chunks_ptr + ids + 1, mask=tmask, other=0)
+        lo = tl.load(tensor_chunks_ptr + g * BLOCK_T)
+        hi = tl.max(end, 0)
+        acc = tl.full([BLOCK_T, BLOCK_W], NEUTRAL, ACC)
+        nan = tl.full([BLOCK_T, BLOCK_W], 0, tl.int32)
+        j = lo
+        while j < hi:
+            s = j + tl.arange(0, BLOCK_W)
+            m = (s[None, :] >= first[:, None]) & (s[None, :] < end[:, None])
+            v = tl.load(partial_ptr + s[None, :], mask=m, other=NEUTRAL)
+            if NORM == NORM_INF:
+                acc = tl.maximum(acc, v)
+                nan |= (v != v).to(tl.int32)
+            elif NORM == NORM_NEG_INF:
+                acc = tl.minimum(acc, v)
+                nan |= (v != v).to(tl.int32)
+            else:
+                acc += v
+            j += BLOCK_W
+        if NORM == NORM_INF:
+            vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.max(acc, 1))
+        elif NORM == NORM_NEG_INF:
+            vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.min(acc, 1))
         else:
-            tl.store(norms_ptr + ids, vals, mask=tmask)
-    # Last program in: every tensor value is written; reduce them in a fixed order.
+            vals = tl.sum(acc, 1)
+        vals = vals.to(ACC)
+        if per_tensor != 0:
+            if NORM == NORM_L2:
+                if ACC == tl.float32:
+                    tl.store(norms_ptr + ids, tl.sqrt_rn(vals), mask=tmask)  # tl.sqrt may be approximate
+                else:
+                    tl.store(norms_ptr + ids, tl.sqrt(vals), mask=tmask)
+            elif NORM == NORM_P:  # the root in float64, as the terms
+                root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals).to(tl.float64)) / p)
+                tl.store(norms_ptr + ids, tl.where(vals == 0, 0.0, root).to(ACC), mask=tmask)
+            else:
+                tl.store(norms_ptr + ids, vals, mask=tmask)
+        if NORM == NORM_ZERO:  # torch: the number of tensors with a non-zero entry (NaN counts)
+            tl.store(slab_ptr + g * slab_stride, tl.sum((tmask & (vals != 0)).to(ACC), 0))
+    # Last program in: every slab (or tile count) is written; reduce them in a fixed order.
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
-        tacc = tl.full([BLOCK_R], NEUTRAL, ACC)
-        tnan = tl.full([BLOCK_R], 0, tl.int32)
+        if NORM == NORM_ZERO:
+            parts = (num_tensors + BLOCK_T - 1) // BLOCK_T
+        else:
+            parts = (num_chunks + SLAB - 1) // SLAB
+        tacc = tl.full([SLAB], NEUTRAL, ACC)
+        tnan = tl.full([SLAB], 0, tl.int32)
         i = 0
-        while i < num_tensors:
-            r = i + tl.arange(0, BLOCK_R)
-            v = tl.load(tensor_val_ptr + r, mask=r < num_tensors, other=NEUTRAL, cache_modifier=".cg")
+        while i < parts:
+            r = i + tl.arange(0, SLAB)
+            v = tl.load(slab_ptr + r * slab_stride, mask=r < parts, other=NEUTRAL, cache_modifier=".cg")
             if NORM == NORM_INF:
                 tacc = tl.maximum(tacc, v)
                 tnan |= (v != v).to(tl.int32)
             elif NORM == NORM_NEG_INF:
                 tacc = tl.minimum(tacc, v)
                 tnan |= (v != v).to(tl.int32)
-            elif NORM == NORM_ZERO:
-                tacc += (v != 0).to(ACC)  # torch: the number of tensors with a non-zero entry
             else:
                 tacc += v
-            i += BLOCK_R
+            i += SLAB
         if NORM == NORM_INF:
             total = tl.where(tl.max(tnan, 0) > 0, float("nan"), tl.max(tacc, 0))
         elif NORM == NORM_NEG_INF:
@@ -211,7 +247,8 @@ def _finalize_kernel(
             else:
                 total = tl.sqrt(total)
         elif NORM == NORM_P:
-            total = tl.where(total == 0, 0.0, tl.exp2(tl.log2(tl.where(total == 0, 1.0, total)) / p)).to(ACC)
+            root = tl.exp2(tl.log2(tl.where(total == 0, 1.0, total).to(tl.float64)) / p)
+            total = tl.where(total == 0, 0.0, root).to(ACC)
         tl.store(total_ptr, total)
         if has_coef != 0:
             # torch: clamp(max_norm / (total + 1e-6), max=1), evaluated as torch does: reciprocal, then times.
@@ -250,13 +287,15 @@ def multi_tensor_norm(
     """
     device = meta.device
     partials = torch.empty(num_chunks, dtype=acc_dtype, device=device)
-    tensor_vals = torch.empty(num_tensors, dtype=acc_dtype, device=device)
+    # A value per slab of `block` partials, or per tile (p = 0).
+    slabs = torch.empty(max(1, -(-num_chunks // block), -(-num_tensors // FINALIZE_TILE)), dtype=acc_dtype,
+                        device=device)
     total = torch.empty((), dtype=acc_dtype, device=device)
-    norms = torch.empty(num_tensors, dtype=acc_dtype, device=device) if per_tensor else tensor_vals
+    norms = torch.empty(num_tensors, dtype=acc_dtype, device=device) if per_tensor else slabs
     coef = torch.empty((), dtype=acc_dtype, device=device) if max_norm is not None else total
     (reduce_grid, reduce_args), (finalize_grid, finalize_args) = _launches(
         meta, chunk_tensor, chunk_start, tensor_chunks, ticket, num_tensors, num_chunks, chunk_size, acc_dtype,
-        norm_type, partials, tensor_vals, norms, total, coef, per_tensor, max_norm, block,
+        norm_type, partials, slabs, 1, norms, total, coef, per_tensor, max_norm, block,
     )
     _REDUCE(reduce_grid, *reduce_args, num_warps=num_warps)
     _FINALIZE(finalize_grid, *finalize_args, num_warps=4)
@@ -287,9 +326,11 @@ def prepare_norm(
     the tables; `coef` is rewritten by the next call."""
     device = meta.device
     total = torch.empty((), dtype=acc_dtype, device=device)  # the first call's total, to key the launch with
+    # The slabs' values over their slabs' first partials (no per-tensor norms here), p = 0's tile counts in tensor_vals.
+    slabs, stride = (tensor_vals, 1) if norm_kind(norm_type) == 4 else (partials, block)
     (reduce_grid, reduce_args), (finalize_grid, finalize_args) = _launches(
         meta, chunk_tensor, chunk_start, tensor_chunks, ticket, num_tensors, num_chunks, chunk_size, acc_dtype,
-        norm_type, partials, tensor_vals, tensor_vals, total, coef if max_norm is not None else total, False,
+        norm_type, partials, slabs, stride, tensor_vals, total, coef if max_norm is not None else total, False,
         max_norm, block,
     )
     reduce = _REDUCE.prepare(reduce_grid, reduce_args, num_warps)
@@ -311,13 +352,15 @@ def prepare_norm(
 
 
 _TOTAL, _COEF = 4, 5  # positions of total_ptr and coef_ptr among the finalize kernel's arguments
+# Finalize tiles: BLOCK_T tensors, read FINALIZE_WIDTH partials (at most: a narrower block gives its own width) a step.
+FINALIZE_TILE, FINALIZE_WIDTH = 8, 256
 
 
 def _launches(
     meta: Tensor, chunk_tensor: Tensor, chunk_start: Tensor, tensor_chunks: Tensor, ticket: Tensor, num_tensors: int,
-    num_chunks: int, chunk_size: int, acc_dtype: torch.dtype, norm_type: float, partials: Tensor,
-    tensor_vals: Tensor, norms: Tensor, total: Tensor, coef: Tensor, per_tensor: bool, max_norm: Optional[float],
-    block: int, block_t: int = 64, block_j: int = 16, block_r: int = 1024,
+    num_chunks: int, chunk_size: int, acc_dtype: torch.dtype, norm_type: float, partials: Tensor, slabs: Tensor,
+    slab_stride: int, norms: Tensor, total: Tensor, coef: Tensor, per_tensor: bool, max_norm: Optional[float],
+    block: int,
 ) -> tuple[tuple[tuple[int], tuple], tuple[tuple[int], tuple]]:
     """(grid, arguments) of the reduce launch and of the finalize launch."""
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
@@ -328,13 +371,17 @@ def _launches(
     reduce = (meta, chunk_tensor, chunk_start, partials, num_tensors, pb, kind, chunk_size, block, acc)
     # per_tensor / has_coef are run-time flags (not specialised), and an absent max_norm passes 1.0's bits (a 64-bit
     # int, as any positive max_norm's): one compiled variant serves norms, per-tensor norms and the coefficient.
-    # Constexprs: NORM, NEUTRAL, BLOCK_T, BLOCK_J, BLOCK_R, ACC.
+    # Constexprs: NORM, NEUTRAL, SLAB, BLOCK_T, BLOCK_W, ACC (slabs of `block` partials).
     finalize = (
-        partials, tensor_chunks, tensor_vals, norms, total, coef, ticket, num_tensors, pb,
+        partials, tensor_chunks, slabs, norms, total, coef, ticket, slab_stride, num_tensors, num_chunks, pb,
         f64_bits(max_norm if max_norm is not None else 1.0), int(per_tensor), int(max_norm is not None),
-        kind, neutral, block_t, block_j, block_r, acc,
+        kind, neutral, block, FINALIZE_TILE, min(block, FINALIZE_WIDTH), acc,
     )
-    return ((num_chunks,), reduce), ((-(-num_tensors // block_t),), finalize)
+    # A program per slab (p = 0: none), or per tile where per-tensor values are wanted, whichever are more; one at
+    # least, to write the total.
+    tiles = -(-num_tensors // FINALIZE_TILE) if per_tensor or kind == 4 else 0
+    programs = max(1, 0 if kind == 4 else -(-num_chunks // block), tiles)
+    return ((num_chunks,), reduce), ((programs,), finalize)
 
 
 _REDUCE = Launcher(globals(), "_reduce_kernel")

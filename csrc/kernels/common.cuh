@@ -62,9 +62,21 @@ __device__ __forceinline__ ChunkView chunk_view(const TensorTable& tt, int64_t c
   return v;
 }
 
-// Vector path only when the chunk's first element is 16-byte aligned (its tensor's base is; chunk_size is a
-// multiple of kChunkAlign elements so every chunk start is too). Views at odd offsets take the scalar path.
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+// Where a chunk's 16-byte packs are: `head` scalar elements up to the first 16-byte boundary (fewer than one pack,
+// so at most one per thread), then `packs` packs, then the scalar tail. So a view at an odd offset (an AGC row of odd
+// length, a slice) is still read 16 bytes at a time. An address not aligned to its element (torch never makes one)
+// has no packs: all tail.
+struct PackSpan {
+  int64_t head;
+  int64_t packs;
+};
+template <typename T> __device__ __forceinline__ PackSpan pack_span(const T* p, int64_t count) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % sizeof(T) != 0) return {0, 0};
+  const int64_t to_boundary = static_cast<int64_t>((kVectorBytes - a % kVectorBytes) % kVectorBytes / sizeof(T));
+  const int64_t head = to_boundary < count ? to_boundary : count;
+  return {head, (count - head) / Pack<T>::kN};
+}
 
 // FUSEDCLIP_SASS_PROBE_DTYPE=<dtype code> compiles only that dtype's path, so that tests/test_cuda_build.py can
 // tell each dtype's hot loop apart in the SASS. Never set in a real build.

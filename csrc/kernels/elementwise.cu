@@ -29,36 +29,37 @@ template <typename T, typename F> __device__ __forceinline__ void apply_pack(Pac
   for (int j = 0; j < Pack<T>::kN; ++j) pk.v[j] = from_op<T>(f(static_cast<M>(to_float(pk.v[j]))));
 }
 
-// This thread's share of one chunk, rewritten in place.
+// This thread's share of one chunk, rewritten in place: the scalar head up to the first 16-byte boundary, the
+// 16-byte packs, the scalar tail.
 template <typename T, typename F> __device__ void apply_chunk(const ChunkView& v, const F& f) {
   using M = typename OpMath<T>::type;
   T* base = static_cast<T*>(v.base) + v.start;
-  int64_t tail = 0;
-  if (aligned16(base)) {
-    constexpr int N = Pack<T>::kN;
-    const int64_t nvec = v.count / N;
-    Pack<T>* vp = reinterpret_cast<Pack<T>*>(base);
-    int64_t i = threadIdx.x;
-    // Two loads in flight before the stores; not unrolled further, which keeps these kernels at 32 registers (four
-    // blocks of 512 threads fit an SM; the compiler's own unroll took 64).
+  const PackSpan span = pack_span(base, v.count);
+  if (threadIdx.x < span.head) base[threadIdx.x] = from_op<T>(f(static_cast<M>(to_float(base[threadIdx.x]))));
+  constexpr int N = Pack<T>::kN;
+  const int64_t nvec = span.packs;
+  Pack<T>* vp = reinterpret_cast<Pack<T>*>(base + span.head);
+  int64_t i = threadIdx.x;
+  // Two loads in flight before the stores; not unrolled further, which keeps these kernels at 32 registers (four
+  // blocks of 512 threads fit an SM; the compiler's own unroll took 64).
 #pragma unroll 1
-    for (; i + kThreads < nvec; i += 2 * kThreads) {
-      Pack<T> a = vp[i];
-      Pack<T> b = vp[i + kThreads];
-      apply_pack(a, f);
-      apply_pack(b, f);
-      vp[i] = a;
-      vp[i + kThreads] = b;
-    }
-#pragma unroll 1
-    for (; i < nvec; i += kThreads) {
-      Pack<T> a = vp[i];
-      apply_pack(a, f);
-      vp[i] = a;
-    }
-    tail = nvec * N;
+  for (; i + kThreads < nvec; i += 2 * kThreads) {
+    Pack<T> a = vp[i];
+    Pack<T> b = vp[i + kThreads];
+    apply_pack(a, f);
+    apply_pack(b, f);
+    vp[i] = a;
+    vp[i + kThreads] = b;
   }
-  for (int64_t i = tail + threadIdx.x; i < v.count; i += kThreads) base[i] = from_op<T>(f(static_cast<M>(to_float(base[i]))));
+#pragma unroll 1
+  for (; i < nvec; i += kThreads) {
+    Pack<T> a = vp[i];
+    apply_pack(a, f);
+    vp[i] = a;
+  }
+  for (i = span.head + nvec * N + threadIdx.x; i < v.count; i += kThreads) {
+    base[i] = from_op<T>(f(static_cast<M>(to_float(base[i]))));
+  }
 }
 
 template <typename F> __device__ __forceinline__ void apply_any(const ChunkView& v, const F& f) {

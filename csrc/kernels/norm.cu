@@ -76,32 +76,33 @@ template <typename T, typename A, typename F> __device__ __forceinline__ A fold_
   return acc;
 }
 
-// This thread's share of one chunk, folded into acc.
+// This thread's share of one chunk, folded into acc: the scalar head up to the first 16-byte boundary, the
+// 16-byte packs, the scalar tail.
 template <typename T, typename A, typename F> __device__ A fold_chunk(const ChunkView& v, const F& f, A acc) {
   const T* base = static_cast<const T*>(v.base) + v.start;
-  int64_t tail = 0;
-  if (aligned16(base)) {
-    constexpr int N = Pack<T>::kN;
-    const int64_t nvec = v.count / N;
-    const Pack<T>* vp = reinterpret_cast<const Pack<T>*>(base);
-    int64_t i = threadIdx.x;
-    // Four independent 16-byte loads in flight per thread; not unrolled further (more would spill registers).
+  const PackSpan span = pack_span(base, v.count);
+  if (threadIdx.x < span.head) acc = f.step(acc, static_cast<A>(to_float(base[threadIdx.x])));
+  constexpr int N = Pack<T>::kN;
+  const int64_t nvec = span.packs;
+  const Pack<T>* vp = reinterpret_cast<const Pack<T>*>(base + span.head);
+  int64_t i = threadIdx.x;
+  // Four independent 16-byte loads in flight per thread; not unrolled further (more would spill registers).
 #pragma unroll 1
-    for (; i + 3 * kThreads < nvec; i += 4 * kThreads) {
-      const Pack<T> a = load_pack_ro(vp + i);
-      const Pack<T> b = load_pack_ro(vp + i + kThreads);
-      const Pack<T> c = load_pack_ro(vp + i + 2 * kThreads);
-      const Pack<T> d = load_pack_ro(vp + i + 3 * kThreads);
-      acc = fold_pack<T>(f, acc, a);
-      acc = fold_pack<T>(f, acc, b);
-      acc = fold_pack<T>(f, acc, c);
-      acc = fold_pack<T>(f, acc, d);
-    }
-#pragma unroll 1
-    for (; i < nvec; i += kThreads) acc = fold_pack<T>(f, acc, load_pack_ro(vp + i));
-    tail = nvec * N;
+  for (; i + 3 * kThreads < nvec; i += 4 * kThreads) {
+    const Pack<T> a = load_pack_ro(vp + i);
+    const Pack<T> b = load_pack_ro(vp + i + kThreads);
+    const Pack<T> c = load_pack_ro(vp + i + 2 * kThreads);
+    const Pack<T> d = load_pack_ro(vp + i + 3 * kThreads);
+    acc = fold_pack<T>(f, acc, a);
+    acc = fold_pack<T>(f, acc, b);
+    acc = fold_pack<T>(f, acc, c);
+    acc = fold_pack<T>(f, acc, d);
   }
-  for (int64_t i = tail + threadIdx.x; i < v.count; i += kThreads) acc = f.step(acc, static_cast<A>(to_float(base[i])));
+#pragma unroll 1
+  for (; i < nvec; i += kThreads) acc = fold_pack<T>(f, acc, load_pack_ro(vp + i));
+  for (i = span.head + nvec * N + threadIdx.x; i < v.count; i += kThreads) {
+    acc = f.step(acc, static_cast<A>(to_float(base[i])));
+  }
   return acc;
 }
 

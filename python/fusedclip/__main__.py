@@ -67,6 +67,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     h.add_argument("--numel", type=int, default=1, help="elements per tensor")
     h.add_argument(
+        "--moe", action="store_true",
+        help="instead: a 5,000-tensor mixture-of-experts layout (DTensor gradients on a dense and an expert-parallel "
+        "mesh) on 4 gloo ranks, fusedclip against torchtitan's clip_grad_norm_ (needs torchtitan)",
+    )
+    h.add_argument(
         "--mode", choices=["kept", "fresh", "moved", "all"], default="all",
         help="kept: gradients stay in place; fresh: new .grad tensors before every call (set_to_none), at the old "
         "addresses as a caching allocator gives them; moved: new gradients at new addresses",
@@ -78,6 +83,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     i = sub.add_parser("info", help="versions, devices, available backends and why others are missing")
     i.add_argument("--json", action="store_true")
+    i.add_argument(
+        "--probe-tools", action="store_true",
+        help="also try compute-sanitizer and ncu on a tiny kernel (seconds; needs a GPU)",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -122,7 +131,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "info":
         from .info import collect, format_info
 
-        info = collect()
+        info = collect(args.probe_tools)
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
 
@@ -144,7 +153,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print("\n\n".join(tables))
         return 0
 
-    from .bench import format_host_table, format_table, run, run_host
+    from .bench import format_host_table, format_moe_host_table, format_table, run, run_host, run_host_moe
 
     if (args.reps is not None and args.reps < 1) or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
@@ -161,6 +170,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             unknown = [n for n in only if n not in BACKEND_NAMES]
             if unknown:
                 raise BenchError(f"--impl {unknown[0]!r}: with --host, name a backend as 'fusedclip <backend>'")
+        if args.moe:
+            return _emit(run_host_moe(args.reps, args.warmup, only), args, format_moe_host_table)
         modes = HOST_MODES if args.mode == "all" else (args.mode,)
         record = run_host(sizes, modes, args.device, args.reps, args.warmup, args.numel, only)
         return _emit(record, args, format_host_table)

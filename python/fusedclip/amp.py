@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, distributed
 from .arguments import check_nonnegative, collect_grads, parse_norm_type
 from .backends import clip_coef
 
@@ -124,6 +124,23 @@ def norm_and_flags(
     return plan, dispatch.combine_totals(totals, norm_type, plan), flags
 
 
+def distributed_norm_and_flags(
+    params: list[Tensor], grads: list[Tensor], norm_type: float, backend: Optional[str],
+    process_group: distributed.GroupArg, replicated: distributed.ReplicatedArg,
+) -> tuple[distributed.Call, Tensor, dict[torch.device, Tensor]]:
+    """norm_and_flags for DTensor gradients or a process group: (the kept or new distributed call, the global
+    total of `grads`, {device: flag}). The flag is the global one ("the total is not finite"), the same on every
+    rank, so every rank skips or steps alike."""
+    call = distributed.find(params, True, backend, None, process_group, replicated)
+    if call is None:
+        owners = [q for q in params if q.grad is not None]
+        call = distributed.prepare(params, True, owners, grads, backend, None, process_group, replicated)
+    total = call.total(norm_type)
+    flag = (~torch.isfinite(total)).to(torch.float32)
+    devices = {t.device for t in call.scale_locals} or {total.device}
+    return call, total, {d: flag.to(d) for d in devices}
+
+
 def unscale_total(total: Tensor, inv_scale: Tensor, norm_type: float) -> Tensor:
     """The norm of the unscaled gradients from the norm of the scaled ones (p = 0 counts do not scale)."""
     if norm_type == 0:
@@ -139,6 +156,8 @@ def unscale_and_clip_grad_norm_(
     norm_type: Number | str = 2.0,
     *,
     backend: Optional[str] = None,
+    process_group: distributed.GroupArg = None,
+    replicated: distributed.ReplicatedArg = None,
 ) -> Tensor:
     """``scaler.unscale_(optimizer)`` followed by ``clip_grad_norm_`` over the optimizer's parameters, in one read
     pass and one read-write pass.
@@ -150,10 +169,13 @@ def unscale_and_clip_grad_norm_(
     max_norm : the largest allowed total norm of the unscaled gradients, >= 0
     norm_type : p > 0, inf, -inf, 0, or 'inf' / '-inf' (0 and -inf run torch's unscale_ then a fused clip)
     backend : "cuda", "triton", "torch" or None (auto)
+    process_group, replicated : as for ``clip_grad_norm_`` (DTensor gradients on any meshes need neither); the
+        non-finite flag is then the global one, the same on every rank
 
     Returns
     -------
-    The total norm of the unscaled gradients before clipping (float32, float64 if any gradient is float64).
+    The total norm of the unscaled gradients before clipping (float32, float64 if any gradient is float64); for
+    DTensor gradients on one mesh a DTensor, as ``clip_grad_norm_`` returns it.
 
     Afterwards the scaler holds the per-device ``found_inf`` flags and marks the optimizer unscaled, so
     ``scaler.step(optimizer)`` skips a non-finite step, ``scaler.update()`` backs off, and a second
@@ -166,15 +188,24 @@ def unscale_and_clip_grad_norm_(
     max_norm = check_nonnegative(max_norm, "max_norm")
     p = parse_norm_type(norm_type)
     params = optimizer_params(optimizer)
+    groups = {"backend": backend, "process_group": process_group, "replicated": replicated}
     if not scaler_enabled(scaler):
-        return clip_grad_norm_(params, max_norm, p, backend=backend)
+        return clip_grad_norm_(params, max_norm, p, **groups)
     state = check_can_unscale(scaler, optimizer)
     grads = collect_grads(params)
     check_no_fp16(grads)
     if not flag_reliable(p) or any(g.is_sparse for g in grads):
         # The total cannot stand in for the non-finite check (or sparse values need torch's own handling).
         scaler.unscale_(optimizer)
-        return clip_grad_norm_(params, max_norm, p, backend=backend)
+        return clip_grad_norm_(params, max_norm, p, **groups)
+    if distributed.needed(grads, process_group, replicated):
+        inv_scale = inv_scale_of(scaler)
+        call, scaled_total, flags = distributed_norm_and_flags(params, grads, p, backend, process_group, replicated)
+        total = unscale_total(scaled_total, inv_scale, p)
+        call.scale_(inv_scale.to(total.device) * clip_coef(total, max_norm))
+        state["found_inf_per_device"] = flags
+        state["stage"] = OptState.UNSCALED
+        return call.wrap(total, p)
     if not grads:
         state["found_inf_per_device"] = {}
         state["stage"] = OptState.UNSCALED

@@ -558,12 +558,13 @@ def write_record(record: dict, out: str) -> None:
 # Modes:
 #   kept   the gradients stay in place between calls;
 #   fresh  before each call every .grad is set to None (zero_grad(set_to_none=True)), then new gradients are made in
-#          reverse parameter order, as backward makes them. On a GPU they come from torch's caching allocator, which
-#          in a steady loop hands back the same addresses (`address_reuse` says how often it did). The CPU's system
-#          allocator does not (glibc gives new addresses almost every time), so on CPU the benchmark stands in for a
-#          caching allocator: each new .grad is a new tensor over the memory the previous one had;
-#   moved  new gradients at new addresses before each call (the old ones are released only after the new ones
-#          exist): every call must find that its gradients moved and rebuild its plan.
+#          reverse parameter order, as backward makes them, at the addresses the old ones had, as torch's CUDA caching
+#          allocator hands them back in a steady loop. On every device the benchmark stands in for that allocator
+#          (each new .grad is a new tensor over the memory the previous one had), so that the mode means the same
+#          wherever it runs, whatever else the allocator serves between calls (`address_reuse` is 1 by construction);
+#   moved  new gradients before each call at addresses no earlier call saw (on every device: views of an arena at
+#          an offset that grows by 16 bytes per call), so that every call must find that its gradients moved and
+#          rebuild its plan: no kept plan and no plan cache can know them. `address_reuse` is 0 by construction.
 HOST_SIZES = (148, 2000, 10000)
 HOST_MODES = ("kept", "fresh", "moved")
 STOCK = "stock torch"
@@ -583,35 +584,53 @@ class _Pair(torch.nn.Module):
 class HostSet:
     """`count` parameters of `numel` elements in a model of two-parameter modules, with gradients."""
 
+    ARENA_SPARE = 1024  # calls of `moved` one arena serves before the next (a new allocation) takes over
+
     def __init__(self, count: int, numel: int, dtype: torch.dtype, device: torch.device, seed: int) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
         self.masters = [torch.randn(numel, generator=gen, dtype=dtype, device=device) for _ in range(count)]
         self.params = [torch.nn.Parameter(torch.empty(numel, dtype=dtype, device=device)) for _ in range(count)]
         self.model = torch.nn.ModuleList(_Pair(self.params[i : i + 2]) for i in range(0, count, 2))
-        # The CPU's stand-in for a caching allocator (see the modes above): the memory each .grad is made in.
-        self.blocks = [m.clone() for m in self.masters] if device.type == "cpu" else None
+        # The stand-in for a caching allocator (see the modes above): the memory each `fresh` .grad is made in.
+        self.blocks = [m.clone() for m in self.masters]
+        # `moved`: gradient i of a call at arena[offset + i * stride], the offset 16 bytes further at each call.
+        self.step = max(1, 16 // self.masters[0].element_size()) if count else 1
+        self.stride = -(-numel // self.step) * self.step
+        self.arena: Optional[Tensor] = None
+        self.offset = 0
         self.grads: list[Tensor] = []
-        self.new_grads("moved")
+        self.new_grads("fresh")
 
     def new_grads(self, mode: str) -> None:
-        """Replace every .grad: `fresh` in the memory the old ones had (as a caching allocator does), `moved`
-        elsewhere. Either way set_to_none first, then new tensors in reverse parameter order."""
-        old = self.grads  # alive until the new ones exist, for `moved`
+        """Replace every .grad: set_to_none first, then new tensors in reverse parameter order; `fresh`: in the memory
+        the old ones had, `moved`: at addresses no earlier call had."""
+        if mode not in ("fresh", "moved"):
+            raise ValueError(f"mode must be 'fresh' or 'moved', got {mode!r}")
         for p in self.params:
             p.grad = None
-        if mode == "fresh":
-            old = []
+        self.grads = []
+        at = self._next_offset() if mode == "moved" else 0
         for i in reversed(range(len(self.params))):
             m = self.masters[i]
-            if mode == "fresh" and self.blocks is not None:
+            if mode == "moved":
+                g = self.arena[at + i * self.stride : at + i * self.stride + m.numel()]  # type: ignore[index]
+            else:
                 block = self.blocks[i]
                 g = torch.empty(0, dtype=m.dtype, device=m.device).set_(block.untyped_storage(), 0, block.shape)
-                g.copy_(m)
-            else:
-                g = m.clone()
+            g.copy_(m)
             self.params[i].grad = g
         self.grads = [p.grad for p in self.params]
-        del old
+
+    def _next_offset(self) -> int:
+        """The element offset of this `moved` call in the arena: one step past the last call's, in a new arena (made
+        while the old one is alive, so at other addresses) when this one is used up."""
+        if self.arena is None or self.offset == self.ARENA_SPARE * self.step:
+            m = self.masters[0]
+            self.arena = torch.empty(len(self.masters) * self.stride + self.ARENA_SPARE * self.step, dtype=m.dtype,
+                                     device=m.device)
+            self.offset = 0
+        self.offset += self.step
+        return self.offset
 
     def addresses(self) -> list[int]:
         return [g.data_ptr() for g in self.grads]
@@ -827,3 +846,244 @@ def format_host_table(record: dict) -> str:
             notes.append(f"{mode}: the new gradients had the old ones' addresses in " + ", ".join(
                 f"{a:.0%} of steps ({n} tensors)" for n, a in reuse if a is not None))
     return title + "\n" + "\n".join(lines + notes)
+
+
+# ---- host overhead of a mixture-of-experts layout: `python -m fusedclip bench --host --moe` ------------------------
+#
+# Expert-parallel training in torchtitan's layout, on gloo ranks spawned here (CPU): dense weights FSDP-sharded over
+# a "fsdp" mesh, grouped expert weights over a 2-D ("efsdp", "ep") mesh, both cut from one world mesh. Each rank holds
+# DTensor gradients of a few elements (their compute is nothing: what is timed is host work) and times, in
+# interleaved rounds, torchtitan's clip_grad_norm_(..., ep_enabled=True) (two stock get_total_norm calls, a
+# full_tensor per mesh, two clip_grads_with_norm_ calls) against fusedclip's clip_grad_norm_ and GradClipper over
+# the same gradients (kept in place: the steady state of a loop whose allocator hands back the same addresses).
+# On CPU the Triton backend's launches are stubbed (see run_host); the torch backend runs for real. The figure is
+# the calling thread's CPU time per call; gloo runs its collectives on its own threads, which is not counted for
+# either side (torchtitan issues two or more collectives a call, fusedclip one).
+MOE_LAYERS = 384  # 13 tensors a layer (4 attention, 2 norms, router, 3 grouped experts, 3 shared expert) + 3 = 4,995
+MOE_WORLD, MOE_EP = 4, 2
+TORCHTITAN_INSTALL = "pip install torchtitan==0.3.0 spmd_types==0.2.3 --no-deps && pip install tyro==1.0.17"
+
+
+def moe_host_grads(layers: int, ep: int, seed: int = 0) -> list[torch.nn.Parameter]:
+    """This rank's parameters of the MoE layout, each with a DTensor gradient (call inside a process group)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("world",))
+    dense = mesh._unflatten(0, (1, world), ("pp", "fsdp"))["fsdp"]
+    sparse = mesh._unflatten(0, (1, world // ep, ep), ("pp", "efsdp", "ep"))["efsdp", "ep"]
+    gen = torch.Generator().manual_seed(seed)
+    dim, experts, hidden, vocab = 8, 8, 4, 32
+
+    def param(shape: tuple[int, ...], expert: bool) -> torch.nn.Parameter:
+        full = torch.randn(shape, generator=gen)
+        if expert:  # FSDP over efsdp on dim 1 (torchtitan's Shard(1) when efsdp x ep exceeds the experts), EP on 0
+            grad = distribute_tensor(full, sparse, [Shard(1), Shard(0)], src_data_rank=None)
+        else:
+            grad = distribute_tensor(full, dense, [Shard(0)], src_data_rank=None)
+        p = torch.nn.Parameter(DTensor.from_local(torch.zeros_like(grad.to_local()), grad.device_mesh,
+                                                  grad.placements, run_check=False))
+        p.grad = grad
+        return p
+
+    shapes = [((vocab, dim), False)]
+    for _ in range(layers):
+        shapes += [((dim, dim), False)] * 4 + [((dim,), False)] * 2 + [((experts, dim), False)]
+        shapes += [((experts, hidden, dim), True), ((experts, dim, hidden), True), ((experts, hidden, dim), True)]
+        shapes += [((hidden, dim), False), ((dim, hidden), False), ((hidden, dim), False)]
+    shapes += [((dim,), False), ((vocab, dim), False)]
+    return [param(s, e) for s, e in shapes]
+
+
+def _moe_host_rank(rank: int, world: int, port: int, queue, layers: int, reps: int, warmup: int,
+                   only: Optional[list[str]], seed: int) -> None:
+    """One rank of run_host_moe: times every path, sends rank 0 the per-rank figures, rank 0 the record's rows."""
+    import contextlib
+    import gc
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # as run_host: a host figure is the calling thread's work
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        try:
+            from torchtitan.distributed.utils import clip_grad_norm_ as titan_clip
+        except ImportError as e:
+            raise BenchError(f"--moe compares against torchtitan, which is not importable ({e}): {TORCHTITAN_INSTALL}")
+        params = moe_host_grads(layers, MOE_EP, seed)
+        # Check first, for real: torchtitan's total and the torch backend's agree (the stubbed Triton launches
+        # compute nothing). Then no clip: max_norm far above the total, so the gradients keep their values.
+        big = 1e9
+        want = float(titan_clip(params, big, ep_enabled=True))
+        got = float(clip_grad_norm_(params, big, backend="torch"))
+        matched = math.isclose(got, want, rel_tol=1e-5)
+        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+        try:
+            from .backends import triton_backend
+
+            context = triton_backend.stubbed_launches()
+            context.__enter__()  # (before host_backends: within it the Triton backend takes CPU tensors)
+        except backends.BackendUnavailable:
+            context = contextlib.nullcontext()
+        names, why_not = host_backends(torch.device("cpu"), only)
+        paths: list[tuple[str, str, Callable[[], object]]] = [
+            ("clip_grad_norm_", "torchtitan", lambda: titan_clip(params, big, ep_enabled=True)),
+        ]
+        for name in names:
+            clip = lambda n=name: clip_grad_norm_(params, big, backend=n)  # noqa: E731
+            paths.append(("clip_grad_norm_", f"fusedclip {name}", clip))
+            paths.append(("GradClipper", f"fusedclip {name}", GradClipper(params, big, backend=name)))
+        times: list[list[float]] = [[] for _ in paths]
+        hits = [0] * len(paths)
+        attempts = [0] * len(paths)
+        with contextlib.ExitStack() as stack:
+            stack.push(context.__exit__)
+            gc.collect()
+            gc.disable()
+            try:
+                for k in range(warmup + reps):
+                    for j in range(len(paths)):
+                        i = (j + k) % len(paths)  # interleaved: each round starts one path further
+                        h0, m0 = fastpath.stats.hits, fastpath.stats.misses
+                        t0 = time.thread_time_ns()
+                        paths[i][2]()
+                        t1 = time.thread_time_ns()
+                        if k >= warmup:
+                            times[i].append((t1 - t0) / 1e3)
+                            hits[i] += fastpath.stats.hits - h0
+                            attempts[i] += fastpath.stats.hits - h0 + fastpath.stats.misses - m0
+                    gc.collect()
+            finally:
+                gc.enable()
+        mine = [
+            {"median_us": statistics.median(ts), "p10_us": _percentile(ts, 0.1), "p90_us": _percentile(ts, 0.9),
+             "hit_rate": hits[i] / attempts[i] if attempts[i] else None}
+            for i, ts in enumerate(times)
+        ]
+        for i, m in enumerate(mine):  # paired: this path's time over torchtitan's in the same round
+            m["paired_ratio_median"] = statistics.median(a / b for a, b in zip(times[i], times[0]))
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            queue.put(("ok", {
+                "paths": [(p, impl) for p, impl, _ in paths], "ranks": gathered, "matched": matched,
+                "titan_total": want, "fusedclip_total": got, "tensors": len(params), "left_out": why_not,
+            }))
+        dist.barrier()
+    except BaseException as e:  # every rank reports; the parent stops at the first
+        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_host_moe(reps: Optional[int] = None, warmup: int = 3, only: Optional[list[str]] = None,
+                 layers: int = MOE_LAYERS, world: int = MOE_WORLD, seed: int = 0) -> dict:
+    """The MoE host-overhead record (see above): `world` gloo ranks on this machine."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    reps = reps if reps is not None else 30
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    progress(f"fusedclip bench --host --moe: {world} gloo ranks, {layers} layers, ({warmup} + {reps}) rounds ...")
+    procs = [
+        ctx.Process(target=_moe_host_rank, args=(r, world, port, queue, layers, reps, warmup, only, seed))
+        for r in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        status, out = queue.get(timeout=3600)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    if status != "ok":
+        raise BenchError(out)
+    results = []
+    titan = [r[0]["median_us"] for r in out["ranks"]]
+    for i, (path, impl) in enumerate(out["paths"]):
+        medians = [r[i]["median_us"] for r in out["ranks"]]
+        results.append({
+            "path": path,
+            "impl": impl,
+            "tensors": out["tensors"],
+            "per_rank_median_us": medians,
+            "per_rank_p10_us": [r[i]["p10_us"] for r in out["ranks"]],
+            "per_rank_p90_us": [r[i]["p90_us"] for r in out["ranks"]],
+            "median_us": statistics.median(medians),
+            "torchtitan_median_us": statistics.median(titan),
+            "ratio_to_torchtitan": statistics.median(medians) / statistics.median(titan),
+            "paired_ratio_median": statistics.median(r[i]["paired_ratio_median"] for r in out["ranks"]),
+            "fast_path_hit_rate": out["ranks"][0][i]["hit_rate"],
+        })
+    try:
+        import torchtitan
+
+        titan_version = getattr(torchtitan, "__version__", None) or _dist_version("torchtitan")
+    except ImportError:
+        titan_version = None
+    return {
+        "schema": 1,
+        "kind": "host-moe",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "environment": {**environment(torch.device("cpu")), "torchtitan": titan_version},
+        "settings": {
+            "world": world,
+            "layout": f"{layers} MoE layers of 13 tensors + 3 ({out['tensors']} DTensor gradients per rank): dense "
+            f"Shard(0) over a {world}-rank 'fsdp' mesh, grouped experts (Shard(1), Shard(0)) over "
+            f"('efsdp', 'ep') = ({world // MOE_EP}, {MOE_EP}), both cut from one world mesh; a few elements each",
+            "reps": reps,
+            "warmup": warmup,
+            "launches": "Triton: stubbed (every launch a no-op after its host work); torch backend, torchtitan: real",
+            "timing": "time.thread_time_ns around each call on every rank (gloo's own threads not counted), rounds "
+            "interleaved (each round starts one path further), garbage collection off, one intra-op thread; "
+            "median per rank, then the median over ranks; paired_ratio_median: the median over rounds of each "
+            "call's time over torchtitan's in the same round",
+            "max_norm": "1e9 (no clip: the gradients keep their values; both sides still run their scale pass)",
+            "fast_path": "per-call check in " + fastpath.describe(),
+        },
+        "check": {"torchtitan_total": out["titan_total"], "fusedclip_torch_total": out["fusedclip_total"],
+                  "matched": out["matched"]},
+        "left_out": out["left_out"],
+        "results": results,
+    }
+
+
+def _dist_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def format_moe_host_table(record: dict) -> str:
+    head = ["path", "implementation", "median us (per rank)", "vs torchtitan", "paired", "fast path"]
+    rows = []
+    for r in record["results"]:
+        hit = r.get("fast_path_hit_rate")
+        rows.append([
+            r["path"], r["impl"], f"{r['median_us']:.0f} ({', '.join(f'{m:.0f}' for m in r['per_rank_median_us'])})",
+            f"{r['ratio_to_torchtitan']:.4f}x", f"{r['paired_ratio_median']:.4f}x",
+            f"{hit:.0%}" if hit is not None else "-",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
+    env, s = record["environment"], record["settings"]
+    return (
+        f"host time per call, {s['world']} gloo ranks on {env['device_name']}, torch {env['torch']}, torchtitan "
+        f"{env.get('torchtitan')}; {s['layout']}; launches: {s['launches']}; check: {record['check']}\n"
+        + "\n".join(lines)
+    )

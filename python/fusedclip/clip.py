@@ -89,17 +89,20 @@ def get_total_norm(
     """
     items = as_list(tensors, "tensors")
     plan = None
-    if process_group is None and replicated is None and not torch.compiler.is_compiling():
-        plan = fastpath.find(items, False, backend, foreach)
+    if not torch.compiler.is_compiling():
+        call = distributed.find(items, False, backend, foreach, process_group, replicated)
+        if call is not None:  # the same gradients as a distributed call before: validated then
+            return call.clip(None, parse_norm_type(norm_type), error_if_nonfinite)
+        if process_group is None and replicated is None:
+            plan = fastpath.find(items, False, backend, foreach)
     if plan is not None:
         p = parse_norm_type(norm_type)
     else:
         ts = collect_tensors(items)
         p = parse_norm_type(norm_type)
         if distributed.needed(ts, process_group, replicated):
-            return distributed.get_total_norm(
-                ts, ts, p, error_if_nonfinite, foreach, backend, process_group, replicated
-            )
+            call = distributed.prepare(items, False, ts, ts, backend, foreach, process_group, replicated)
+            return call.clip(None, p, error_if_nonfinite)
         if not ts:
             return torch.tensor(0.0)
         plan = dispatch.make_plan(ts, backend, foreach)
@@ -122,6 +125,12 @@ def clip_grads_with_norm_(
 ) -> None:
     """Drop-in for torch.nn.utils.clip_grads_with_norm_: g *= min(max_norm / (total_norm + 1e-6), 1)."""
     params = as_list(parameters)
+    if not torch.compiler.is_compiling():
+        call = distributed.find(params, True, backend, foreach, None, None)
+        if call is not None:  # DTensor gradients seen before (by this function or clip_grad_norm_)
+            max_norm = check_nonnegative(max_norm, "max_norm")
+            call.scale_(clip_coef(distributed.total_value(total_norm, call.layout.device), max_norm))
+            return
     if not torch.compiler.is_compiling() and not distributed.is_dtensor(total_norm):
         plan = fastpath.find(params, True, backend, foreach)
         if plan is not None:
@@ -138,7 +147,7 @@ def clip_grads_with_norm_(
         return
     warn_if_repeated(params, grads, stacklevel=3)
     if has_dtensor(grads) or distributed.is_dtensor(total_norm):
-        distributed.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend)
+        distributed.clip_grads_with_norm_(params, grads, max_norm, total_norm, foreach, backend)
         return
     plan = dispatch.make_plan(grads, backend, foreach)
     if not torch.compiler.is_compiling():
@@ -203,7 +212,8 @@ def clip_grad_norm_(
     foreach : torch's switch, honoured by the torch backend; the kernel backends are always fused
     backend : "cuda", "triton", "torch" or None (auto)
     process_group : a ProcessGroup, a 1-D DeviceMesh, or a sequence of them: the gradients on the ranks of the
-        group are different parts of one gradient set, and the total covers them all (one all-reduce per group)
+        group are different parts of one gradient set (pipeline stages, ZeRO-style shards), and the total covers
+        them all. With DTensor gradients only the extra groups (the pipeline's: torchtitan's pp_mesh)
     replicated : parameters (or gradients) that are identical on every rank of `process_group`, counted once;
         or a predicate on the parameter
 
@@ -212,13 +222,22 @@ def clip_grad_norm_(
     Total norm before clipping: float32 (float64 if any gradient is float64), on the first gradient's device.
     For DTensor gradients (FSDP2, tensor parallel) each rank clips its local shards and the total is a DTensor on
     their mesh, placed as torch places it (Replicate; Partial(max/min) for +/-inf), so `.full_tensor()` works.
+    Gradients on several meshes of one world (expert parallel beside dense weights, HSDP, FSDP2 + TP + EP) are
+    taken in the same call, and the total is then a plain tensor holding the global value. One all-reduce
+    combines every mesh and group where they have a common group (the meshes span the same ranks, and the extra
+    groups tile the world with them); otherwise one per distinct rank set and per extra group (fusedclip.distributed
+    says when). Meshes of different worlds, or a group without this rank, raise ValueError before any collective.
     """
     params = as_list(parameters)
-    if process_group is None and replicated is None and not torch.compiler.is_compiling():
-        plan = fastpath.find(params, True, backend, foreach)
-        if plan is not None:  # the same gradients as a call before: validated then
-            return clip_norm_(plan, check_nonnegative(max_norm, "max_norm"), parse_norm_type(norm_type),
-                              error_if_nonfinite)
+    if not torch.compiler.is_compiling():
+        call = distributed.find(params, True, backend, foreach, process_group, replicated)
+        if call is not None:  # the same gradients as a distributed call before: validated then
+            return call.clip(check_nonnegative(max_norm, "max_norm"), parse_norm_type(norm_type), error_if_nonfinite)
+        if process_group is None and replicated is None:
+            plan = fastpath.find(params, True, backend, foreach)
+            if plan is not None:  # the same gradients as a call before: validated then
+                return clip_norm_(plan, check_nonnegative(max_norm, "max_norm"), parse_norm_type(norm_type),
+                                  error_if_nonfinite)
     warn_if_empty_generator(parameters, params, stacklevel=3)  # as torch: this function, no_grad's wrapper, caller
     grads = collect_grads(params)
     max_norm = check_nonnegative(max_norm, "max_norm")
@@ -226,9 +245,8 @@ def clip_grad_norm_(
     warn_if_repeated(params, grads, stacklevel=3)
     if distributed.needed(grads, process_group, replicated):
         owners = [q for q in params if q.grad is not None]
-        return distributed.clip_grad_norm_(
-            owners, grads, max_norm, p, error_if_nonfinite, foreach, backend, process_group, replicated
-        )
+        call = distributed.prepare(params, True, owners, grads, backend, foreach, process_group, replicated)
+        return call.clip(max_norm, p, error_if_nonfinite)
     if not grads:
         return torch.tensor(0.0)
     plan = dispatch.make_plan(grads, backend, foreach)

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import dispatch, fastpath
+from . import dispatch, distributed, fastpath
 from .arguments import (
     TensorOrTensors,
     as_list,
@@ -62,6 +62,11 @@ class GradClipper:
 
     def __call__(self) -> Tensor:
         """Clip in place and return the total norm before clipping."""
+        if not torch.compiler.is_compiling():
+            call = distributed.find(self.parameters, True, self.backend, None, self.process_group, self.replicated)
+            if call is not None:  # distributed (DTensor gradients, process_group): the layout kept, one collective
+                with torch.no_grad():
+                    return call.clip(self.max_norm, self.norm_type, self.error_if_nonfinite)
         if self.process_group is None and not torch.compiler.is_compiling():
             plan = fastpath.find(self.parameters, True, self.backend, None)
             if plan is not None:

@@ -26,6 +26,8 @@ plain dense contiguous tensors of a kernel dtype (no subclass, no sparse, no vie
 zero-size tensor, no two tensors at one address (a gradient listed twice keeps its warning: it always takes the general
 path). The API asks only outside torch.compile tracing, for calls without a process group or `replicated`; a plan is
 neither kept nor used while the current CUDA stream captures a graph (the plan cache's capture rules then apply).
+Distributed calls (DTensor gradients, process groups) are kept by fusedclip.distributed, which holds entries of this
+module (make_entry) over the local shards of its calls.
 
 FUSEDCLIP_NO_HOST_EXT=1 (read at import) makes the check run in Python even where fusedclip._host is built.
 """
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import torch_backend
-from .backends.plan import KERNEL_DTYPES, DevicePlan, capturing
+from .backends.plan import KERNEL_DTYPES, DevicePlan, capturing, stream_of
 from .dispatch import Group, Plan
 
 ENV_NO_EXT = "FUSEDCLIP_NO_HOST_EXT"
@@ -252,6 +254,18 @@ def _load_extension() -> tuple[Optional[type], str]:
 
 CppSignatures, _how = _load_extension()
 Signatures: Any = CppSignatures or PySignatures  # the check new plans get (tests switch it)
+# fusedclip.distributed's kept calls read DTensor parameters' gradients and local shards through this (C++), where the
+# extension is used; None: in Python.
+_host_grads_and_locals = getattr(importlib.import_module("fusedclip._host"), "grads_and_locals", None) if (
+    CppSignatures is not None) else None
+
+
+def grads_and_locals(items: Any) -> Optional[tuple[list, list]]:
+    """(each parameter's .grad, each gradient's _local_tensor; None where absent), read in C++ while the extension's
+    check is the one in use; None otherwise (or for an element the general path must read)."""
+    if _host_grads_and_locals is None or Signatures is not CppSignatures:
+        return None
+    return _host_grads_and_locals(items)
 
 
 def describe() -> str:
@@ -271,7 +285,7 @@ def uses_extension() -> bool:
 class Entry:
     """A kept plan: what a call over the list needs besides its tensors, and the signatures that say it still holds."""
 
-    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "plan")
+    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "plans")
 
     def __init__(self, sigs: Any, name: Optional[str], foreach: Optional[bool], group: Group, plan: Plan) -> None:
         self.sigs = sigs
@@ -283,13 +297,19 @@ class Entry:
         self.count = plan.count
         self.device_plan = group.device_plan()
         # A backend that reads only its device plan is called without a tensor list, so every call's plan is the
-        # same: made once, with the backend's prepared calls. Other backends get a plan with the call's tensors.
+        # same: made once per stream (stream_of; None on CPU), with the backend's prepared calls, which bind that
+        # stream's scratch (DevicePlan.scratch). Other backends get a plan with the call's tensors.
         reads_plan_only = self.device_plan is not None and group.backend.reads_plan_only
-        self.plan = self._plan(None, {}) if reads_plan_only else None
+        self.plans: Optional[dict] = {} if reads_plan_only else None
 
     def _plan(self, tensors: Optional[list[Tensor]], steps: Optional[dict]) -> Plan:
         group = Group(self.backend, tensors, range(self.count), self.device, self.device_plan)
         return Plan([group], self.count, self.device, self.dtype, steps)
+
+    def plan_of(self, tensors: list[Tensor]) -> Plan:
+        """The kept plan over `tensors`, which the caller has checked itself (fusedclip.distributed: a subset of a
+        list another entry just checked)."""
+        return self.plan if self.plan is not None else self._plan(tensors, None)
 
     def backend_now(self) -> bool:
         """Whether the general path would pick the same backend now (FUSEDCLIP_BACKEND, what is loaded)."""
@@ -301,14 +321,21 @@ class Entry:
             return None
         if not self.backend_now():
             return None
-        if self.plan is None:
+        if self.plans is None:
             tensors = self.sigs.collect(items)
-            return None if tensors is None else self._plan(tensors, None)
+            if tensors is None:
+                return None
+            if isinstance(self.device_plan, DevicePlan):
+                self.device_plan.packed.before_use()  # another stream: wait for the tables
+            return self._plan(tensors, None)
         if not self.sigs.matches(items):
             return None
-        if self.device.type == "cuda" and isinstance(self.device_plan, DevicePlan):
-            self.device_plan.packed.before_use()  # another stream: wait for the tables
-        return self.plan
+        stream = stream_of(self.device)
+        plan = self.plans.get(stream)
+        if plan is None:  # the first call from this stream
+            self.device_plan.packed.before_use()  # type: ignore[union-attr]  (wait for the tables)
+            plan = self.plans[stream] = self._plan(None, {})
+        return plan
 
 
 _buckets: OrderedDict[tuple, list[Entry]] = OrderedDict()
@@ -330,17 +357,25 @@ def find(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool
     return None
 
 
+def make_entry(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool], plan: Plan) -> Optional[Entry]:
+    """A kept plan over `items`, made by the general path from them, if it qualifies (see the module docstring);
+    else None. fusedclip.distributed keeps such entries over the local shards of its calls."""
+    single = plan.single
+    if single is None or single.tensors is None or torch.compiler.is_compiling() or capturing(plan.device):
+        return None
+    sigs = Signatures(items, grads)
+    if not sigs.eligible or sigs.present != plan.count:
+        return None
+    return Entry(sigs, backends.check_backend_name(backend), foreach, single, plan)
+
+
 def remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool], plan: Plan) -> None:
     """Keep `plan`, which the general path just made from `items`, for the next calls over the same tensors, if it
     qualifies (see the module docstring). Cheap to call when it does not."""
-    single = plan.single
-    if single is None or single.tensors is None or torch.compiler.is_compiling() or capturing(plan.device):
+    entry = make_entry(items, grads, backend, foreach, plan)
+    if entry is None:
         return
-    sigs = Signatures(items, grads)
-    if not sigs.eligible or sigs.present != plan.count:
-        return
-    name = backends.check_backend_name(backend)
-    key = (grads, name, foreach, len(items))
+    key = (grads, entry.name, foreach, len(items))
     bucket = _buckets.get(key)
     if bucket is None:
         bucket = _buckets[key] = []
@@ -348,7 +383,7 @@ def remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional[
             _buckets.popitem(last=False)
     else:
         _buckets.move_to_end(key)
-    bucket.insert(0, Entry(sigs, name, foreach, single, plan))
+    bucket.insert(0, entry)
     del bucket[PER_BUCKET:]
     stats.kept += 1
 

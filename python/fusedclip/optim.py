@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from . import amp, dispatch
+from . import amp, dispatch, distributed
 from .arguments import check_nonnegative, collect_grads, parse_norm_type
 from .backends import clip_coef
 
@@ -77,6 +77,8 @@ def clip_and_step(
     scaler: Any = None,
     skip_nonfinite: bool = False,
     backend: Optional[str] = None,
+    process_group: distributed.GroupArg = None,
+    replicated: distributed.ReplicatedArg = None,
 ) -> Tensor:
     """Clip the global gradient norm of the optimizer's parameters and take the optimizer step.
 
@@ -94,10 +96,15 @@ def clip_and_step(
     skip_nonfinite : without a scaler, skip the step (parameters and optimizer state untouched) when the total
         is NaN or inf. Sync-free for fused optimizers; other optimizers decide on the host (a sync on GPUs)
     backend : "cuda", "triton", "torch" or None (auto)
+    process_group, replicated : as for ``clip_grad_norm_`` (DTensor gradients on any meshes need neither). The
+        skip decision then follows the global total, alike on every rank. DTensor parameters are clipped in place
+        and then stepped (the clip is not folded into a fused step: its ``grad_scale`` would be a plain tensor
+        beside DTensor parameters)
 
     Returns
     -------
-    The total norm before clipping (of the unscaled gradients): float32 (float64 if any gradient is float64).
+    The total norm before clipping (of the unscaled gradients): float32 (float64 if any gradient is float64); for
+    DTensor gradients on one mesh a DTensor, as ``clip_grad_norm_`` returns it.
 
     Notes
     -----
@@ -133,13 +140,17 @@ def clip_and_step(
         inv_scale = None
     skip = use_scaler or bool(skip_nonfinite)
 
-    if not grads:
+    call = None
+    if distributed.needed(grads, process_group, replicated):
+        # Every rank takes part in the collective, with gradients or without.
+        call, total, flags = amp.distributed_norm_and_flags(params, grads, p, backend, process_group, replicated)
+    elif not grads:
         if use_scaler:
             raise AssertionError("No inf checks were recorded for this optimizer.")  # torch's scaler.step
         optimizer.step()
         return torch.tensor(0.0)
-
-    plan, total, flags = amp.norm_and_flags(grads, p, backend)
+    else:
+        plan, total, flags = amp.norm_and_flags(grads, p, backend)
     if inv_scale is not None:
         total = amp.unscale_total(total, inv_scale, p)
     for d, f in prior_flags.items():
@@ -154,7 +165,8 @@ def clip_and_step(
     elif skip_nonfinite:
         found_inf = (~torch.isfinite(total)).to(torch.float32)
 
-    if folds_into_step(optimizer) and not (skip and _skip_would_leave_garbage(optimizer)):
+    folds = call is None or not call.layout.dtensor
+    if folds and folds_into_step(optimizer) and not (skip and _skip_would_leave_garbage(optimizer)):
         if torch.compiler.is_compiling():
             # Run eagerly: torch's fused step is compiler-disabled itself (stock torch breaks the graph there too),
             # and dynamo (2.13) loses the attributes set around that break. Decorated here, when dynamo is loaded
@@ -163,10 +175,13 @@ def clip_and_step(
         else:
             _fused_step(optimizer, factor, found_inf)
     else:
-        dispatch.scale_(plan, factor)
+        if call is not None:
+            call.scale_(factor)
+        else:
+            dispatch.scale_(plan, factor)
         if found_inf is None or not bool(found_inf):  # host decision: see the module docstring
             optimizer.step()
     if use_scaler:
         state["found_inf_per_device"] = flags  # type: ignore[index]
         state["stage"] = OptState.STEPPED  # type: ignore[index]
-    return total
+    return total if call is None else call.wrap(total, p)

@@ -4,12 +4,18 @@ Same contract as the Triton backend: one launch for the norm of any number of te
 and clip coefficient finalized on the device), one for the scale (which returns at once when coef == 1), one
 for the clamp. Built by setup.py when torch has CUDA and a CUDA toolkit is found; without it, load() says why and the
 other backends carry on.
+
+A kept plan's calls (fusedclip.fastpath) go to the planned_* ops, which take the plan's tables alone: the backend then
+reads its plan only (no tensor list to build or convert per call) and prepares its calls as the Triton backend does.
+Each call allocates its own scratch on the current stream (the ops do), so streams never share one.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -25,6 +31,7 @@ CHUNK_SIZE = 65536
 _ext = None
 _ext_error: Optional[str] = None
 _fakes_registered = False
+_ops = torch.ops.fusedclip  # the extension's ops (tests on a machine without them put stand-ins here)
 
 
 def _import_ext():
@@ -107,11 +114,18 @@ def _has_unit_ops() -> bool:
     return hasattr(torch.ops.fusedclip, "unit_norms") and hasattr(torch.ops.fusedclip, "scale_units")
 
 
+def _has_planned_ops() -> bool:
+    return all(hasattr(_ops, f"planned_{job}") for job in ("norm", "scale", "clamp"))
+
+
 class CudaBackend(UnitKernels):
     name = "cuda"
 
     def __init__(self) -> None:
         self.plans = PlanCache(CHUNK_SIZE)
+        # With the planned_* ops (an extension built before them lacks them) every method takes tensors=None given a
+        # plan: the fast path then keeps one plan and prepared calls (Backend.reads_plan_only).
+        self.reads_plan_only = _has_planned_ops()
 
     @property
     def cache(self) -> PlanCache:  # the name UnitKernels looks the unit plans up in
@@ -140,10 +154,13 @@ class CudaBackend(UnitKernels):
         return self._norms(tensors, norm_type, per_tensor, plan)
 
     def _norms(
-        self, tensors: list[Tensor], norm_type: float, per_tensor: bool, plan: Optional[DevicePlan] = None
+        self, tensors: Optional[list[Tensor]], norm_type: float, per_tensor: bool, plan: Optional[DevicePlan] = None
     ) -> tuple[Tensor, Optional[Tensor]]:
+        if tensors is None:  # a kept plan's call (reads_plan_only): the tables alone
+            total, norms, _ = _ops.planned_norm(*_norm_tables(plan), float(norm_type), per_tensor, None)
+            return total, (norms if per_tensor else None)
         p = plan if plan is not None else self.plans.get(tensors)
-        total, norms = torch.ops.fusedclip.norm(
+        total, norms = _ops.norm(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type), per_tensor
         )
         return total, (norms if per_tensor else None)
@@ -156,10 +173,13 @@ class CudaBackend(UnitKernels):
         return self._norm_and_coef(tensors, norm_type, max_norm, plan)
 
     def _norm_and_coef(
-        self, tensors: list[Tensor], norm_type: float, max_norm: float, plan: Optional[DevicePlan] = None
+        self, tensors: Optional[list[Tensor]], norm_type: float, max_norm: float, plan: Optional[DevicePlan] = None
     ) -> tuple[Tensor, Tensor]:
+        if tensors is None:
+            total, _, coef = _ops.planned_norm(*_norm_tables(plan), float(norm_type), False, float(max_norm))
+            return total, coef
         p = plan if plan is not None else self.plans.get(tensors)
-        return torch.ops.fusedclip.norm_and_coef(
+        return _ops.norm_and_coef(
             tensors, p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, float(norm_type),
             float(max_norm),
         )
@@ -176,19 +196,22 @@ class CudaBackend(UnitKernels):
             return
         self._scale(tensors, coefs, True, plan)
 
-    def _scale(self, tensors: list[Tensor], coef: Tensor, per_tensor: bool, plan: Optional[DevicePlan] = None) -> None:
-        p = plan if plan is not None else self.plans.get(tensors)
+    def _scale(
+        self, tensors: Optional[list[Tensor]], coef: Tensor, per_tensor: bool, plan: Optional[DevicePlan] = None
+    ) -> None:
+        p = plan if plan is not None else self.plans.get(tensors)  # type: ignore[arg-type]
         coef = kernel_coef(coef, p.device)
         if p.aliased:  # torch scales a tensor listed twice twice, in turn; the kernel would race
-            fallback = torch_backend.load()
-            (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef)
+            fallback = torch_backend.load()  # (never a kept plan's: the fast path keeps no aliased list)
+            (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef)  # type: ignore[arg-type]
             return
-        if per_tensor:
-            torch.ops.fusedclip.scale_per_tensor(
-                tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef.reshape(-1).contiguous()
-            )
+        coef = coef.reshape(-1).contiguous() if per_tensor else coef.reshape(())
+        if tensors is None:
+            _ops.planned_scale(p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef, per_tensor)
+        elif per_tensor:
+            _ops.scale_per_tensor(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef)
         else:
-            torch.ops.fusedclip.scale(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef.reshape(()))
+            _ops.scale(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, coef)
 
     # AGC (UnitKernels): one unit_norms launch and one scale_units launch over a unit plan.
 
@@ -210,9 +233,51 @@ class CudaBackend(UnitKernels):
             return
         self._clamp(tensors, clip_value, plan)
 
-    def _clamp(self, tensors: list[Tensor], clip_value: float, plan: Optional[DevicePlan] = None) -> None:
-        p = plan if plan is not None else self.plans.get(tensors)
-        torch.ops.fusedclip.clamp(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, float(clip_value))
+    def _clamp(self, tensors: Optional[list[Tensor]], clip_value: float, plan: Optional[DevicePlan] = None) -> None:
+        p = plan if plan is not None else self.plans.get(tensors)  # type: ignore[arg-type]
+        if tensors is None:
+            _ops.planned_clamp(p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, float(clip_value))
+        else:
+            _ops.clamp(tensors, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size, float(clip_value))
+
+    # Prepared calls of a kept plan (Backend.prepare_*): the planned_* ops with their arguments bound once. The ops
+    # allocate each call's scratch on the current stream and guard the plan's device, so a prepared call serves any
+    # stream and any current device.
+
+    def _planned(self, plan: object) -> bool:
+        return isinstance(plan, DevicePlan) and self.reads_plan_only and not torch.compiler.is_compiling()
+
+    def prepare_norm(self, plan: object, norm_type: float) -> Optional[Callable[[], Tensor]]:
+        if not self._planned(plan):
+            return None
+        norm = functools.partial(_ops.planned_norm.default, *_norm_tables(plan), float(norm_type), False, None)
+        return lambda: norm()[0]
+
+    def prepare_clip_norm(self, plan: object, norm_type: float, max_norm: float) -> Optional[Callable[[], Tensor]]:
+        if not self._planned(plan) or plan.aliased:  # type: ignore[union-attr]
+            return None  # (an aliased plan scales through torch: see _scale)
+        p: DevicePlan = plan  # type: ignore[assignment]
+        norm = functools.partial(_ops.planned_norm.default, *_norm_tables(p), float(norm_type), False, float(max_norm))
+        scale = functools.partial(_ops.planned_scale.default, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size)
+
+        def clip() -> Tensor:
+            total, _, coef = norm()
+            scale(coef, False)
+            return total
+
+        return clip
+
+    def prepare_clamp(self, plan: object, clip_value: float) -> Optional[Callable[[], None]]:
+        if not self._planned(plan):
+            return None
+        p: DevicePlan = plan  # type: ignore[assignment]
+        return functools.partial(_ops.planned_clamp.default, p.meta, p.chunk_tensor, p.chunk_start, p.chunk_size,
+                                 float(clip_value))
+
+
+def _norm_tables(p: DevicePlan) -> tuple:
+    """planned_norm's leading arguments: the tables, the chunk size and whether to accumulate in float64."""
+    return p.meta, p.chunk_tensor, p.chunk_start, p.tensor_chunks, p.chunk_size, p.acc_dtype == torch.float64
 
 
 _instance: Optional[CudaBackend] = None

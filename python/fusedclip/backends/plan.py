@@ -9,7 +9,11 @@ for plans a CUDA graph reads: see TableCache.
 
 Building a plan never waits on the device: the tables are packed into one pinned host buffer and copied with
 one non-blocking copy (pack_tables), so a cache miss is as sync-free as a hit and may happen inside CUDA-graph
-capture.
+capture (its pinned buffer then comes from a reserve set aside before: see PinnedReserve).
+
+Memory a CUDA graph's pool owns is never cached: a plan built while the current stream captures, or while
+torch.compile's CUDA-graph trees (mode="reduce-overhead") warm a function up in their pool, serves that one call
+(see TableCache), and so do the scratch buffers of such calls (see DevicePlan.scratch).
 
 A unit plan (AGC) lists the units of its tensors instead, one contiguous row each: then one launch yields
 every unit's norm, or scales every unit by its own coefficient.
@@ -23,10 +27,13 @@ Tables (all on the plan's device, views of one buffer: DevicePlan.packed):
   partials, tensor_vals, coef  accumulation dtype [C], [T], [1]: the norm kernels' scratch and clip coefficient
                for the steady-state calls of a kept plan (fusedclip.fastpath), which allocate only what they return
                (other calls allocate their own: their results may outlive the next call)
+The ticket and the scratch serve the stream that built the plan; every other stream gets its own set, and a call
+being captured into a CUDA graph a fresh one (DevicePlan.scratch): two streams never share a ticket.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +66,16 @@ def kernel_coef(coef: Tensor, device: torch.device) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Scratch:
+    """What a Triton norm launch writes besides its results: its ticket (zero between launches) and scratch."""
+
+    ticket: Tensor
+    partials: Tensor
+    tensor_vals: Tensor
+    coef: Tensor
+
+
+@dataclass(frozen=True)
 class DevicePlan:
     device: torch.device
     num_tensors: int
@@ -76,6 +93,34 @@ class DevicePlan:
     # The one buffer the tables above are views of, with its host source (kept: see PackedTables).
     packed: PackedTables = field(repr=False, compare=False)
     aliased: bool  # some tensor is listed twice: an in-place kernel would race on it, so scaling goes to torch
+    # The scratch of each stream that used the plan (stream_of; None for a CPU plan): the ticket, partials,
+    # tensor_vals and coef above for the stream that built it.
+    scratches: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def scratch(self) -> Scratch:
+        """The ticket and scratch for a launch from the current stream. Launches on two streams may overlap, and a
+        ticket two launches increment at once ends wrong (a total finalized early, or never): so each stream has its
+        own set, made at its first use (zeroed on that stream, so ordered before its launches) and kept with the
+        plan. A call being captured gets a new set every time (a temporary of the graph, zeroed by the graph at each
+        replay): a graph may replay on any stream, beside eager calls or other graphs over the same plan. So does a
+        call in a CUDA-graph tree's warm-up (see warming_up_graphs), whose allocations the tree's pool owns."""
+        stream = stream_of(self.device)
+        if not capturing(self.device):
+            mine = self.scratches.get(stream)
+            if mine is not None:
+                return mine
+            if not warming_up_graphs(self.device):
+                mine = self.scratches[stream] = self._new_scratch()
+                return mine
+        return self._new_scratch()
+
+    def _new_scratch(self) -> Scratch:
+        return Scratch(
+            torch.zeros(1, dtype=torch.int32, device=self.device),
+            torch.empty(self.num_chunks, dtype=self.acc_dtype, device=self.device),
+            torch.empty(self.num_tensors, dtype=self.acc_dtype, device=self.device),
+            torch.empty(1, dtype=self.acc_dtype, device=self.device),
+        )
 
 
 _TABLE_ALIGN = 16  # bytes: each table of a packed buffer starts 16-byte aligned (int64 views, wide loads)
@@ -89,8 +134,8 @@ class PackedTables:
     is `host` itself (no copy).
 
     The host buffer of a plan built outside capture is dropped once its copy is issued: torch's caching host
-    allocator keeps the pinned block until the copy has run. One built while capturing keeps it: the copy is a node
-    of the graph that reads it again at every replay (and TableCache re-issues it for a later capture).
+    allocator keeps the pinned block until the copy has run. One built while capturing keeps it (and TableCache
+    keeps it for good): the copy is a node of the graph that reads it again at every replay.
 
     Streams: the copy runs on the stream that was current when it was issued, and an event is recorded after it.
     A later use from another stream (before_use) makes that stream wait for the event and records it on the device
@@ -144,6 +189,44 @@ def _pinned_staging(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+class PinnedReserve:
+    """Pinned host buffers set aside outside capture for the tables of plans first built while capturing.
+
+    A pinned allocation that torch's caching host allocator cannot serve from its cache calls cudaHostAlloc, which
+    a stream capture does not permit. So every plan built outside capture for a CUDA device makes sure that `COUNT`
+    buffers at least as large as its tables are set aside (once per new largest size: a power of two), and a build
+    while capturing takes one of them (the graph keeps it: see PackedTables). Taking from an empty reserve (no plan
+    of that size was built before the capture: torch's recipes warm up first) falls back to torch's allocator,
+    counted in `misses`."""
+
+    COUNT = 4  # builds in one capture before the reserve runs dry (a compiled clip looks its plan up twice)
+    MIN_BYTES = 4096
+
+    def __init__(self) -> None:
+        self.buffers: list[Tensor] = []  # all of one size, the largest needed so far
+        self.misses = 0
+
+    def ensure(self, nbytes: int) -> None:
+        """Outside capture: set aside what a capture-time build of `nbytes` of tables would take."""
+        if self.buffers and self.buffers[0].numel() < nbytes:
+            self.buffers = []  # too small for the tables seen now: larger ones replace them
+        if len(self.buffers) < self.COUNT:
+            size = max(self.MIN_BYTES, 1 << max(0, nbytes - 1).bit_length())
+            size = max(size, self.buffers[0].numel()) if self.buffers else size
+            self.buffers += [torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                             for _ in range(self.COUNT - len(self.buffers))]
+
+    def take(self, nbytes: int) -> Optional[Tensor]:
+        """While capturing: a zeroed pinned buffer of `nbytes` bytes from the reserve, or None (counted)."""
+        if not self.buffers or self.buffers[-1].numel() < nbytes:
+            self.misses += 1
+            return None
+        return self.buffers.pop()[:nbytes].zero_()
+
+
+reserve = PinnedReserve()
+
+
 def pack_tables(device: torch.device, tables: Sequence[Tensor]) -> tuple[PackedTables, list[Tensor]]:
     """Copy host tables (any dtypes and shapes, contiguous or not) to `device` with one allocation and one copy.
 
@@ -155,7 +238,13 @@ def pack_tables(device: torch.device, tables: Sequence[Tensor]) -> tuple[PackedT
         offsets.append(nbytes)
         nbytes += t.numel() * t.element_size()
     pinned = _pinned_staging(device)
-    host = torch.zeros(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
+    host = None
+    if pinned and capturing(device):
+        host = reserve.take(max(nbytes, 1))  # no pinned allocation while capturing (see PinnedReserve)
+    elif pinned:
+        reserve.ensure(max(nbytes, 1))
+    if host is None:
+        host = torch.zeros(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
 
     def views(buffer: Tensor) -> list[Tensor]:
         return [
@@ -190,7 +279,7 @@ def _tables(
     packed, (meta_d, chunk_tensor_d, chunk_start_d, tensor_chunks_d, ticket_d, *scratch_d) = pack_tables(
         device, [meta, chunk_tensor.to(torch.int32), chunk_start, tensor_chunks.to(torch.int32), ticket, *scratch]
     )
-    return DevicePlan(
+    plan = DevicePlan(
         device=device,
         num_tensors=count,
         num_chunks=num_chunks,
@@ -207,6 +296,8 @@ def _tables(
         aliased=aliased,
         packed=packed,
     )
+    plan.scratches[stream_of(device)] = Scratch(ticket_d, *scratch_d)  # the building stream's: see scratch()
+    return plan
 
 
 def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
@@ -271,6 +362,26 @@ def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def stream_of(device: torch.device) -> Optional[torch.cuda.Stream]:
+    """The current stream of a CUDA device, or None (other devices have none)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def warming_up_graphs(device: torch.device) -> bool:
+    """Whether torch.compile's CUDA-graph trees (mode="reduce-overhead") are warming a function up on `device` now:
+    they run it on their own stream with every allocation of this thread sent to the tree's pool, whose blocks the
+    tree frees and hands out again by its own bookkeeping of the function's outputs. Memory allocated then must not
+    outlive the call (asked only when something would be kept: a miss, a new stream)."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None or device.type != "cuda":
+        return False
+    try:
+        manager = trees.get_manager(device.index, create_if_none_exists=False)
+    except Exception:  # another torch's internals: then no tree of theirs can be told apart
+        return False
+    return manager is not None and torch.cuda.current_stream(device) == manager.stream
+
+
 V = TypeVar("V")
 
 
@@ -281,10 +392,12 @@ class TableCache(Generic[V]):
     it was captured, at every replay, for as long as the graph lives; so, while the current stream captures:
     - an entry that is looked up leaves the LRU for good: it is kept for the life of the process (or until
       clear()) and no longer counts against `capacity`;
-    - an entry that is built is kept the same way, and is handed only to calls made while capturing: its tables
-      are filled by the graph's copy node, that is, only when the graph replays; an eager call builds its own.
-      A later capture that finds it records the copy again, so that every graph fills the tables it reads
-      (a graph may replay before, or without, the one that built them).
+    - an entry that is built serves that call only: its device buffer is a temporary of the graph (the graph's pool
+      owns it, as it owns every temporary of the captured work, and the graph's copy node fills it at each replay
+      before the kernels read it), and its pinned host buffer, which that copy node reads, is kept for good.
+      Eager calls, and later captures, build their own.
+    A build while torch.compile's CUDA-graph trees warm a function up in their pool (warming_up_graphs) serves that
+    call only too: the tree would free and reuse its memory by the bookkeeping of the function's outputs.
     Clear the cache only when no captured graph that used it will replay again.
     """
 
@@ -292,7 +405,7 @@ class TableCache(Generic[V]):
         self.capacity = capacity
         self._lru: OrderedDict[tuple, tuple[V, PackedTables]] = OrderedDict()
         self._kept: dict[tuple, tuple[V, PackedTables]] = {}  # used while capturing, tables filled eagerly
-        self._captured: dict[tuple, tuple[V, PackedTables]] = {}  # built while capturing, filled by replays
+        self._graph_sources: list[Tensor] = []  # host buffers of builds while capturing: their graphs read them
         self.builds = 0  # for tests: how many entries were built (host-to-device copies)
 
     def _lookup(self, key: tuple, device: torch.device, build: Callable[[], tuple[V, PackedTables]]) -> V:
@@ -310,16 +423,11 @@ class TableCache(Generic[V]):
         if entry is not None:
             entry[1].before_use()
             return entry[0]
-        if in_capture:
-            entry = self._captured.get(key)
-            if entry is not None:
-                entry[1].upload()
-                return entry[0]
         entry = build()
         self.builds += 1
         if in_capture:
-            self._captured[key] = entry
-        else:
+            self._graph_sources.append(entry[1].host)  # type: ignore[arg-type]
+        elif not warming_up_graphs(device):
             self._lru[key] = entry
             if len(self._lru) > self.capacity:
                 self._lru.popitem(last=False)
@@ -328,7 +436,7 @@ class TableCache(Generic[V]):
     @property
     def kept_for_graphs(self) -> int:
         """How many entries are kept because a CUDA graph captured their use (outside the LRU bound)."""
-        return len(self._kept) + len(self._captured)
+        return len(self._kept)
 
     def __len__(self) -> int:
         return len(self._lru) + self.kept_for_graphs
@@ -337,7 +445,7 @@ class TableCache(Generic[V]):
         """Forget every entry, those kept for CUDA graphs too: only when no such graph will replay again."""
         self._lru.clear()
         self._kept.clear()
-        self._captured.clear()
+        self._graph_sources.clear()
 
 
 class PlanCache(TableCache[DevicePlan]):

@@ -7,6 +7,9 @@ once when the coefficient is 1. Nothing waits on the host.
 On CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported): that is how
 CI exercises the real kernels without a GPU. Under the interpreter CUDA tensors are not taken (the interpreter
 cannot follow device addresses).
+
+Triton launches on the current CUDA device: every launch here is made on the plan's device (the tensors'), as the
+CUDA ops' device guard does, whichever device is current.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from . import BackendUnavailable, acc_dtype, torch_backend
-from .plan import CACHE_SIZE, DevicePlan, PlanCache, flat_ok, kernel_coef
+from .plan import CACHE_SIZE, DevicePlan, PlanCache, Scratch, flat_ok, kernel_coef
 from .units import UnitKernels
 
 # Chunk = elements one program covers; block = elements per step of the reduce loop (the scale and clamp loops step
@@ -78,11 +81,12 @@ class TritonBackend(UnitKernels):
     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """The reduce and finalize launches over `plan` (by default the plan of `tensors`)."""
         plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
-        return _kernels.norm.multi_tensor_norm(
-            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket,
-            plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type,
-            per_tensor=per_tensor, max_norm=max_norm, block=self.block,
-        )
+        with on_device(plan.device):
+            return _kernels.norm.multi_tensor_norm(
+                plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.scratch().ticket,
+                plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type,
+                per_tensor=per_tensor, max_norm=max_norm, block=self.block,
+            )
 
     def norms(
         self, tensors: Optional[list[Tensor]], norm_type: float, per_tensor: bool, plan: Optional[DevicePlan] = None
@@ -113,10 +117,11 @@ class TritonBackend(UnitKernels):
             fallback = torch_backend.load()
             (fallback.scale_per_tensor_ if per_tensor else fallback.scale_)(tensors, coef if per_tensor else coef[0])
             return
-        _kernels.scale.scale_(
-            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
-            coef.contiguous(), per_tensor=per_tensor, block=self.block,
-        )
+        with on_device(plan.device):
+            _kernels.scale.scale_(
+                plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
+                coef.contiguous(), per_tensor=per_tensor, block=self.block,
+            )
 
     def scale_(self, tensors: Optional[list[Tensor]], coef: Tensor, plan: Optional[DevicePlan] = None) -> None:
         if torch.compiler.is_compiling():
@@ -132,28 +137,31 @@ class TritonBackend(UnitKernels):
             return
         self._scale(tensors, coefs, True, plan)
 
-    # Prepared calls of a kept plan (Backend.prepare_*): the launches keyed once, the plan's scratch bound.
+    # Prepared calls of a kept plan (Backend.prepare_*): the launches keyed once, the scratch of the preparing stream
+    # bound (fusedclip.fastpath prepares them per stream), launched on the plan's device.
 
-    def _prepared_norm(self, plan: DevicePlan, norm_type: float, max_norm: Optional[float]) -> Callable:
+    def _prepared_norm(self, plan: DevicePlan, norm_type: float, max_norm: Optional[float], scratch: Scratch
+                       ) -> Callable:
         return _kernels.norm.prepare_norm(
-            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket, plan.num_tensors,
-            plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type, plan.partials, plan.tensor_vals, plan.coef,
-            max_norm=max_norm, block=self.block,
+            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, scratch.ticket, plan.num_tensors,
+            plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type, scratch.partials, scratch.tensor_vals,
+            scratch.coef, max_norm=max_norm, block=self.block,
         )
 
     def prepare_norm(self, plan: object, norm_type: float) -> Optional[Callable[[], Tensor]]:
         if not isinstance(plan, DevicePlan) or torch.compiler.is_compiling():
             return None
-        norm = self._prepared_norm(plan, norm_type, None)
-        return lambda: norm()[0]
+        norm = self._prepared_norm(plan, norm_type, None, plan.scratch())
+        return launched_on(plan.device, lambda: norm()[0])
 
     def prepare_clip_norm(self, plan: object, norm_type: float, max_norm: float) -> Optional[Callable[[], Tensor]]:
         if not isinstance(plan, DevicePlan) or plan.aliased or torch.compiler.is_compiling():
             return None  # (an aliased plan scales through torch: see _scale)
-        norm = self._prepared_norm(plan, norm_type, max_norm)
+        scratch = plan.scratch()
+        norm = self._prepared_norm(plan, norm_type, max_norm, scratch)
         scale = _kernels.scale.prepare_scale_(
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
-            plan.coef, block=self.block,
+            scratch.coef, block=self.block,
         )
 
         def clip() -> Tensor:
@@ -161,15 +169,15 @@ class TritonBackend(UnitKernels):
             scale()
             return total
 
-        return clip
+        return launched_on(plan.device, clip)
 
     def prepare_clamp(self, plan: object, clip_value: float) -> Optional[Callable[[], None]]:
         if not isinstance(plan, DevicePlan) or torch.compiler.is_compiling():
             return None
-        return _kernels.clamp.prepare_clamp_(
+        return launched_on(plan.device, _kernels.clamp.prepare_clamp_(
             plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
             clip_value, block=self.block,
-        )
+        ))
 
     # AGC (UnitKernels): the same two launchers over a unit plan.
 
@@ -185,10 +193,37 @@ class TritonBackend(UnitKernels):
             torch.ops.fusedclip.triton_clamp_(tensors, float(clip_value))
             return
         plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
-        _kernels.clamp.clamp_(
-            plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
-            clip_value, block=self.block,
-        )
+        with on_device(plan.device):
+            _kernels.clamp.clamp_(
+                plan.meta, plan.chunk_tensor, plan.chunk_start, plan.num_tensors, plan.num_chunks, plan.chunk_size,
+                clip_value, block=self.block,
+            )
+
+
+_HERE = contextlib.nullcontext()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a launch for tensors on `device` must run: Triton launches on the current CUDA device (its tables,
+    stream and compiled kernel are that device's), so another device is made current around it."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _HERE
+
+
+def launched_on(device: torch.device, call: Callable) -> Callable:
+    """`call` (a prepared launch) made on `device` whichever device is current when it is called."""
+    if device.type != "cuda":
+        return call
+    index = device.index
+
+    def on_its_device(*args: Any) -> Any:
+        if torch.cuda.current_device() == index:
+            return call(*args)
+        with torch.cuda.device(index):
+            return call(*args)
+
+    return on_its_device
 
 
 # ---- torch.compile -------------------------------------------------------------------------------------------
