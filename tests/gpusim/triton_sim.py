@@ -373,7 +373,7 @@ def cases() -> list[Case]:
     # One empty tensor at most: two have the same address (0), and a plan listing an address twice is not kept.
     kept = [n or 3 * i + 1 for i, n in enumerate(small)]
     kept[0] = 0
-    for p in (2.0, 0.0, 3.0):
+    for p in (2.0, 0.0):  # the slabs over the partials, the tiles' counts in tensor_vals
         out.append(_prepared_clip_case(f"prepared norm and clip p={p}, 3 slabs", _mixed(9, FOUR, kept), p, 64, 64,
                                        0.25))
     mixed = _mixed(4, FOUR)
