@@ -306,10 +306,20 @@ class Entry:
         group = Group(self.backend, tensors, range(self.count), self.device, self.device_plan)
         return Plan([group], self.count, self.device, self.dtype, steps)
 
-    def plan_of(self, tensors: list[Tensor]) -> Plan:
+    def plan_of(self, tensors: Optional[list[Tensor]]) -> Plan:
         """The kept plan over `tensors`, which the caller has checked itself (fusedclip.distributed: a subset of a
-        list another entry just checked)."""
-        return self.plan if self.plan is not None else self._plan(tensors, None)
+        list another entry just checked), for a call from the current stream. A backend that reads its plan only
+        ignores them: its plan is made once per stream (stream_of; None on CPU), with its prepared calls."""
+        if self.plans is None:
+            if isinstance(self.device_plan, DevicePlan):
+                self.device_plan.packed.before_use()  # another stream: wait for the tables
+            return self._plan(tensors, None)
+        stream = stream_of(self.device)
+        plan = self.plans.get(stream)
+        if plan is None:  # the first call from this stream
+            self.device_plan.packed.before_use()  # type: ignore[union-attr]  (wait for the tables)
+            plan = self.plans[stream] = self._plan(None, {})
+        return plan
 
     def backend_now(self) -> bool:
         """Whether the general path would pick the same backend now (FUSEDCLIP_BACKEND, what is loaded)."""
@@ -323,19 +333,10 @@ class Entry:
             return None
         if self.plans is None:
             tensors = self.sigs.collect(items)
-            if tensors is None:
-                return None
-            if isinstance(self.device_plan, DevicePlan):
-                self.device_plan.packed.before_use()  # another stream: wait for the tables
-            return self._plan(tensors, None)
+            return None if tensors is None else self.plan_of(tensors)
         if not self.sigs.matches(items):
             return None
-        stream = stream_of(self.device)
-        plan = self.plans.get(stream)
-        if plan is None:  # the first call from this stream
-            self.device_plan.packed.before_use()  # type: ignore[union-attr]  (wait for the tables)
-            plan = self.plans[stream] = self._plan(None, {})
-        return plan
+        return self.plan_of(None)
 
 
 _buckets: OrderedDict[tuple, list[Entry]] = OrderedDict()
