@@ -10,9 +10,9 @@ stand-in (`intercepted`) that receives exactly what the backend's launcher passe
 
 1. compile (this process; TRITON_INTERPRET must be unset): compiles it, `kernel.warmup(*args, grid=grid, **options)`,
    for sm_70 under the preflight's stand-in driver (tests/triton_preflight.py); each variant's PTX is made acceptable
-   to the simulator (simulator_ptx), checked by CUDA 11.8's ptxas, and all are wrapped into one fatbin, with a
-   manifest from each launch's key (launch.spec: what Triton specialises on, the constexprs, the options) to its
-   variant. The Triton cache (TRITON_CACHE_DIR; the stage keeps one) makes a second compile cheap.
+   to the simulator (simulator_ptx), all are joined into one module (one_module), checked by CUDA 11.8's ptxas and
+   put in a fatbin, with a manifest from each launch's key (launch.spec: what Triton specialises on, the constexprs,
+   the options) to its variant. The Triton cache (TRITON_CACHE_DIR; the stage keeps one) makes a second compile cheap.
 2. run (a fresh process in the simulator's environment and a fresh folder, as the kit's README says): the fatbin is
    what PYTORCH_BIN names, each variant is registered with the simulator's libcudart under its own name; the
    stand-in looks the launch's variant up by its key (a launch that was not compiled fails) and launches it with
@@ -119,6 +119,25 @@ def simulator_ptx(ptx: str, name: str, entry: str, threads: int) -> str:
     ptx = re.sub(r"^(\.visible \.entry [^{]*\{\n)", lambda m: m[1] + scratch, ptx, count=1, flags=re.MULTILINE)
     assert "brx" not in ptx.replace("%pbrx", ""), f"{name}: a jump table left"
     return re.sub(rf"\b{re.escape(name)}(?=\b|_param_)", entry, ptx)
+
+
+def one_module(ptxs: list[str]) -> str:
+    """The variants' PTX as one module: one header, each module-level declaration once (every variant declares
+    `.extern .shared ... global_smem[]`), then every entry. One module is one ptxas run, here and in the simulator,
+    which assembles each module it registers (32 modules cost it 9 s, one 6 s)."""
+    header: list[str] | None = None
+    declarations: list[str] = []
+    entries = []
+    for ptx in ptxs:
+        head, entry, body = ptx.partition("\n.visible .entry ")
+        assert entry, "no entry in a variant's PTX"
+        lines = [line for line in head.splitlines() if line.strip() and not line.lstrip().startswith("//")]
+        this = [line for line in lines if line.startswith((".version", ".target", ".address_size"))]
+        assert header in (None, this), f"variants for other targets: {header}, {this}"
+        header = this
+        declarations += [line for line in lines if line not in this and line not in declarations]
+        entries.append(entry.lstrip("\n") + body)
+    return "\n".join([*header, *declarations, "", *entries])
 
 
 def _f16x2_compare(m: re.Match) -> str:
@@ -432,14 +451,12 @@ def compile_all(prefix: str, out_dir: str) -> None:
         driver.set_active(previous)
     os.makedirs(out_dir, exist_ok=True)
     tools = Path(prefix) / "cuda11" / "bin"
-    images = []
-    for v in variants.values():
-        path = os.path.join(out_dir, v["entry"] + ".ptx")
-        with open(path, "w") as f:
-            f.write(v.pop("ptx"))
-        subprocess.run([tools / "ptxas", f"-arch=sm_{ARCH}", path, "-o", os.devnull], check=True)
-        images.append(f"--image3=kind=ptx,sm={ARCH},file={path}")
-    subprocess.run([tools / "fatbinary", f"--create={out_dir}/kernels.fatbin", "-64", *images], check=True)
+    path = os.path.join(out_dir, "kernels.ptx")
+    with open(path, "w") as f:
+        f.write(one_module([v.pop("ptx") for v in variants.values()]))
+    subprocess.run([tools / "ptxas", f"-arch=sm_{ARCH}", path, "-o", os.devnull], check=True)
+    subprocess.run([tools / "fatbinary", f"--create={out_dir}/kernels.fatbin", "-64",
+                    f"--image3=kind=ptx,sm={ARCH},file={path}"], check=True)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"variants": list(variants.values()), "keys": keys}, f, indent=1)
     print(f"triton-sim: {len(variants)} variants compiled for sm_70 and checked by ptxas 11.8 in "
@@ -456,7 +473,7 @@ _CTYPES = {"i1": ctypes.c_int8, "i8": ctypes.c_int8, "i16": ctypes.c_int16, "i32
 class TritonDevice(simlib.Device):
     """The simulator's libcudart with the compiled variants registered by name from the fatbin."""
 
-    def __init__(self, fatbin: str, log_path: str) -> None:
+    def __init__(self, fatbin: str, entries: list[str], log_path: str) -> None:
         super().__init__(log_path)
         os.environ["PYTORCH_BIN"] = fatbin  # where the simulator reads PTX from (with cuobjdump), at registration
         rt, vp = self.rt, ctypes.c_void_p
@@ -469,18 +486,14 @@ class TritonDevice(simlib.Device):
         rt.cuLaunchKernel.argtypes = [vp] + [ctypes.c_uint] * 7 + [vp, vp, vp]
         # The simulator ignores the fatbin handed to it (it reads PYTORCH_BIN): any buffer will do.
         self._fatbin_arg = ctypes.create_string_buffer(64)
+        # A kernel's host-side handle is any unique address: a buffer holding its name.
+        self._host_funs = {entry: ctypes.create_string_buffer(entry.encode()) for entry in entries}
         t0 = time.perf_counter()
         with self.quiet():
-            self._handle = register_fatbin(self._fatbin_arg)  # the simulator parses the PTX now
+            self._handle = register_fatbin(self._fatbin_arg)
+            for entry, handle in self._host_funs.items():  # the first one has the simulator parse the PTX
+                self._register_function(self._handle, handle, entry.encode(), entry.encode(), -1, *[None] * 5)
         self.stats.load_seconds = time.perf_counter() - t0
-        self._host_funs: dict[str, ctypes.Array] = {}
-
-    def register(self, entry: str) -> None:
-        """A kernel's host-side handle is any unique address: a buffer holding its name."""
-        name = entry.encode()
-        self._host_funs[entry] = ctypes.create_string_buffer(name)
-        with self.quiet():
-            self._register_function(self._handle, self._host_funs[entry], name, name, -1, *[None] * 5)
 
     def launch_variant(self, variant: dict, grid: tuple, values: list) -> None:
         """Triton's ABI: the passed arguments in order, then the global and profile scratch pointers."""
@@ -508,10 +521,9 @@ def run_all(build_dir: str) -> None:
         ctypes.CDLL(None).fflush(None)
         os.write(report, (text + "\n").encode())
 
-    dev = TritonDevice(os.path.join(build_dir, "kernels.fatbin"), os.environ.get(simlib.LOG_ENV, "triton-sim.log"))
     by_entry = {v["entry"]: v for v in manifest["variants"]}
-    for entry in by_entry:
-        dev.register(entry)
+    dev = TritonDevice(os.path.join(build_dir, "kernels.fatbin"), list(by_entry),
+                       os.environ.get(simlib.LOG_ENV, "triton-sim.log"))
     staged: list[simlib.Staged] = []  # the last one is the case being run
 
     def on_launch(key, kernel, grid, args, options):
