@@ -377,6 +377,26 @@ def test_a_refused_sanitizer_is_recorded_as_skipped_not_failed(tmp_path):
     assert gpu_summary.tool_refused("compute-sanitizer", logs) is None
 
 
+def test_a_failing_sanitizer_probe_without_a_refusal_still_runs_the_sanitizer(tmp_path, monkeypatch):
+    """env's probe failed without a refusal (here: the sanitizer crashed): not known, so the stage runs the
+    sanitizer, and its own failure is recorded instead of a skip that reads ok."""
+    info = gpu_summary._info_module()
+    crash = "========= COMPUTE-SANITIZER\n========= Internal Sanitizer Error: unexpected\n"
+    monkeypatch.setattr(info, "_run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, crash, ""))
+    found = info.probe_tool("compute-sanitizer", "/x/compute-sanitizer")
+    assert found["works"] is None and "Internal Sanitizer Error" in found["evidence"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {**ENVIRONMENT, "compute_sanitizer": {"path": "/x/compute-sanitizer", "version": "v", **found}}
+    (logs / "environment.json").write_text(json.dumps(env))
+    assert gpu_summary.tool_refused("compute-sanitizer", logs) is None
+    assert gpu_summary.main(["tool-usable", "compute-sanitizer", "--logs", str(logs)]) == 0
+    (logs / "status.tsv").write_text("sanitize-memcheck\t1\t3.0\t70\n")  # the step ran the sanitizer: it failed
+    (logs / "sanitize-memcheck.log").write_text(crash)
+    stage = gpu_summary.summarize(logs)["stages"]["sanitize-memcheck"]
+    assert stage["ok"] is False and "skipped" not in stage and stage["rc"] == 1
+
+
 def test_the_cache_report_names_what_the_device_compiled_beyond_the_kit(tmp_path):
     kit = fake_kit(tmp_path / "kit")
     cache = kit / "triton-cache"
