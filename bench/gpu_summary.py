@@ -34,7 +34,6 @@ import importlib.util
 import json
 import re
 import shlex
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -50,6 +49,17 @@ SKIPPED = -1  # the step was left out: its limit would have ended past the run's
 NEEDS_BUILD = 3  # setup's exit status when the kit's extension does not fit the device (a build step follows)
 ERROR_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+errors?")
 RECORD_FIELDS = ("case", "impl", "median_ms", "GBps", "pct_of_copy_bandwidth", "speedup_vs_torch_foreach", "matched")
+
+
+def _load(name: str, path: Path):
+    """A file of this repository loaded by path: fusedclip is not installed yet where the first steps run."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+read_json = _load("lease_kit", ROOT / "bench" / "lease_kit.py").read_json
 
 
 # ---- reading the logs -------------------------------------------------------------------------------------------
@@ -74,13 +84,6 @@ def read_status(logs: Path) -> dict[str, dict[str, Any]]:
             "limit_s": int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else None,
         }
     return steps
-
-
-def read_json(path: Path) -> Optional[Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def test_id(classname: str, name: str) -> str:
@@ -314,10 +317,7 @@ def validate(summary: Any) -> list[str]:
 
 def _info_module():
     """python/fusedclip/info.py, loaded by path: its machine part needs neither fusedclip installed nor torch."""
-    spec = importlib.util.spec_from_file_location("fusedclip_info", ROOT / "python" / "fusedclip" / "info.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return _load("fusedclip_info", ROOT / "python" / "fusedclip" / "info.py")
 
 
 def environment(probe_tools: bool = True) -> dict[str, Any]:
@@ -333,23 +333,15 @@ def environment(probe_tools: bool = True) -> dict[str, Any]:
             env[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             env[name] = None
-    found = _info_module().machine(probe_tools)
+    info = _info_module()
+    found = info.machine(probe_tools)
     gpus = found.pop("gpus")
     if gpus:
         env["device_name"], env["compute_capability"] = gpus[0]["name"], gpus[0]["compute_capability"]
         env["gpus"] = gpus
     env.update(found)
-    env["git_commit"] = _run(["git", "rev-parse", "HEAD"])
+    env["git_commit"] = info.first_line(["git", "rev-parse", "HEAD"], cwd=ROOT)
     return env
-
-
-def _run(cmd: list[str]) -> Optional[str]:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if out.returncode == 0 and lines else None
 
 
 def backends(info_out: Optional[Path] = None) -> dict[str, Any]:

@@ -458,6 +458,15 @@ def test_merge_keeps_the_stages_of_an_earlier_call(tmp_path):
     assert merged["environment"] == first["environment"] and merged["backends"] == first["backends"]
 
 
+def test_the_summariser_reads_and_runs_through_the_kits_and_infos_helpers():
+    """One JSON reader (lease_kit's) and one command runner (info's): the environment's commit comes through
+    info.first_line, run in the checkout."""
+    assert gpu_summary.read_json.__module__ == "lease_kit" and not hasattr(gpu_summary, "_run")
+    env = gpu_summary.environment(probe_tools=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert env["git_commit"] == (head or None) and set(gpu_summary.ENV_KEYS) <= set(env)
+
+
 @pytest.mark.parametrize("classname, name, want", [
     ("tests.test_plan", "test_x[a-b]", "tests/test_plan.py::test_x[a-b]"),
     ("tests.test_adaptive.TestState", "test_y", "tests/test_adaptive.py::TestState::test_y"),

@@ -106,7 +106,7 @@ def machine(probe_tools: bool = False) -> dict[str, Any]:
     an explanation where something is absent. With `probe_tools`, each tool is tried on a tiny kernel (seconds)."""
     return {
         "gpus": gpus(),
-        "driver": _first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "driver": first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "cuda_driver": cuda_driver_version(),
         "kernel": platform.release(),
         "sandbox": sandbox(),
@@ -121,8 +121,9 @@ def _run(cmd: list[str], timeout: float = 20, **kw) -> Optional[subprocess.Compl
         return None
 
 
-def _first_line(cmd: list[str]) -> Optional[str]:
-    out = _run(cmd)
+def first_line(cmd: list[str], **kw) -> Optional[str]:
+    """The first line `cmd` prints; None when it cannot run or fails."""
+    out = _run(cmd, **kw)
     lines = out.stdout.strip().splitlines() if out is not None and out.returncode == 0 else []
     return lines[0].strip() if lines else None
 
