@@ -45,7 +45,8 @@
 #   bash bench/gpu_check.sh rerun [SUMMARY]   env, setup, backends, then only what failed in SUMMARY (default
 #                                             bench/kit/previous.json: copy call 1's gpu_check.json there, it
 #                                             travels with the kit): failed tests by id, memcheck, failed presets;
-#                                             limits at most 240 s; its summary keeps SUMMARY's other stages
+#                                             limits at most 240 s; its summary keeps SUMMARY's other stages,
+#                                             test counts and records (what passes again counts as passed)
 # Make it at once (the machine stays warm 30 s after a call) or, after a fix, only with 5 minutes or more left
 # (a fresh machine needs 4 to start); else give the machine back.
 #
@@ -301,6 +302,11 @@ LOGS=$(mktemp -d)/logs
 trap 'rm -rf "$(dirname "$LOGS")"' EXIT
 export GPU_CHECK_LOGS=$LOGS OUT
 mkdir -p "$LOGS/records" "$OUT"
+# The earlier summary as it was when the call began: the summary is rewritten after every step, and a re-run's
+# counts are added to the earlier ones once (MERGE may name $OUT/gpu_check.json itself).
+if [[ -n $MERGE && -f $MERGE ]]; then
+  cp "$MERGE" "$(dirname "$LOGS")/merge.json" && MERGE=$(dirname "$LOGS")/merge.json
+fi
 [[ -d $KIT/triton-cache ]] && export TRITON_CACHE_DIR=$KIT/triton-cache  # the kit's compiled kernels
 failed=()
 

@@ -20,10 +20,13 @@ records/*.json (benchmark records), environment.json, kit.json (setup's report),
 
 Summary schema: {"ok", "environment": {ENV_KEYS}, "backends": [...], "triton_cache": {...} or null,
 "stages": {"setup": {"ok", "extension", ...}, "build": {"ok", "seconds"}, "tests": {"ok", "passed", "failed",
-"errors", "skipped", "seconds", "failures": [test ids]}, "sanitize-memcheck": {"ok", "sanitizer_errors"} (and
-"skipped": why, where the device refused the sanitizer), "sanitize-racecheck": {...}, "sanitize-synccheck": {...},
-"bench": {"ok", "records": [...]}}}; every stage also has "rc", "timed_out" and "seconds" ("skipped" when the
-budget left it out), and only the stages that ran are present (see --merge).
+"errors", "skipped", "seconds", "failures": [test ids], "errored": [those of them that errored]},
+"sanitize-memcheck": {"ok", "sanitizer_errors"} (and "skipped": why, where the device refused the sanitizer),
+"sanitize-racecheck": {...}, "sanitize-synccheck": {...}, "bench": {"ok", "failed_steps", "records": [...]}}}; every
+stage also has "rc", "timed_out" and "seconds" ("skipped" when the budget left it out), and only the stages that ran
+are present (see --merge). After a re-run (--merge), "tests" and "bench" add up both calls: their counts, failures,
+records and failed steps are the merged ones, "rc", "timed_out" and "seconds" the first call's, and "reruns" lists
+each later call's own stage.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import importlib.util
 import json
 import re
 import shlex
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -50,6 +52,18 @@ SKIPPED = -1  # the step was left out: its limit would have ended past the run's
 NEEDS_BUILD = 3  # setup's exit status when the kit's extension does not fit the device (a build step follows)
 ERROR_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+errors?")
 RECORD_FIELDS = ("case", "impl", "median_ms", "GBps", "pct_of_copy_bandwidth", "speedup_vs_torch_foreach", "matched")
+OUTCOMES = ("passed", "failed", "errors", "skipped")  # a test's outcome, and the counts of a pytest stage
+
+
+def _load(name: str, path: Path):
+    """A file of this repository loaded by path: fusedclip is not installed yet where the first steps run."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+read_json = _load("lease_kit", ROOT / "bench" / "lease_kit.py").read_json
 
 
 # ---- reading the logs -------------------------------------------------------------------------------------------
@@ -76,13 +90,6 @@ def read_status(logs: Path) -> dict[str, dict[str, Any]]:
     return steps
 
 
-def read_json(path: Path) -> Optional[Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def test_id(classname: str, name: str) -> str:
     """pytest's node id from a junit testcase: tests.test_x.TestY + test_z -> tests/test_x.py::TestY::test_z."""
     parts = classname.split(".") if classname else []
@@ -93,28 +100,31 @@ def test_id(classname: str, name: str) -> str:
     return "::".join([p for p in [path, *cls, name] if p])
 
 
-def read_junit(path: Path) -> Optional[dict[str, Any]]:
-    """Counts and failing ids from pytest's junit XML; None when it is missing or unreadable (a killed run)."""
+def junit_cases(path: Path) -> Optional[list[tuple[str, str]]]:
+    """(test id, outcome) per testcase of pytest's junit XML, the outcome one of OUTCOMES; None when it is missing
+    or unreadable (a killed run)."""
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return None
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failures: list[str] = []
+    cases = []
     for case in root.iter("testcase"):
         tags = {child.tag for child in case}
-        tid = test_id(case.get("classname", ""), case.get("name", ""))
-        if "failure" in tags:
-            counts["failed"] += 1
-            failures.append(tid)
-        elif "error" in tags:
-            counts["errors"] += 1
-            failures.append(tid)
-        elif "skipped" in tags:
-            counts["skipped"] += 1
-        else:
-            counts["passed"] += 1
-    return {**counts, "failures": failures}
+        outcome = ("failed" if "failure" in tags else "errors" if "error" in tags else
+                   "skipped" if "skipped" in tags else "passed")
+        cases.append((test_id(case.get("classname", ""), case.get("name", "")), outcome))
+    return cases
+
+
+def read_junit(path: Path) -> Optional[dict[str, Any]]:
+    """Counts, failing ids (failures and errors, in order) and the erroring ones among them; None when pytest's
+    junit XML is missing or unreadable (a killed run)."""
+    cases = junit_cases(path)
+    if cases is None:
+        return None
+    counts = {k: sum(o == k for _, o in cases) for k in OUTCOMES}
+    failures = [t for t, o in cases if o in ("failed", "errors")]
+    return {**counts, "failures": failures, "errored": [t for t, o in cases if o == "errors"]}
 
 
 def sanitizer_errors(log: Path) -> Optional[int]:
@@ -141,7 +151,7 @@ def _pytest_stage(step: dict[str, Any], junit: Path) -> dict[str, Any]:
     stage = _step_stage(step)
     counts = read_junit(junit)
     if counts is None:
-        stage.update(passed=None, failed=None, errors=None, skipped=None, failures=[])
+        stage.update(dict.fromkeys(OUTCOMES), failures=[], errored=[])
         stage["note"] = f"no readable {junit.name}: pytest did not finish writing it"
         stage["ok"] = False
         return stage
@@ -183,18 +193,51 @@ def _condensed_record(path: Path) -> dict[str, Any]:
     }
 
 
-def _bench_stage(steps: dict[str, dict[str, Any]], logs: Path) -> dict[str, Any]:
+def _tests_stage(step: dict[str, Any], junit: Path, first: Any) -> dict[str, Any]:
+    """The tests stage; after `first` (an earlier call's, with counts and not timed out) when only its failing
+    tests ran again (`gpu_check.sh rerun`): first's counts with the outcomes of those ids replaced by the new ones
+    (a test that passes now counts as passed), and this call's own stage appended to "reruns"."""
+    now = _pytest_stage(step, junit)
+    cases = junit_cases(junit) or []
+    if not isinstance(first, dict) or first.get("passed") is None or first.get("timed_out"):
+        return now
+    errored = set(first.get("errored") or [])
+    before = {t: "errors" if t in errored else "failed" for t in first.get("failures") or []}
+    if any(t not in before for t, _ in cases):  # another selection than first's failures: it stands alone
+        return now
+    after = {**before, **dict(cases)}
+    counts = {k: (first.get(k) or 0) - list(before.values()).count(k) + list(after.values()).count(k)
+              for k in OUTCOMES}
+    ok = (first.get("rc") in (0, 1) and now["rc"] == 0 and now["passed"] is not None  # pytest's 1: tests failed
+          and counts["failed"] == counts["errors"] == 0 and counts["passed"] > 0)
+    return {**first, **counts, "ok": ok,
+            "failures": [t for t, o in after.items() if o in ("failed", "errors")],
+            "errored": [t for t, o in after.items() if o == "errors"],
+            "reruns": [*first.get("reruns", []), {k: v for k, v in now.items() if k != "errored"}]}
+
+
+def _bench_stage(steps: dict[str, dict[str, Any]], logs: Path, first: Any) -> dict[str, Any]:
+    """The presets' stage; after `first` (an earlier call's), its records and failed steps that did not run again
+    are kept (a record of this call replaces first's of the same file) and this call's own stage goes to "reruns"."""
     names = sorted(n for n in steps if n.startswith("bench-"))
     records = [_condensed_record(p) for p in sorted((logs / "records").glob("*.json"))]
     have = {r["file"] for r in records}
     failed = [n for n in names if steps[n]["rc"] != 0 or f"{n[len('bench-'):]}.json" not in have]
-    return {
+    now = {
         "ok": not failed and bool(names),
         "seconds": round(sum(steps[n]["seconds"] for n in names), 1),
         "timed_out": any(steps[n]["timed_out"] for n in names),
         "failed_steps": failed,
         "records": records,
     }
+    if not isinstance(first, dict):
+        return now
+    kept = {r.get("file"): r for r in first.get("records") or [] if isinstance(r, dict)}
+    merged = sorted({**kept, **{r["file"]: r for r in records}}.values(), key=lambda r: str(r.get("file")))
+    failed = [n for n in first.get("failed_steps") or [] if n not in names] + failed
+    rerun = {k: v for k, v in now.items() if k != "records"}
+    return {**first, "ok": not failed and bool(merged), "failed_steps": failed, "records": merged,
+            "reruns": [*first.get("reruns", []), {**rerun, "steps": names}]}
 
 
 def _backends_stage(step: dict[str, Any], found: Any) -> dict[str, Any]:
@@ -245,7 +288,8 @@ def triton_cache_report(kit: Optional[Path]) -> Optional[dict[str, Any]]:
 
 def summarize(logs: Path, merge: Optional[dict] = None, kit: Optional[Path] = None) -> dict[str, Any]:
     """The summary of the steps recorded in `logs`; stages of `merge` (an earlier summary) that did not run now
-    are kept, so a re-run call adds up with the first one to one summary."""
+    are kept, and its tests and presets are merged with a re-run of their failures (see _tests_stage and
+    _bench_stage), so a re-run call adds up with the first one to one summary."""
     steps = read_status(logs)
     previous = merge if isinstance(merge, dict) else {}
     env = read_json(logs / "environment.json")
@@ -264,12 +308,12 @@ def summarize(logs: Path, merge: Optional[dict] = None, kit: Optional[Path] = No
     if "backends" in steps:
         stages["backends"] = _backends_stage(steps["backends"], backends_found)
     if "tests" in steps:
-        stages["tests"] = _pytest_stage(steps["tests"], logs / "tests.xml")
+        stages["tests"] = _tests_stage(steps["tests"], logs / "tests.xml", stages.get("tests"))
     for tool in SANITIZERS:
         if f"sanitize-{tool}" in steps:
             stages[f"sanitize-{tool}"] = _sanitizer_stage(steps[f"sanitize-{tool}"], logs, tool)
     if any(n.startswith("bench-") for n in steps):
-        stages["bench"] = _bench_stage(steps, logs)
+        stages["bench"] = _bench_stage(steps, logs, stages.get("bench"))
     if isinstance(backends_found, dict):
         backends = backends_found.get("available", [])
     else:
@@ -314,10 +358,7 @@ def validate(summary: Any) -> list[str]:
 
 def _info_module():
     """python/fusedclip/info.py, loaded by path: its machine part needs neither fusedclip installed nor torch."""
-    spec = importlib.util.spec_from_file_location("fusedclip_info", ROOT / "python" / "fusedclip" / "info.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return _load("fusedclip_info", ROOT / "python" / "fusedclip" / "info.py")
 
 
 def environment(probe_tools: bool = True) -> dict[str, Any]:
@@ -333,23 +374,15 @@ def environment(probe_tools: bool = True) -> dict[str, Any]:
             env[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             env[name] = None
-    found = _info_module().machine(probe_tools)
+    info = _info_module()
+    found = info.machine(probe_tools)
     gpus = found.pop("gpus")
     if gpus:
         env["device_name"], env["compute_capability"] = gpus[0]["name"], gpus[0]["compute_capability"]
         env["gpus"] = gpus
     env.update(found)
-    env["git_commit"] = _run(["git", "rev-parse", "HEAD"])
+    env["git_commit"] = info.first_line(["git", "rev-parse", "HEAD"], cwd=ROOT)
     return env
-
-
-def _run(cmd: list[str]) -> Optional[str]:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if out.returncode == 0 and lines else None
 
 
 def backends(info_out: Optional[Path] = None) -> dict[str, Any]:

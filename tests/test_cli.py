@@ -250,6 +250,27 @@ def test_a_tool_works_only_when_it_ran_the_probe_kernel_cleanly(tmp_path, monkey
     assert info.tool(name)["works"] is None  # not tried unless asked
 
 
+@pytest.mark.parametrize("name, text, rc, works", [
+    # no refusal printed: not known (the GPU check runs the tool anyway and records its failure)
+    ("compute-sanitizer", "========= COMPUTE-SANITIZER\n========= Internal Sanitizer Error: unexpected\n", 1, None),
+    ("compute-sanitizer", "========= COMPUTE-SANITIZER\nprobe: the kernel ran\n", 0, None),  # no ERROR SUMMARY
+    ("compute-sanitizer", "probe: cuLaunchKernel failed with CUDA error 719\n========= ERROR SUMMARY: 1 error", 1,
+     None),
+    ("ncu", "==PROF== Connected to process 7\nprobe: the kernel ran\n", 0, None),  # no metric
+    ("ncu", "==ERROR== An error occurred while trying to profile.\nprobe: the kernel ran", 9, None),
+    # a refusal, or no GPU for the probe: does not work here
+    ("ncu", "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission\nprobe: the kernel ran", 1, False),
+    ("compute-sanitizer", "probe: no CUDA driver: libcuda.so.1: cannot open shared object file\n", 1, False),
+    ("ncu", "probe: cuInit failed with CUDA error 100\n", 1, False),
+])
+def test_a_tool_does_not_work_only_where_it_says_so(monkeypatch, name, text, rc, works):
+    from fusedclip import info
+
+    monkeypatch.setattr(info, "_run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, rc, text, ""))
+    found = info.probe_tool(name, f"/x/{name}")
+    assert found["works"] is works and found["evidence"].startswith(f"exit {rc}: "), found
+
+
 def test_the_probe_kernel_assembles_for_sm90():
     triton_knobs = pytest.importorskip("triton").knobs
     ptxas = triton_knobs.nvidia.ptxas.path  # Triton's bundled ptxas: there wherever triton is

@@ -178,6 +178,9 @@ def test_the_rerun_plan_runs_only_what_failed(tmp_path):
     assert re.search(r"add up to \d+ s \(budget 240 s\)", run.stdout)
     fits = re.search(r"what fits: (.*) \((\d+) s\); skipped: (.*)", run.stdout)
     assert fits.group(1).split()[:4] == ["env", "setup", "backends", "tests"] and int(fits.group(2)) <= 240
+    # the re-run's summary keeps the first call's record of the preset that passed there
+    records = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]["bench"]["records"]
+    assert [r["file"] for r in records] == ["gpt2-float32.json", "huge-float32.json", "llama-7b-bfloat16.json"]
 
 
 def test_every_plan_fits_its_call(tmp_path):
@@ -377,6 +380,26 @@ def test_a_refused_sanitizer_is_recorded_as_skipped_not_failed(tmp_path):
     assert gpu_summary.tool_refused("compute-sanitizer", logs) is None
 
 
+def test_a_failing_sanitizer_probe_without_a_refusal_still_runs_the_sanitizer(tmp_path, monkeypatch):
+    """env's probe failed without a refusal (here: the sanitizer crashed): not known, so the stage runs the
+    sanitizer, and its own failure is recorded instead of a skip that reads ok."""
+    info = gpu_summary._info_module()
+    crash = "========= COMPUTE-SANITIZER\n========= Internal Sanitizer Error: unexpected\n"
+    monkeypatch.setattr(info, "_run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, crash, ""))
+    found = info.probe_tool("compute-sanitizer", "/x/compute-sanitizer")
+    assert found["works"] is None and "Internal Sanitizer Error" in found["evidence"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {**ENVIRONMENT, "compute_sanitizer": {"path": "/x/compute-sanitizer", "version": "v", **found}}
+    (logs / "environment.json").write_text(json.dumps(env))
+    assert gpu_summary.tool_refused("compute-sanitizer", logs) is None
+    assert gpu_summary.main(["tool-usable", "compute-sanitizer", "--logs", str(logs)]) == 0
+    (logs / "status.tsv").write_text("sanitize-memcheck\t1\t3.0\t70\n")  # the step ran the sanitizer: it failed
+    (logs / "sanitize-memcheck.log").write_text(crash)
+    stage = gpu_summary.summarize(logs)["stages"]["sanitize-memcheck"]
+    assert stage["ok"] is False and "skipped" not in stage and stage["rc"] == 1
+
+
 def test_the_cache_report_names_what_the_device_compiled_beyond_the_kit(tmp_path):
     kit = fake_kit(tmp_path / "kit")
     cache = kit / "triton-cache"
@@ -436,6 +459,85 @@ def test_merge_keeps_the_stages_of_an_earlier_call(tmp_path):
     assert merged["stages"]["sanitize-memcheck"]["ok"] is True
     assert merged["stages"]["tests"] == first["stages"]["tests"]
     assert merged["environment"] == first["environment"] and merged["backends"] == first["backends"]
+
+
+RERUN_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="0" failures="{failures}" skipped="0" tests="2" time="2.0">
+<testcase classname="tests.test_triton_backend" name="test_gpu_no_host_sync" time="0.2"/>
+<testcase classname="tests.test_adaptive.TestState" name="test_load" time="0.0">{load}</testcase>
+</testsuite></testsuites>
+"""
+
+
+def lease_logs(logs: Path, status: dict[str, int], junit: str | None = None) -> None:
+    """Logs of a call (fake_logs'), with the given steps' exit statuses: no record for a preset that failed."""
+    gpu_summary.fake_logs(logs, list(status))
+    (logs / "status.tsv").write_text("".join(f"{n}\t{rc}\t10.0\t35\n" for n, rc in status.items()))
+    for name, rc in status.items():
+        if name.startswith("bench-") and rc:
+            (logs / "records" / f"{name[len('bench-'):]}.json").unlink()
+    if junit is not None:
+        (logs / "tests.xml").write_text(junit)
+
+
+def test_a_rerun_keeps_the_first_calls_records_and_counts(tmp_path):
+    """`gpu_check.sh rerun` after a lease whose tests and one preset failed: the merged summary keeps the first
+    call's other records and test counts, and replaces only the outcomes of what ran again."""
+    lease_logs(tmp_path / "a", {**dict.fromkeys(LEASE, 0), "tests": 1, "bench-gpt2-float32": 1}, FAILING_JUNIT)
+    first = gpu_summary.summarize(tmp_path / "a")
+    bench = first["stages"]["bench"]
+    assert bench["failed_steps"] == ["bench-gpt2-float32"] and len(bench["records"]) == 2
+    steps, ids = gpu_summary.rerun_plan(first)
+    assert steps == ["tests", "bench-gpt2-float32"] and len(ids) == 2
+    previous = tmp_path / "previous.json"
+    previous.write_text(json.dumps(first))
+
+    # call 2: the preset passes; of the two failing tests one passes, the other (an error before) fails
+    again = RERUN_JUNIT.format(failures=1, load='<failure message="AssertionError">trace</failure>')
+    lease_logs(tmp_path / "b", {"env": 0, "setup": 0, "backends": 0, "tests": 1, "bench-gpt2-float32": 0}, again)
+    out = tmp_path / "merged.json"
+    assert gpu_summary.main(["summarize", "--logs", str(tmp_path / "b"), "--out", str(out),
+                             "--merge", str(previous)]) == 0
+    merged = json.loads(out.read_text())
+    assert gpu_summary.validate(merged) == []
+    bench = merged["stages"]["bench"]
+    assert [r["file"] for r in bench["records"]] == ["gpt2-float32.json", "llama-7b-bfloat16.json",
+                                                     "many-small-float32.json"]
+    assert bench["ok"] is True and bench["failed_steps"] == []
+    assert bench["reruns"] == [{"ok": True, "seconds": 10.0, "timed_out": False, "failed_steps": [],
+                                "steps": ["bench-gpt2-float32"]}]
+    tests = merged["stages"]["tests"]
+    assert (tests["passed"], tests["failed"], tests["errors"], tests["skipped"]) == (3, 1, 0, 1)
+    assert tests["failures"] == ["tests/test_adaptive.py::TestState::test_load"] and tests["errored"] == []
+    assert tests["ok"] is False and merged["ok"] is False
+    assert [(r["passed"], r["failed"], r["rc"]) for r in tests["reruns"]] == [(1, 1, 1)]
+    assert gpu_summary.rerun_plan(merged) == (["tests"], ["tests/test_adaptive.py::TestState::test_load"])
+
+    # call 3: the last failing test passes; the counts add up to the first call's five tests
+    lease_logs(tmp_path / "c", {"env": 0, "setup": 0, "backends": 0, "tests": 0},
+               RERUN_JUNIT.replace('<testcase classname="tests.test_triton_backend" name="test_gpu_no_host_sync" '
+                                   'time="0.2"/>\n', "").format(failures=0, load=""))
+    final = gpu_summary.summarize(tmp_path / "c", merge=merged)
+    tests = final["stages"]["tests"]
+    assert (tests["passed"], tests["failed"], tests["errors"], tests["skipped"]) == (4, 0, 0, 1)
+    assert tests["ok"] is True and tests["failures"] == [] and len(tests["reruns"]) == 2
+    assert final["stages"]["bench"] == merged["stages"]["bench"] and final["ok"] is True
+
+    # a re-run whose pytest was killed (no XML) keeps the counts it could not replace, and is not ok
+    lease_logs(tmp_path / "d", {"env": 0, "setup": 0, "backends": 0, "tests": 124})
+    (tmp_path / "d" / "tests.xml").unlink()
+    killed = gpu_summary.summarize(tmp_path / "d", merge=merged)["stages"]["tests"]
+    assert (killed["passed"], killed["failed"], killed["ok"]) == (3, 1, False)
+    assert killed["reruns"][-1]["timed_out"] is True and "note" in killed["reruns"][-1]
+
+
+def test_the_summariser_reads_and_runs_through_the_kits_and_infos_helpers():
+    """One JSON reader (lease_kit's) and one command runner (info's): the environment's commit comes through
+    info.first_line, run in the checkout."""
+    assert gpu_summary.read_json.__module__ == "lease_kit" and not hasattr(gpu_summary, "_run")
+    env = gpu_summary.environment(probe_tools=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert env["git_commit"] == (head or None) and set(gpu_summary.ENV_KEYS) <= set(env)
 
 
 @pytest.mark.parametrize("classname, name, want", [

@@ -22,6 +22,13 @@ from typing import Any, Optional
 MACHINE_KEYS = ("gpus", "driver", "cuda_driver", "kernel", "sandbox", "compute_sanitizer", "ncu")
 TOOLS = {"compute_sanitizer": "compute-sanitizer", "ncu": "ncu"}
 TOOL_DIRS = ("/usr/local/cuda/bin", "/usr/local/cuda/compute-sanitizer", "/opt/nvidia/nsight-compute")
+# What a tool prints where it cannot serve: the only evidence for works=False after a probe (KINDS.md: gVisor).
+REFUSALS = {
+    "compute-sanitizer": ("Device not supported",),
+    "ncu": ("Failed to initialize the profiler", "ERR_NVGPUCTRPERM"),  # the latter: no permission for counters
+}
+# The probe's own words where there is no GPU to run it on (CUDA_ERROR_NO_DEVICE is 100): no tool works there.
+NO_GPU = re.compile(r"probe: no CUDA driver|probe: cuInit failed with CUDA error 100\b")
 
 
 def collect(probe_tools: bool = False) -> dict:
@@ -99,7 +106,7 @@ def machine(probe_tools: bool = False) -> dict[str, Any]:
     an explanation where something is absent. With `probe_tools`, each tool is tried on a tiny kernel (seconds)."""
     return {
         "gpus": gpus(),
-        "driver": _first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "driver": first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "cuda_driver": cuda_driver_version(),
         "kernel": platform.release(),
         "sandbox": sandbox(),
@@ -114,8 +121,9 @@ def _run(cmd: list[str], timeout: float = 20, **kw) -> Optional[subprocess.Compl
         return None
 
 
-def _first_line(cmd: list[str]) -> Optional[str]:
-    out = _run(cmd)
+def first_line(cmd: list[str], **kw) -> Optional[str]:
+    """The first line `cmd` prints; None when it cannot run or fails."""
+    out = _run(cmd, **kw)
     lines = out.stdout.strip().splitlines() if out is not None and out.returncode == 0 else []
     return lines[0].strip() if lines else None
 
@@ -193,7 +201,8 @@ def find_tool(name: str) -> Optional[str]:
 
 
 def tool(name: str, probe: bool = False) -> dict[str, Any]:
-    """{"path", "version", "works"}: works is None when not tried, else True/False with "evidence"."""
+    """{"path", "version", "works", "evidence"}: works is False when the tool is absent or printed a refusal, True
+    when it ran the probe kernel cleanly, None when not tried or not known (see probe_tool)."""
     path = find_tool(name)
     if path is None:
         return {"path": None, "version": None, "works": False, "evidence": "not found on PATH or in " +
@@ -259,8 +268,9 @@ def probe_kernel() -> int:
 
 
 def probe_tool(name: str, path: str, timeout: float = 8) -> dict[str, Any]:
-    """Run the probe kernel under compute-sanitizer (memcheck) or ncu: {"works", "evidence"}; works is None (not
-    known) when the tool did not finish in time: only a refusal it printed says it does not work."""
+    """Run the probe kernel under compute-sanitizer (memcheck) or ncu: {"works", "evidence"}. works is True when
+    the probe ran cleanly under the tool, False only when the tool printed a refusal (REFUSALS) or there is no GPU
+    (NO_GPU), else None (not known: the check runs the tool anyway, and a failure of it is recorded there)."""
     with tempfile.TemporaryDirectory(prefix="fusedclip-probe-") as tmp:
         script = os.path.join(tmp, "probe.py")
         with open(script, "w") as f:  # this file by path: nothing of fusedclip is imported, no torch
@@ -280,6 +290,8 @@ def probe_tool(name: str, path: str, timeout: float = 8) -> dict[str, Any]:
     else:
         metric = re.search(r"gpu__time_duration\.sum\s+\S+\s+[\d.,]+", text)
         works = out.returncode == 0 and "the kernel ran" in text and metric is not None
+    if not works:
+        works = False if NO_GPU.search(text) or any(r in text for r in REFUSALS[name]) else None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     telling = [ln for ln in lines if re.search(r"error|fail|not supported|ERROR SUMMARY|gpu__time|probe:", ln, re.I)]
     return {"works": works, "evidence": f"exit {out.returncode}: " + " | ".join((telling or lines)[-4:])[:600]}
