@@ -9,6 +9,8 @@
 #      sources' hash), warnings as errors;
 #   3. pytest over tests/gpusim inside the simulator, at once: in functional mode (every case, one process per core)
 #      and in a process of its own in performance mode (the sim_perf cases, blocks concurrent on 8 simulated SMs);
+#      beside them, the Triton kernels (tests/gpusim/triton_sim.py: compiled for sm_70, their Triton cache kept in
+#      $FUSEDCLIP_CI_CACHE/gpusim-triton, then run in functional mode);
 #   4. what ran: cases, launches, seconds in the simulator, simulated cycles.
 #
 # Environment: FUSEDCLIP_CI_CACHE (default ~/.cache/fusedclip-ci), FUSEDCLIP_GPUSIM_KIT (default: ../shared/gpusim
@@ -104,20 +106,31 @@ run() {
   rm -rf "$w"
 }
 
+# run_triton: the Triton kernels (compile, then run in a simulated process of their own), output and exit status
+# in $STATS_DIR/triton.{out,rc}
+run_triton() {
+  local rc=0
+  TRITON_CACHE_DIR=$CACHE/gpusim-triton FUSEDCLIP_GPUSIM_STATS=$STATS_DIR/triton \
+    "$PY" tests/gpusim/triton_sim.py "$PREFIX" >"$STATS_DIR/triton.out" 2>&1 || rc=$?
+  echo "$rc" >"$STATS_DIR/triton.rc"
+}
+
 STATS_DIR=$(mktemp -d)
 JOBS=$(nproc 2>/dev/null || echo 2)
-# Both at once: each simulated process spends its first seconds parsing the kernels' PTX on one core.
-step "in parallel: functional mode, every case ($JOBS processes); performance mode (blocks concurrent on 8 simulated SMs), the sim_perf cases"
+# All at once: each simulated process spends its first seconds parsing the kernels' PTX on one core.
+step "in parallel: functional mode, every case ($JOBS processes); performance mode (blocks concurrent on 8 simulated SMs), the sim_perf cases; the Triton kernels"
 run performance -m sim_perf &
+run_triton &
 run functional -n "$JOBS"
 wait
-for mode in functional performance; do
-  printf -- '--- %s mode\n' "$mode"
+for mode in functional performance triton; do
+  printf -- '--- %s\n' "$([ "$mode" = triton ] && echo "the Triton kernels" || echo "$mode mode")"
   grep -v '^GPGPU-Sim' "$STATS_DIR/$mode.out" | tail -n 60
 done
 for mode in functional performance; do
   [ "$(cat "$STATS_DIR/$mode.rc")" = 0 ] || die "the $mode-mode simulator run failed (pytest exit $(cat "$STATS_DIR/$mode.rc"))"
 done
+[ "$(cat "$STATS_DIR/triton.rc")" = 0 ] || die "the Triton kernels' simulator run failed (exit $(cat "$STATS_DIR/triton.rc"))"
 
 step "what ran"
 "$PY" - "$STATS_DIR" <<'EOF' || die "the first launches of the simulated processes disagree"
@@ -141,8 +154,15 @@ for mode in ("functional", "performance"):
           + f"; loading the kernels {max(r['load_seconds'] for r in runs):.0f} s per process")
     costly = sorted((c for r in runs for c in r["costliest"]), key=lambda c: -c[1])[:5]
     print("  costliest: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in costly))
-# Every process launched the same probe first (tests/gpusim/conftest.py): the same bits in each.
-bits = {json.load(open(f))["probe_total_bits"] for f in glob.glob(f"{d}/*/*.json")}
+t = json.load(open(f"{d}/triton/run.json"))
+kinds = ", ".join(f"{k} {v}" for k, v in sorted(t["by_kernel"].items()))
+print(f"gpusim triton: {t['cases'] - t['failed']} cases passed, {t['failed']} failed, in 1 simulated process; "
+      f"{t['launches']} kernel launches ({kinds}) of {t['variants']} variants compiled for sm_70, taking "
+      f"{t['launch_seconds']:.0f} CPU s; loading the kernels {t['load_seconds']:.0f} s")
+print("  costliest: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in t["costliest"]))
+# Every CUDA process launched the same probe first (tests/gpusim/conftest.py): the same bits in each.
+bits = {json.load(open(f))["probe_total_bits"] for mode in ("functional", "performance")
+        for f in glob.glob(f"{d}/{mode}/*.json")}
 print(f"the first launch of each process: {'the same bits' if len(bits) == 1 else 'DIFFERENT bits'} ({bits})")
 sys.exit(len(bits) != 1)
 EOF

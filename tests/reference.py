@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -156,3 +157,36 @@ def round_to_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     big = torch.finfo(dtype).max
     out = torch.where(out.abs() > big, torch.copysign(torch.full_like(out, math.inf), x), out)
     return torch.where(torch.isfinite(x), out, x)
+
+
+# ---- the kernels' arithmetic (what the simulator tests in tests/gpusim compare bit for bit) --------------
+
+
+def expected_tensor_norm(t: Tensor, p: float) -> float:
+    """A tensor's norm as the kernel writes it: torch's, in float64; an empty tensor gets the fold's identity (0, or
+    +inf for p = -inf: nothing was folded into the min)."""
+    if t.numel() == 0:
+        return math.inf if p == -math.inf else 0.0
+    return ref_tensor_norm(t, p)
+
+
+def expected_coef(total: Tensor, max_norm: float) -> Tensor:
+    """torch's clip coefficient computed from the returned total in its dtype, as the kernel does (NaN kept)."""
+    npt = np.float64 if total.dtype == torch.float64 else np.float32
+    c = (npt(1) / (npt(total.item()) + npt(1e-6))) * npt(max_norm)
+    return torch.tensor(c if (c < 1 or c != c) else npt(1), dtype=total.dtype)
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def expected_scaled(x: Tensor, coef: float, coef_dtype: torch.dtype) -> Tensor:
+    """x * coef as the kernel computes it: in float (the coefficient rounded to float) for float32/float16/bfloat16,
+    in double for float64, then rounded once to x's dtype. float32(x) * float32(c) is exact in float64, so `.float()`
+    of the float64 product is the one IEEE rounding of the float multiply."""
+    c = torch.tensor(coef, dtype=coef_dtype)
+    if x.dtype == torch.float64:
+        return x * c.double()
+    f32 = (x.double() * c.float().double()).float()
+    return f32 if x.dtype == torch.float32 else f32.to(x.dtype)

@@ -1,14 +1,18 @@
-"""fusedclip's CUDA kernels driven from Python inside GPGPU-Sim (a simulator, not a GPU).
+"""fusedclip's kernels driven from Python inside GPGPU-Sim (a simulator, not a GPU).
 
-.ci/gpusim-stage.sh builds csrc/kernels with tests/gpusim/sim_abi.cu into one shared library (nvcc 11.8, sm_70),
-then runs pytest over tests/gpusim in the simulator's environment with FUSEDCLIP_GPUSIM_LIB naming that library.
-Loading it registers the kernels with the simulator's libcudart, which reads their PTX from the file PYTORCH_BIN
-names. This module stages CPU tensors in simulated device memory, builds their tables with the plan code the kernel
-backends use (fusedclip.backends.plan), relocated to the device copies, launches, and reads everything back.
+.ci/gpusim-stage.sh runs the tests here in the simulator's environment (its runenv.sh puts the simulator's libcudart
+first on LD_LIBRARY_PATH). `Device` is that libcudart through ctypes: device memory, the simulator's output kept out
+of the tests' (quiet), and what ran (Stats). `Sim` adds the CUDA kernels: csrc/kernels built with
+tests/gpusim/sim_abi.cu into one shared library (nvcc 11.8, sm_70) that FUSEDCLIP_GPUSIM_LIB names; loading it
+registers the kernels with the simulator, which reads their PTX from the file PYTORCH_BIN names. The Triton kernels
+(triton_sim.py) use a Device of their own with the same staging.
 
-Layout of a staged list: one device allocation (the arena) holding every tensor at its own offset, with guard bytes
-between and around them; a tensor may be placed a few elements past a 16-byte boundary (a misaligned view). After a
-launch that writes, the whole arena comes back, so a write outside any tensor shows as a changed guard byte.
+Staging (`stage`) copies CPU tensors into simulated device memory and builds their plan with the code the kernel
+backends use (fusedclip.backends.plan), relocated to the device copies. Layout of a staged list: one device
+allocation (the arena) holding every tensor at its own offset, with guard bytes between and around them; a tensor
+may be placed a few elements past a 16-byte boundary (a misaligned view). After a launch that writes, the whole arena
+comes back, so a write outside any tensor shows as a changed guard byte. Any other CPU tensor a launch takes (the
+plan's tables, outputs) is mirrored: its storage copied to the device at first sight, and back by Staged.sync().
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ GUARD = 0xA5  # guard byte around every staged tensor
 POISON = -12345.0  # what an output buffer holds before a launch: never a norm or coefficient the kernels write
 _ALIGN = 64  # every tensor slot starts on this boundary (plus its shift), after GUARD_BYTES guard bytes
 GUARD_BYTES = 64
+_H2D, _D2H = 1, 2  # cudaMemcpyKind
 
 HEADER = (Path(__file__).resolve().parents[2] / "csrc" / "kernels" / "fusedclip_kernels.h").read_text()
 
@@ -75,33 +80,20 @@ class Stats:
     by_kernel: dict = field(default_factory=dict)
 
 
-class Sim:
-    """The loaded library: device memory and the three launchers. Every launcher synchronizes and is checked."""
+class Device:
+    """The simulator's libcudart through ctypes: device memory, the simulator's output redirected into a log, and
+    what ran. Every call is checked."""
 
-    def __init__(self, path: str, log_path: str) -> None:
+    def __init__(self, log_path: str) -> None:
         self.stats = Stats()
         self.log_path = log_path
         self._log = open(log_path, "ab", buffering=0)
         self._libc = ctypes.CDLL(None)
-        t0 = time.perf_counter()
-        with self.quiet():
-            self.lib = ctypes.CDLL(path)  # registers the kernels: the simulator parses their PTX now
-        self.stats.load_seconds = time.perf_counter() - t0
-        lib = self.lib
-        vp, i64, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
-        table = ctypes.POINTER(TensorTable)
-        lib.fcsim_malloc.argtypes = [ctypes.POINTER(vp), size]
-        lib.fcsim_free.argtypes = [vp]
-        lib.fcsim_to_device.argtypes = [vp, vp, size]
-        lib.fcsim_to_host.argtypes = [vp, vp, size]
-        lib.fcsim_norm_workspace_bytes.argtypes = [i64, i64, ctypes.c_int]
-        lib.fcsim_norm_workspace_bytes.restype = size
-        lib.fcsim_grid_size.argtypes = [i64, ctypes.c_int]
-        lib.fcsim_grid_size.restype = i64
-        lib.fcsim_launch_norm.argtypes = [table, ctypes.c_double, ctypes.c_int, vp, vp, vp, ctypes.c_double, vp, size,
-                                          ctypes.c_int]
-        lib.fcsim_launch_scale.argtypes = [table, vp, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.fcsim_launch_clamp.argtypes = [table, ctypes.c_double, ctypes.c_int]
+        self.rt = rt = ctypes.CDLL("libcudart.so")  # the simulator's: runenv.sh puts it first on LD_LIBRARY_PATH
+        vp, size = ctypes.c_void_p, ctypes.c_size_t
+        rt.cudaMalloc.argtypes = [ctypes.POINTER(vp), size]
+        rt.cudaFree.argtypes = [vp]
+        rt.cudaMemcpy.argtypes = [vp, vp, size, ctypes.c_int]
 
     @contextmanager
     def quiet(self):
@@ -124,15 +116,20 @@ class Sim:
 
     def alloc(self, nbytes: int) -> int:
         ptr = ctypes.c_void_p()
-        self._check(self.lib.fcsim_malloc(ctypes.byref(ptr), max(nbytes, 1)), "cudaMalloc")
+        self._check(self.rt.cudaMalloc(ctypes.byref(ptr), max(nbytes, 1)), "cudaMalloc")
         return ptr.value
 
     def free(self, ptr: int) -> None:
-        self._check(self.lib.fcsim_free(ptr), "cudaFree")
+        self._check(self.rt.cudaFree(ptr), "cudaFree")
 
     def to_device(self, ptr: int, t: Tensor) -> None:
         assert t.device.type == "cpu" and t.is_contiguous()
-        self._check(self.lib.fcsim_to_device(ptr, t.data_ptr(), t.numel() * t.element_size()), "cudaMemcpy H2D")
+        self._check(self.rt.cudaMemcpy(ptr, t.data_ptr(), t.numel() * t.element_size(), _H2D), "cudaMemcpy H2D")
+
+    def to_host(self, t: Tensor, ptr: int) -> None:
+        """Device memory at `ptr` into the CPU tensor `t` (contiguous), in place."""
+        assert t.device.type == "cpu" and t.is_contiguous()
+        self._check(self.rt.cudaMemcpy(t.data_ptr(), ptr, t.numel() * t.element_size(), _D2H), "cudaMemcpy D2H")
 
     def upload(self, t: Tensor) -> int:
         t = t.contiguous()
@@ -142,12 +139,13 @@ class Sim:
 
     def download(self, ptr: int, like: Tensor) -> Tensor:
         out = torch.empty_like(like, memory_format=torch.contiguous_format)
-        self._check(self.lib.fcsim_to_host(out.data_ptr(), ptr, out.numel() * out.element_size()), "cudaMemcpy D2H")
+        self.to_host(out, ptr)
         return out
 
     # ---- launches --------------------------------------------------------------------------------------------------
 
-    def _launch(self, kernel: str, fn, *args) -> None:
+    def launch(self, kernel: str, fn, *args) -> None:
+        """`fn(*args)` (a launch that synchronizes and returns a CUDA error code), quiet, timed and counted."""
         log_size = os.fstat(self._log.fileno()).st_size
         t0 = time.process_time()
         with self.quiet():
@@ -165,6 +163,28 @@ class Sim:
             text = f.read().decode(errors="replace")
         return sum(int(m) for m in re.findall(r"^gpu_sim_cycle = (\d+)", text, re.MULTILINE))
 
+
+class Sim(Device):
+    """The CUDA kernels' library loaded into the simulator: the three launchers, each synchronizing and checked."""
+
+    def __init__(self, path: str, log_path: str) -> None:
+        super().__init__(log_path)
+        t0 = time.perf_counter()
+        with self.quiet():
+            self.lib = ctypes.CDLL(path)  # registers the kernels: the simulator parses their PTX now
+        self.stats.load_seconds = time.perf_counter() - t0
+        lib = self.lib
+        vp, i64, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+        table = ctypes.POINTER(TensorTable)
+        lib.fcsim_norm_workspace_bytes.argtypes = [i64, i64, ctypes.c_int]
+        lib.fcsim_norm_workspace_bytes.restype = size
+        lib.fcsim_grid_size.argtypes = [i64, ctypes.c_int]
+        lib.fcsim_grid_size.restype = i64
+        lib.fcsim_launch_norm.argtypes = [table, ctypes.c_double, ctypes.c_int, vp, vp, vp, ctypes.c_double, vp, size,
+                                          ctypes.c_int]
+        lib.fcsim_launch_scale.argtypes = [table, vp, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.fcsim_launch_clamp.argtypes = [table, ctypes.c_double, ctypes.c_int]
+
     def norm_workspace_bytes(self, num_tensors: int, num_chunks: int, acc_f64: bool) -> int:
         return self.lib.fcsim_norm_workspace_bytes(num_tensors, num_chunks, int(acc_f64))
 
@@ -179,18 +199,44 @@ class Sim:
 class Staged:
     """Tensors copied into one device arena, with their (relocated) plan tables on the device."""
 
-    sim: Sim
+    sim: Device
     originals: list[Tensor]  # the values as staged (CPU)
     host: Tensor  # uint8 image of the arena as staged
     offsets: list[int]  # byte offset of each tensor in the arena
     dev_base: int
     plan: plan_mod.DevicePlan  # CPU tables (meta relocated to device addresses)
-    table: TensorTable
     _owned: list[int]
+    # CPU storage address -> (its device copy, a uint8 view of the whole storage, which also keeps it alive)
+    _mirrors: dict[int, tuple[int, Tensor]] = field(default_factory=dict)
+    table: TensorTable = field(init=False)
+
+    def __post_init__(self) -> None:
+        plan = self.plan
+        self.table = TensorTable(*map(self.device_ptr, (plan.meta, plan.chunk_tensor, plan.chunk_start,
+                                                         plan.tensor_chunks)),
+                                 plan.num_tensors, plan.num_chunks, plan.chunk_size)
 
     @property
     def acc_f64(self) -> bool:
         return self.plan.acc_dtype == torch.float64
+
+    def device_ptr(self, t: Tensor) -> int:
+        """The device address of the CPU tensor `t` (a plan table, an output): its whole storage is copied to the
+        device at first sight, and back by sync()."""
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._mirrors:
+            whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self._mirrors[key] = (self.sim.upload(whole), whole)
+            self._owned.append(self._mirrors[key][0])
+        ptr = self._mirrors[key][0] + t.data_ptr() - key
+        assert ptr % 16 == t.data_ptr() % 16, "the device copy is aligned otherwise than the tensor"
+        return ptr
+
+    def sync(self) -> None:
+        """Every mirrored CPU storage back from the device (after a launch: its outputs, the ticket)."""
+        for ptr, whole in self._mirrors.values():
+            self.sim.to_host(whole, ptr)
 
     def read_back(self) -> list[Tensor]:
         """Every tensor as it is now in device memory; asserts that no byte outside them changed."""
@@ -213,19 +259,19 @@ class Staged:
         for ptr in self._owned:
             self.sim.free(ptr)
         self._owned = []
+        self._mirrors = {}
 
 
-def stage(
-    sim: Sim,
+def arrange(
     tensors: Sequence[Tensor],
     chunk_size: int,
     *,
     shifts: Optional[Sequence[int]] = None,
     unit_rows: Optional[Sequence[int]] = None,
-) -> Staged:
-    """Copy `tensors` (CPU, any of the four kernel dtypes, numel 0 allowed) into one device arena, tensor i placed
-    shifts[i] elements past a 64-byte boundary, and build its plan as the kernel backends do (plan._build, or
-    plan._build_units with `unit_rows` for AGC's unit tables), with every address pointing into the device arena."""
+) -> tuple[Tensor, list[int], plan_mod.DevicePlan]:
+    """The host side of stage(): `tensors` copied into one host buffer (uint8, guard bytes around each), tensor i
+    placed shifts[i] elements past a 64-byte boundary, their byte offsets in it, and their plan built over the copies
+    as the kernel backends build it (plan._build, or plan._build_units with `unit_rows` for AGC's unit tables)."""
     shifts = list(shifts) if shifts is not None else [0] * len(tensors)
     offsets, size = [], 0
     for t, shift in zip(tensors, shifts):
@@ -241,22 +287,28 @@ def stage(
         view.copy_(t)
         views.append(view)
     if unit_rows is None:
-        cpu_plan = plan_mod._build(views, chunk_size)
-    else:
-        cpu_plan = plan_mod._build_units(views, list(unit_rows), chunk_size)
-    dev_base = sim.alloc(size)
+        return host, offsets, plan_mod._build(views, chunk_size)
+    return host, offsets, plan_mod._build_units(views, list(unit_rows), chunk_size)
+
+
+def stage(
+    sim: Device,
+    tensors: Sequence[Tensor],
+    chunk_size: int,
+    *,
+    shifts: Optional[Sequence[int]] = None,
+    unit_rows: Optional[Sequence[int]] = None,
+) -> Staged:
+    """Copy `tensors` (CPU, any of the four kernel dtypes, numel 0 allowed) into one device arena laid out by
+    arrange(), with their plan's addresses pointing into the device arena and its tables on the device."""
+    host, offsets, cpu_plan = arrange(tensors, chunk_size, shifts=shifts, unit_rows=unit_rows)
+    dev_base = sim.alloc(host.numel())
     assert dev_base % _ALIGN == 0, f"device arena at {dev_base:#x} is not {_ALIGN}-byte aligned"
     sim.to_device(dev_base, host)
     meta = cpu_plan.meta.clone()
     meta[0] += dev_base - host.data_ptr()
     relocated = replace(cpu_plan, meta=meta)
-    owned = [dev_base]
-    ptrs = []
-    for t in (meta, cpu_plan.chunk_tensor, cpu_plan.chunk_start, cpu_plan.tensor_chunks):
-        ptrs.append(sim.upload(t))
-        owned.append(ptrs[-1])
-    table = TensorTable(*ptrs, cpu_plan.num_tensors, cpu_plan.num_chunks, cpu_plan.chunk_size)
-    return Staged(sim, [t.detach().clone() for t in tensors], host, offsets, dev_base, relocated, table, owned)
+    return Staged(sim, [t.detach().clone() for t in tensors], host, offsets, dev_base, relocated, [dev_base])
 
 
 @dataclass
@@ -291,7 +343,7 @@ def run_norm(
     norms_d = sim.upload(poison_norms) if per_tensor else None
     coef_d = sim.upload(poison_total) if max_norm is not None else None
     try:
-        sim._launch(
+        sim.launch(
             "norm", sim.lib.fcsim_launch_norm, ctypes.byref(st.table), p, int(st.acc_f64), total_d, norms_d, coef_d,
             0.0 if max_norm is None else max_norm, ws, ws_bytes, sm_count,
         )
@@ -312,7 +364,7 @@ def run_scale(st: Staged, coef: Tensor, *, per_tensor: bool = False, sm_count: i
     assert coef.dtype in (torch.float32, torch.float64)
     coef_d = st.sim.upload(coef.reshape(-1))
     try:
-        st.sim._launch("scale", st.sim.lib.fcsim_launch_scale, ctypes.byref(st.table), coef_d,
+        st.sim.launch("scale", st.sim.lib.fcsim_launch_scale, ctypes.byref(st.table), coef_d,
                        int(coef.dtype == torch.float64), int(per_tensor), sm_count)
     finally:
         st.sim.free(coef_d)
@@ -320,5 +372,5 @@ def run_scale(st: Staged, coef: Tensor, *, per_tensor: bool = False, sm_count: i
 
 
 def run_clamp(st: Staged, clip_value: float, *, sm_count: int = 80) -> list[Tensor]:
-    st.sim._launch("clamp", st.sim.lib.fcsim_launch_clamp, ctypes.byref(st.table), clip_value, sm_count)
+    st.sim.launch("clamp", st.sim.lib.fcsim_launch_clamp, ctypes.byref(st.table), clip_value, sm_count)
     return st.read_back()

@@ -1,7 +1,8 @@
 // A C ABI over csrc/kernels' launchers, for tests/gpusim/sim.py to drive with ctypes inside GPGPU-Sim.
 // Built with the kernels into one shared library by nvcc 11.8 for sm_70 (.ci/gpusim-stage.sh); the simulator
-// reads the PTX of that library (PYTORCH_BIN). Every call launches on the default stream, synchronizes, and
-// returns the first CUDA error (cudaSuccess = 0), so each launch is checked where it happened.
+// reads the PTX of that library (PYTORCH_BIN). Every launch is on the default stream, synchronizes, and returns
+// the first CUDA error (cudaSuccess = 0), so each launch is checked where it happened. Device memory is not here:
+// sim.py takes it from the simulator's libcudart directly (the Triton kernels' run needs no library of ours).
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -16,15 +17,6 @@ int finish(cudaError_t err) {
 }  // namespace
 
 extern "C" {
-
-int fcsim_malloc(void** ptr, size_t bytes) { return static_cast<int>(cudaMalloc(ptr, bytes)); }
-int fcsim_free(void* ptr) { return static_cast<int>(cudaFree(ptr)); }
-int fcsim_to_device(void* dst, const void* src, size_t bytes) {
-  return static_cast<int>(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
-}
-int fcsim_to_host(void* dst, const void* src, size_t bytes) {
-  return static_cast<int>(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-}
 
 size_t fcsim_norm_workspace_bytes(int64_t num_tensors, int64_t num_chunks, int acc_f64) {
   return fusedclip::norm_workspace_bytes(num_tensors, num_chunks, acc_f64 != 0);

@@ -22,10 +22,13 @@ from reference import (
     FLOAT_DTYPES,
     NORM_TYPES,
     assert_total_close,
+    expected_coef,
+    expected_scaled,
+    expected_tensor_norm,
     random_tensor,
-    ref_tensor_norm,
     ref_total_norm,
     round_to_dtype,
+    same_bits,
     sparse_tiles,
 )
 
@@ -57,25 +60,6 @@ def make_list(dtypes, seed: int, sizes=SIZES, scale_range=(0.1, 4.0)) -> list[Te
 # ---- oracles ---------------------------------------------------------------------------------------------------------
 
 
-def expected_tensor_norm(t: Tensor, p: float) -> float:
-    """A tensor's norm as the kernel writes it: torch's, in float64; an empty tensor gets the fold's identity (0, or
-    +inf for p = -inf: nothing was folded into the min)."""
-    if t.numel() == 0:
-        return math.inf if p == -math.inf else 0.0
-    return ref_tensor_norm(t, p)
-
-
-def expected_coef(total: Tensor, max_norm: float) -> Tensor:
-    """torch's clip coefficient computed from the returned total in its dtype, as the kernel does (NaN kept)."""
-    npt = np.float64 if total.dtype == torch.float64 else np.float32
-    c = (npt(1) / (npt(total.item()) + npt(1e-6))) * npt(max_norm)
-    return torch.tensor(c if (c < 1 or c != c) else npt(1), dtype=total.dtype)
-
-
-def same_bits(a: Tensor, b: Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-
-
 def check_norm(res: simlib.NormResult, tensors: list[Tensor], p: float, acc: torch.dtype, max_norm) -> None:
     all_fp64 = all(t.dtype == torch.float64 for t in tensors)
     assert_total_close(res.total, ref_total_norm(tensors, p), acc, all_fp64=all_fp64)
@@ -86,17 +70,6 @@ def check_norm(res: simlib.NormResult, tensors: list[Tensor], p: float, acc: tor
                                all_fp64=acc == torch.float64)
     if max_norm is not None:
         assert same_bits(res.coef, expected_coef(res.total, max_norm)), (res.coef, res.total)
-
-
-def expected_scaled(x: Tensor, coef: float, coef_dtype: torch.dtype) -> Tensor:
-    """x * coef as the kernel computes it: in float (the coefficient rounded to float) for float32/float16/bfloat16,
-    in double for float64, then rounded once to x's dtype. float32(x) * float32(c) is exact in float64, so `.float()`
-    of the float64 product is the one IEEE rounding of the float multiply."""
-    c = torch.tensor(coef, dtype=coef_dtype)
-    if x.dtype == torch.float64:
-        return x * c.double()
-    f32 = (x.double() * c.float().double()).float()
-    return f32 if x.dtype == torch.float32 else f32.to(x.dtype)
 
 
 def assert_equal_bits_or_nan(got: Tensor, want: Tensor, what: str) -> None:
