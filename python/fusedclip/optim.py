@@ -97,7 +97,8 @@ def clip_and_step(
         is NaN or inf. Sync-free for fused optimizers; other optimizers decide on the host (a sync on GPUs)
     backend : "cuda", "triton", "torch" or None (auto)
     process_group, replicated : as for ``clip_grad_norm_`` (DTensor gradients on any meshes need neither). The
-        skip decision then follows the global total, alike on every rank. DTensor parameters are clipped in place
+        skip decision then follows the global total and every rank's flags from torch's unscale_ (norm_type 0 and
+        -inf, or after your own ``scaler.unscale_``), alike on every rank. DTensor parameters are clipped in place
         and then stepped (the clip is not folded into a fused step: its ``grad_scale`` would be a plain tensor
         beside DTensor parameters)
 
