@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from reference import TOTAL_RTOL, assert_scaled, random_grads, ref_total_norm
+from reference import TOTAL_RTOL, assert_scaled, random_grads, random_tensor, ref_total_norm
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -449,3 +449,214 @@ def _mesh2d_worker(rank: int, world: int) -> None:
 
 def test_fsdp_tp_mesh_and_two_groups_four_ranks():
     launch(_mesh2d_worker, 4)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Kept calls across steps: no gradient held, keys that cannot be confused, no plan made per span
+
+
+class _Pool:
+    """A caching allocator in small, as torch's CUDA one behaves in a steady loop: gradient k is made in the block
+    its predecessor used once that gradient is gone (no reference left), else in a new block."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[torch.Tensor]] = {}
+
+    def grad(self, k: int, values: torch.Tensor, wrap):
+        import weakref
+
+        blocks = self.free.setdefault(k, [])
+        block = blocks.pop() if blocks else torch.empty_like(values)
+        g = wrap(block.copy_(values))
+        weakref.finalize(g, blocks.append, block)  # the block is handed out again once g is freed
+        return g
+
+
+def _steady_state(params: list, locals_of, wrap, ref_of, what: str, **kw) -> None:
+    """Steps of zero_grad(set_to_none=True), new gradients from a _Pool, clip: every step after the first uses the
+    kept call (the last step's gradients are gone, so the new ones sit where they were), and each total is right."""
+    import fusedclip
+    from fusedclip import fastpath
+
+    pool, hits = _Pool(), []
+    for step in range(4):
+        for q in params:
+            q.grad = None
+        values = locals_of(step)
+        for k, (q, v) in enumerate(zip(params, values)):
+            q.grad = pool.grad(k, v, wrap)
+        before = [v.clone() for v in values]
+        h = fastpath.stats.hits
+        total = fusedclip.clip_grad_norm_(params, 0.05, **kw)
+        hits.append(fastpath.stats.hits - h)
+        ref = ref_of(step)
+        _close(float(_full(total)), ref, 1e-5, f"{what} step {step}")
+        for q, b in zip(params, before):  # (no name left holding a gradient: the next step needs them freed)
+            assert_scaled(q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad, b,
+                          0.05 / (float(_full(total)) + 1e-6), f"{what} step {step}")
+    assert hits[1:] == [1, 1, 1], f"{what}: kept-call hits per step {hits} (set_to_none steady state)"
+
+
+def _kept_worker(rank: int, world: int) -> None:
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    import fusedclip
+    from fusedclip import dispatch, distributed, fastpath
+
+    grid = init_device_mesh("cpu", (world, 1), mesh_dim_names=("pp", "dp"))
+    mesh = grid["pp"]  # both ranks
+    sizes = (7, 13, 2, 30)
+
+    def fulls(step: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(400 + step)
+        return [random_tensor((n * world,), gen=gen, scale=0.5 + k) for k, n in enumerate(sizes)]
+
+    # 1. A kept call holds no gradient: freed once .grad lets go of it; the next step's gradients, made where the
+    # last ones were, take the kept call (DTensor gradients, then plain ones with a process group).
+    dparams = [torch.nn.Parameter(DTensor.from_local(torch.zeros(n), mesh, [Shard(0)], run_check=False))
+               for n in sizes]
+    for q, f in zip(dparams, fulls(0)):
+        q.grad = DTensor.from_local(f.chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False)
+    fusedclip.clip_grad_norm_(dparams, 1.0)
+    old, old_local = weakref.ref(dparams[0].grad), weakref.ref(dparams[0].grad._local_tensor)
+    for q in dparams:
+        q.grad = None
+    assert old() is None and old_local() is None, "a kept DTensor call holds the last step's gradients"
+    _steady_state(
+        dparams, lambda s: [f.chunk(world)[rank].clone() for f in fulls(s)],
+        lambda b: DTensor.from_local(b, mesh, [Shard(0)], run_check=False),
+        lambda s: ref_total_norm(fulls(s), 2.0), "DTensor",
+    )
+    pparams = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    for q, f in zip(pparams, fulls(0)):
+        q.grad = f.chunk(world)[rank].clone()
+    fusedclip.clip_grad_norm_(pparams, 1.0, process_group=dist.group.WORLD)
+    old = weakref.ref(pparams[0].grad)
+    for q in pparams:
+        q.grad = None
+    assert old() is None, "a kept process-group call holds the last step's gradients"
+    _steady_state(
+        pparams, lambda s: [f.chunk(world)[rank].clone() for f in fulls(s)], lambda b: b.view_as(b),
+        lambda s: ref_total_norm(fulls(s), 2.0), "process_group", process_group=dist.group.WORLD,
+    )
+
+    # 2. Keys: a fresh slice of the world mesh (what world_mesh["pp"] returns each time, equal by value) finds the
+    # kept call; another group, or another `replicated`, never takes a kept layout (however ids get reused).
+    distributed.clear()
+    mine = [f.chunk(world)[rank].clone() for f in fulls(5)]
+    slices, hits = [], fastpath.stats.hits
+    for _ in range(3):
+        slices.append(grid["pp"])
+        got = fusedclip.get_total_norm(mine, 2.0, process_group=slices[-1])
+        _close(got.item(), ref_total_norm(fulls(5), 2.0), 1e-5, "fresh pp slice")
+    assert fastpath.stats.hits == hits + 2 and len(distributed._kept) == 1, (fastpath.stats.hits - hits,
+                                                                            len(distributed._kept))
+    a, b = random_grads(2, seed=450, max_numel=40)  # identical on both ranks
+    ab = [a, b]
+    for _ in range(3):  # temporaries: freed after each call, their ids free to be reused by the next ones
+        for name, alone in (("pp", False), ("dp", True)):
+            got = fusedclip.get_total_norm(mine, 2.0, process_group=grid[name])
+            want = ref_total_norm(mine, 2.0) if alone else ref_total_norm(fulls(5), 2.0)
+            _close(got.item(), want, 1e-5, f"process_group=grid[{name!r}]")
+        for marked, other in ((a, b), (b, a)):
+            want = math.sqrt(ref_total_norm([marked], 2.0) ** 2 + world * ref_total_norm([other], 2.0) ** 2)
+            got = fusedclip.get_total_norm(ab, 2.0, process_group=dist.group.WORLD, replicated=[marked])
+            _close(got.item(), want, 1e-5, "replicated=[a list]")
+            got = fusedclip.get_total_norm(ab, 2.0, process_group=dist.group.WORLD,
+                                           replicated=lambda t, m=marked: t is m)
+            _close(got.item(), want, 1e-5, "replicated=a predicate")
+        gc.collect()
+    hits = fastpath.stats.hits
+    fusedclip.get_total_norm(ab, 2.0, process_group=dist.group.WORLD, replicated=[a])  # a new list, same tensors
+    assert fastpath.stats.hits == hits + 1, "replicated= with the same tensors in a new list: kept"
+
+    # 4. No common group (a mesh over both ranks and one over this rank alone): the kept call makes no plan per span.
+    full = fulls(6)
+    shared = random_grads(2, seed=460, max_numel=30)  # identical on both ranks
+    grads = [
+        DTensor.from_local(full[0].chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False),
+        DTensor.from_local(shared[0].clone(), mesh, [Replicate()], run_check=False),  # counts on rank 0
+        DTensor.from_local(shared[1].clone(), grid["dp"], [Replicate()], run_check=False),  # this rank's own mesh
+        DTensor.from_local(full[3].chunk(world)[rank].clone(), mesh, [Shard(0)], run_check=False),
+    ]
+    made = []
+    make_plan = dispatch.make_plan
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return make_plan(*args, **kwargs)
+
+    for p in (2.0, 1.0, math.inf, -math.inf, 0.0):
+        first = fusedclip.get_total_norm(grads, p)
+        hits, made[:] = fastpath.stats.hits, []
+        dispatch.make_plan = counting
+        try:
+            again, calls = _collectives(lambda: fusedclip.get_total_norm(grads, p))
+        finally:
+            dispatch.make_plan = make_plan
+        assert fastpath.stats.hits == hits + 1 and calls == 2, (p, fastpath.stats.hits - hits, calls)
+        assert not made, f"p={p}: the kept call made {len(made)} plans"
+        assert torch.equal(first, again), (p, first, again)
+        want = float(len(grads)) if p == 0 else ref_total_norm([full[0], shared[0], shared[1], full[3]], p)
+        _close(again.item(), want, 1e-5, f"mesh + own mesh p={p}")
+    dist.barrier()
+
+
+def test_kept_calls_hold_no_gradients_and_keep_their_groups_two_ranks():
+    launch(_kept_worker, 2)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# GradScaler flags from torch's own unscale_ (p = 0 and -inf, or the user's scaler.unscale_): made global
+
+
+def _scaler_flags_worker(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    import fusedclip
+
+    group = dist.group.WORLD
+    cases = [(p, how) for p in (0.0, -math.inf) for how in ("clip_and_step", "fused", "unscale_and_clip")]
+    cases += [(0.0, "after unscale_"), (2.0, "after unscale_")]
+    for (p, how), bad in [(c, True) for c in cases] + [((0.0, "clip_and_step"), False), ((0.0, "fused"), False)]:
+        what = f"{how} p={p} inf on rank 0: {bad}"
+        grads = random_grads(3, seed=500 + rank, max_numel=40)  # each rank its own pieces
+        if bad and rank == 0:
+            grads[1].view(-1)[2] = math.inf  # on one rank only
+        params = [torch.nn.Parameter(torch.randn(g.shape, generator=torch.Generator().manual_seed(k)))
+                  for k, g in enumerate(grads)]
+        for q, g in zip(params, grads):
+            q.grad = g * 8.0  # scaled by the scaler's 8
+        weights = [q.detach().clone() for q in params]
+        opt = torch.optim.SGD(params, lr=0.1, fused=how == "fused")
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        scaler.scale(torch.ones(()))  # (sets up its scale)
+        if how == "after unscale_":
+            scaler.unscale_(opt)
+        if how == "unscale_and_clip":
+            total, calls = _collectives(lambda: fusedclip.unscale_and_clip_grad_norm_(
+                opt, scaler, 0.5, p, process_group=group))
+            scaler.step(opt)
+        else:
+            total, calls = _collectives(lambda: fusedclip.clip_and_step(
+                opt, 0.5, norm_type=p, scaler=scaler, process_group=group))
+        assert calls == 1, f"{what}: {calls} collectives"
+        _same_on_all_ranks(total, what)
+        if p == 0:
+            assert total.item() == world * len(grads), (what, total)
+        flags = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+        assert [float(f) for f in flags.values()] == [float(bad)], f"{what}: found_inf {flags} on rank {rank}"
+        stepped = [not torch.equal(q.detach(), w) for q, w in zip(params, weights)]
+        assert stepped == [not bad] * len(params), f"{what}: rank {rank} stepped {stepped}"
+        scaler.update()
+        assert scaler.get_scale() == (4.0 if bad else 8.0), (what, scaler.get_scale())
+    dist.barrier()
+
+
+def test_scaler_flags_alike_on_every_rank_two_ranks():
+    launch(_scaler_flags_worker, 2)

@@ -127,17 +127,23 @@ def norm_and_flags(
 def distributed_norm_and_flags(
     params: list[Tensor], grads: list[Tensor], norm_type: float, backend: Optional[str],
     process_group: distributed.GroupArg, replicated: distributed.ReplicatedArg,
+    prior: Optional[dict[torch.device, Tensor]] = None,
 ) -> tuple[distributed.Call, Tensor, dict[torch.device, Tensor]]:
     """norm_and_flags for DTensor gradients or a process group: (the kept or new distributed call, the global
-    total of `grads`, {device: flag}). The flag is the global one ("the total is not finite"), the same on every
-    rank, so every rank skips or steps alike."""
-    call = distributed.find(params, True, backend, None, process_group, replicated)
-    if call is None:
-        owners = [q for q in params if q.grad is not None]
-        call = distributed.prepare(params, True, owners, grads, backend, None, process_group, replicated)
-    total = call.total(norm_type)
+    total of `grads`, {device: flag}). The flag is the global one, the same on every rank, so every rank skips or
+    steps alike: "the total is not finite", or "some rank's `prior` flag is set" (flags of torch's unscale_, this
+    rank's own), which rides in the total's own collective. Pass `prior` (a dict, empty or not) on every rank or on
+    none: it adds an entry to the collective's payload."""
+    call = distributed.find_or_prepare(params, True, grads, backend, None, process_group, replicated)
+    mine = None
+    if prior is not None:  # this rank's flag: the max over its devices (0 where torch recorded none)
+        own = [f.to(call.layout.device, torch.float32) for f in prior.values()]
+        mine = torch.stack(own).amax() if own else torch.zeros((), device=call.layout.device)
+    total, found = call.total_and_flag(norm_type, mine)
     flag = (~torch.isfinite(total)).to(torch.float32)
-    devices = {t.device for t in call.scale_locals} or {total.device}
+    if found is not None:
+        flag = torch.maximum(flag, found.gt(0).to(torch.float32))
+    devices = {t.device for t in call.scale_locals} | set(prior or ()) or {total.device}
     return call, total, {d: flag.to(d) for d in devices}
 
 
@@ -197,10 +203,21 @@ def unscale_and_clip_grad_norm_(
     if not flag_reliable(p) or any(g.is_sparse for g in grads):
         # The total cannot stand in for the non-finite check (or sparse values need torch's own handling).
         scaler.unscale_(optimizer)
-        return clip_grad_norm_(params, max_norm, p, **groups)
+        if not distributed.needed(grads, process_group, replicated):
+            return clip_grad_norm_(params, max_norm, p, **groups)
+        # torch's flags are this rank's own: made global in the clip's collective, so every rank skips alike.
+        call, total, flags = distributed_norm_and_flags(
+            params, grads, p, backend, process_group, replicated, dict(state["found_inf_per_device"])
+        )
+        call.scale_(clip_coef(total, max_norm))
+        state["found_inf_per_device"] = flags
+        return call.wrap(total, p)
     if distributed.needed(grads, process_group, replicated):
         inv_scale = inv_scale_of(scaler)
-        call, scaled_total, flags = distributed_norm_and_flags(params, grads, p, backend, process_group, replicated)
+        # (prior={}: on every rank, whichever branch it took, the payloads have the same length)
+        call, scaled_total, flags = distributed_norm_and_flags(
+            params, grads, p, backend, process_group, replicated, {}
+        )
         total = unscale_total(scaled_total, inv_scale, p)
         call.scale_(inv_scale.to(total.device) * clip_coef(total, max_norm))
         state["found_inf_per_device"] = flags

@@ -101,7 +101,7 @@ def get_total_norm(
         ts = collect_tensors(items)
         p = parse_norm_type(norm_type)
         if distributed.needed(ts, process_group, replicated):
-            call = distributed.prepare(items, False, ts, ts, backend, foreach, process_group, replicated)
+            call = distributed.prepare(items, False, ts, backend, foreach, process_group, replicated)
             return call.clip(None, p, error_if_nonfinite)
         if not ts:
             return torch.tensor(0.0)
@@ -244,8 +244,7 @@ def clip_grad_norm_(
     p = parse_norm_type(norm_type)
     warn_if_repeated(params, grads, stacklevel=3)
     if distributed.needed(grads, process_group, replicated):
-        owners = [q for q in params if q.grad is not None]
-        call = distributed.prepare(params, True, owners, grads, backend, foreach, process_group, replicated)
+        call = distributed.prepare(params, True, grads, backend, foreach, process_group, replicated)
         return call.clip(max_norm, p, error_if_nonfinite)
     if not grads:
         return torch.tensor(0.0)

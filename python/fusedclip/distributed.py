@@ -11,6 +11,9 @@ the number of meshes, and puts its contribution in a small payload; one all-redu
   over the ranks of the tensors' meshes: a tensor counts once however many ranks hold a non-zero piece of it);
   for plain tensors the local count.
 
+A caller's own flag can ride along as one more entry (Call.total_and_flag: GradScaler's per-rank found_inf from
+torch's unscale_, made global without a collective of its own).
+
 A contribution that several ranks hold identically (a Replicate mesh dimension, a tensor marked ``replicated``)
 is counted on one of them only, the one at coordinate 0 of each tensor's own mesh, so no extra collective is
 needed to de-duplicate, and a rank's payload is the sum over the shards it alone holds. That is what lets one
@@ -25,13 +28,17 @@ be lined up in one payload).
 Nothing here reads a value on the host: the collectives run on the device and the total stays there. A call's
 layout (meshes, coordinates, which shards count, the groups) is worked out once and kept with the call's plans,
 like fusedclip.fastpath's kept plans: a later call over the same gradients only checks that every local shard is
-where it was and on the same placement (see `find`).
+where it was and on the same placement (see `find`). A kept call holds no gradient (so a gradient set to None is
+freed, and its successor can take its place) and is keyed on the groups themselves, never on an id that another
+object could take.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -230,6 +237,7 @@ class _Span:
     ranks: tuple[int, ...]
     meshes: list
     positions: list[int]
+    counted: list[int] = field(default_factory=list)  # the positions that count on this rank for p > 0
     _groups: Optional[list] = None
 
     @property
@@ -319,6 +327,10 @@ def make_layout(
         mesh = meshes[0] if len(meshes) == 1 else None
     first_in_groups = all(dist.get_rank(g) == 0 for g in groups)
     counts_extra = [first_in_groups or not is_replicated(o, t) for o, t in zip(owners, tensors)]
+    counted = [i for i in range(len(tensors)) if counted_mesh[i] and counts_extra[i]]
+    counted_set = set(counted)
+    for s in spans:
+        s.counted = [i for i in s.positions if i in counted_set]
     locals_ = [t._local_tensor if d else t for t, d in zip(tensors, dts)]
     if locals_:
         device = locals_[0].device
@@ -328,7 +340,7 @@ def make_layout(
         count=len(tensors),
         dtensor=dtensor,
         mesh=mesh,
-        counted=[i for i in range(len(tensors)) if counted_mesh[i] and counts_extra[i]],
+        counted=counted,
         counts_extra=counts_extra,
         spans=spans,
         extra=groups,
@@ -384,6 +396,7 @@ class Call:
     def __init__(
         self, layout: Layout, norm_locals: list[Tensor], scale_locals: list[Tensor], backend: Optional[str],
         foreach: Optional[bool], plan_all: Optional[dispatch.Plan] = None, plan_counted: Optional[dispatch.Plan] = None,
+        span_plans: Optional[Callable[[int, bool], dispatch.Plan]] = None,
     ) -> None:
         self.layout = layout
         self.norm_locals = norm_locals
@@ -392,6 +405,8 @@ class Call:
         self.foreach = foreach
         self._plan_all = plan_all  # every non-empty local: the inf norms, the p = 0 flags, the scale pass
         self._plan_counted = plan_counted  # the counted ones: the p > 0 sums
+        self._span_source = span_plans  # a kept call's per-span plans (see span_plan)
+        self._span_plans: dict = {}
 
     # -- plans (made at first use in a call that was not kept)
 
@@ -422,49 +437,70 @@ class Call:
         total, _ = dispatch.total_norm(plan, p)
         return total.to(device=lay.device, dtype=lay.dtype)
 
-    def _subset_norm(self, positions: list[int], p: float) -> Tensor:
-        """The fallback's per-span norm (a plan of its own)."""
-        mine = [self.norm_locals[i] for i in positions]
-        return self._norm(dispatch.make_plan([t for t in mine if t.numel()], self.backend, self.foreach), p)
+    def span_plan(self, k: int, counted: bool) -> dispatch.Plan:
+        """The plan over span k's non-empty locals (its counted ones if `counted`), for the per-span norms of a
+        layout without a common group: a kept call's, from its kept entries; else made at first use."""
+        span = self.layout.spans[k]
+        counted = counted and len(span.counted) != len(span.positions)  # (every one counts: the same plan)
+        plan = self._span_plans.get((k, counted))
+        if plan is None:
+            if self._span_source is not None:
+                plan = self._span_source(k, counted)
+            else:
+                mine = [self.norm_locals[i] for i in (span.counted if counted else span.positions)]
+                plan = dispatch.make_plan([t for t in mine if t.numel()], self.backend, self.foreach)
+            self._span_plans[(k, counted)] = plan
+        return plan
 
     # -- the total
 
     def total(self, p: float) -> Tensor:
         """The global total on this rank's device (a plain tensor, the same value on every rank)."""
+        return self.total_and_flag(p, None)[0]
+
+    def total_and_flag(self, p: float, flag: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(the global total, `flag`'s max over every rank, or None without one). `flag` (this rank's 0/1, 0-d)
+        rides as one more entry of the total's own payloads, so it takes no collective of its own; every rank must
+        pass one or none alike (the payloads' lengths must agree)."""
         import torch.distributed as dist
 
         lay = self.layout
+        slot = None if flag is None else flag.to(device=lay.device, dtype=lay.dtype).reshape(1)
         if p == 0:
-            return self._count()
+            return self._count(slot)
         if math.isinf(p):
             op = dist.ReduceOp.MAX if p > 0 else dist.ReduceOp.MIN
-            if lay.common is not None:
-                payload = self._inf_payload(self._norm(self.plan_all(), p), self.plan_all().count > 0, p)
-                return self._inf_value(_reduce(payload, op, lay.common), p)
-            parts = [
-                _reduce(self._inf_payload(self._subset_norm(s.positions, p), self._any(s.positions), p), op, s.groups)
-                for s in lay.spans
-            ]
-            if not lay.spans:
-                parts = [self._inf_payload(self._norm(self.plan_all(), p), self.plan_all().count > 0, p)]
-            combined = torch.stack(parts).amax(0) if p > 0 else torch.stack(parts).amin(0)
-            return self._inf_value(_reduce(combined, op, lay.extra), p)
+            slot = slot if slot is None or p > 0 else -slot  # (MIN-reduced: the flag as -flag)
+            if lay.common is not None or not lay.spans:
+                plan = self.plan_all()
+                payload = _with(self._inf_payload(self._norm(plan, p), plan.count > 0, p), slot)
+                combined = _reduce(payload, op, lay.common if lay.common is not None else [])
+            else:
+                parts = []
+                for k, s in enumerate(lay.spans):
+                    plan = self.span_plan(k, False)
+                    parts.append(_reduce(_with(self._inf_payload(self._norm(plan, p), plan.count > 0, p), slot), op,
+                                         s.groups))
+                combined = torch.stack(parts).amax(0) if p > 0 else torch.stack(parts).amin(0)
+            if lay.common is None:
+                combined = _reduce(combined, op, lay.extra)
+            value, found = _split(combined, slot)
+            return self._inf_value(value, p), found if found is None or p > 0 else -found
         op = dist.ReduceOp.SUM
         if lay.common is not None:
-            return _reduce(self._norm(self.plan_counted(), p).pow(p).reshape(1), op, lay.common)[0].pow(1.0 / p)
-        counted = set(lay.counted)
-        if lay.spans:
-            parts = [
-                _reduce(self._subset_norm([i for i in s.positions if i in counted], p).pow(p).reshape(1), op, s.groups)
-                for s in lay.spans
-            ]
-            payload = torch.stack(parts).sum(0)
+            payload = _reduce(_with(self._norm(self.plan_counted(), p).pow(p).reshape(1), slot), op, lay.common)
         else:
-            payload = self._norm(self.plan_counted(), p).pow(p).reshape(1)
-        return _reduce(payload, op, lay.extra)[0].pow(1.0 / p)
-
-    def _any(self, positions: list[int]) -> bool:
-        return any(self.norm_locals[i].numel() for i in positions)
+            if lay.spans:
+                parts = [
+                    _reduce(_with(self._norm(self.span_plan(k, True), p).pow(p).reshape(1), slot), op, s.groups)
+                    for k, s in enumerate(lay.spans)
+                ]
+                payload = torch.stack(parts).sum(0)
+            else:
+                payload = _with(self._norm(self.plan_counted(), p).pow(p).reshape(1), slot)
+            payload = _reduce(payload, op, lay.extra)
+        value, found = _split(payload, slot)
+        return value[0].pow(1.0 / p), found
 
     def _inf_payload(self, local: Tensor, has: bool, p: float) -> Tensor:
         """[max, nan] for +inf; [min, -nan, -has] for -inf (MIN-reduced: has < 0 where some rank holds elements)."""
@@ -484,9 +520,9 @@ class Call:
         value = torch.where(payload[2] < 0, payload[0], torch.zeros_like(payload[0]))  # no elements anywhere: 0
         return torch.where(payload[1] < 0, torch.full_like(value, math.nan), value)
 
-    def _count(self) -> Tensor:
+    def _count(self, slot: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """p = 0: DTensors: per-tensor non-zero flags summed over each span (a tensor counts once if any piece is
-        non-zero), then counted; plain tensors: the local count."""
+        non-zero), then counted; plain tensors: the local count. `slot`: total_and_flag's flag (SUM-reduced)."""
         import torch.distributed as dist
 
         lay = self.layout
@@ -494,18 +530,20 @@ class Call:
         norms = self._per_tensor_norms()
         mask = self._index("mask", lambda: torch.tensor(lay.counts_extra, device=lay.device))
         if not lay.dtensor:
-            payload = (norms.ne(0) & mask).sum().to(lay.dtype).reshape(1)
-            return _reduce(payload, op, lay.common if lay.common is not None else lay.extra)[0]
+            payload = _with((norms.ne(0) & mask).sum().to(lay.dtype).reshape(1), slot)
+            count, found = _split(_reduce(payload, op, lay.common if lay.common is not None else lay.extra), slot)
+            return count[0], found
         if lay.common is not None and not lay.extra:
-            flags = _reduce(norms.ne(0).to(lay.dtype), op, lay.common)
-            return (flags.ne(0) & mask).sum().to(lay.dtype)
+            flags, found = _split(_reduce(_with(norms.ne(0).to(lay.dtype), slot), op, lay.common), slot)
+            return (flags.ne(0) & mask).sum().to(lay.dtype), found
         counts = []
         for k, s in enumerate(lay.spans):
             idx = self._index(("span", k), lambda s=s: torch.tensor(s.positions, device=lay.device))
-            flags = _reduce(norms.index_select(0, idx).ne(0).to(lay.dtype), op, s.groups)
-            counts.append((flags.ne(0) & mask.index_select(0, idx)).sum().to(lay.dtype))
-        payload = torch.stack(counts).sum().reshape(1)
-        return _reduce(payload, op, lay.extra)[0]
+            flags, found = _split(_reduce(_with(norms.index_select(0, idx).ne(0).to(lay.dtype), slot), op, s.groups),
+                                  slot)
+            counts.append(_with((flags.ne(0) & mask.index_select(0, idx)).sum().to(lay.dtype).reshape(1), found))
+        count, found = _split(_reduce(torch.stack(counts).sum(0), op, lay.extra), slot)
+        return count[0], found
 
     def _per_tensor_norms(self) -> Tensor:
         """One norm per position (0 for zero-size locals), from one fused reduction."""
@@ -570,6 +608,16 @@ def _reduce(payload: Tensor, op, groups: list) -> Tensor:
     return payload
 
 
+def _with(payload: Tensor, slot: Optional[Tensor]) -> Tensor:
+    """A payload with total_and_flag's flag as its last entry (none without one)."""
+    return payload if slot is None else torch.cat([payload, slot])
+
+
+def _split(payload: Tensor, slot: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """_with undone after the reduction: (the payload, the reduced flag or None)."""
+    return (payload, None) if slot is None else (payload[:-1], payload[-1])
+
+
 def _full_value(total: Tensor) -> Tensor:
     """A DTensor total -> a plain tensor holding the global value (free for Replicate, a collective otherwise)."""
     from torch.distributed.tensor import Replicate
@@ -583,32 +631,75 @@ def _full_value(total: Tensor) -> Tensor:
 # Kept calls: the steady state of a training loop
 
 
+_UNKEPT = object()
+
+
+def _replicated_key(replicated: ReplicatedArg) -> Any:
+    """replicated= as part of a kept call's key: a predicate by itself (the key holds it: no other object takes its
+    id while the entry lives); tensors by the set of their ids, which the entry's weak references confirm
+    (_Kept.replicated_alive: while they all live, no other tensor has one of those ids); _UNKEPT for anything else
+    (a one-pass iterable, read here, would leave nothing for the call)."""
+    if replicated is None:
+        return None
+    if isinstance(replicated, Tensor):
+        return frozenset((id(replicated),))
+    if callable(replicated):
+        return ("predicate", replicated)
+    if isinstance(replicated, (list, tuple, set, frozenset)):
+        return frozenset(map(id, replicated))
+    return _UNKEPT
+
+
 def _key(grads: bool, backend: Optional[str], foreach: Optional[bool], count: int, process_group: GroupArg,
-         replicated: ReplicatedArg) -> tuple:
-    if isinstance(process_group, (list, tuple)):
-        groups: Any = tuple(map(id, process_group))
-    else:
-        groups = None if process_group is None else id(process_group)
-    return (grads, backend, foreach, count, groups, None if replicated is None else id(replicated))
+         replicated: ReplicatedArg) -> Optional[tuple]:
+    """The key of a kept call, or None where the call cannot be kept. The groups are keyed by themselves and held by
+    the key: a DeviceMesh compares by value (world_mesh["pp"] is a new, equal mesh each time), a ProcessGroup by
+    identity."""
+    rep = _replicated_key(replicated)
+    if rep is _UNKEPT:
+        return None
+    groups = tuple(process_group) if isinstance(process_group, (list, tuple)) else process_group
+    key = (grads, backend, foreach, count, isinstance(process_group, (list, tuple)), groups, rep)
+    try:
+        hash(key)
+    except TypeError:  # (an unhashable predicate, or a bad argument the general path reports)
+        return None
+    return key
+
+
+_spec = operator.attrgetter("_spec")
 
 
 class _Kept:
     """A kept distributed call: its layout, the placements (DTensorSpec) of every gradient, and fastpath entries
-    over its non-empty local shards (all of them; the counted ones if fewer)."""
+    over its non-empty local shards (all of them; the counted ones if fewer; per span where the layout has no
+    common group). It holds no gradient: a gradient set to None is freed, and the next one can take its place."""
 
-    __slots__ = ("layout", "grads", "specs", "absent", "nonempty", "sub", "entry_all", "entry_counted", "empty")
+    __slots__ = ("layout", "specs", "absent", "nonempty", "sub", "entry_all", "entry_counted", "spans", "empty",
+                 "replicated")
 
-    def __init__(self, layout: Layout, grads: list, absent: Optional[list], nonempty: Optional[list],
-                 sub: Optional[list], entry_all: fastpath.Entry, entry_counted: Optional[fastpath.Entry]) -> None:
+    def __init__(self, layout: Layout, specs: Optional[list], absent: Optional[list], nonempty: Optional[list],
+                 sub: Optional[list], entry_all: fastpath.Entry, entry_counted: Optional[fastpath.Entry],
+                 spans: Optional[dict], replicated: Optional[list]) -> None:
         self.layout = layout
-        self.grads = grads  # the present gradients of the last call (their objects: the same ones need no spec check)
-        self.specs = [g._spec for g in grads] if layout.dtensor else None  # their placements, or None (plain)
+        self.specs = specs  # the gradients' placements (DTensorSpec), or None (plain tensors)
         self.absent = absent  # per element: no gradient there; None when every element had one
         self.nonempty = nonempty  # positions of non-empty locals, None when all are
         self.sub = sub  # positions (in the non-empty list) of the counted ones, None when all count
         self.entry_all = entry_all
         self.entry_counted = entry_counted
-        self.empty = dispatch.make_plan([], None)  # the counted plan where nothing counts on this rank
+        self.spans = spans  # (span, counted) -> (entry or None, positions in the non-empty list); None: not needed
+        self.empty = dispatch.make_plan([], None)  # the plan over no local (nothing counts on this rank)
+        self.replicated = replicated  # weak references to the tensors of replicated=, or None
+
+    def replicated_alive(self) -> bool:
+        """Whether every tensor of the kept replicated= still lives (then a call whose tensors have the same ids
+        passes the same tensors)."""
+        return self.replicated is None or all(r() is not None for r in self.replicated)
+
+    def _plan_of(self, entry: Optional[fastpath.Entry], nonempty: list, sub: list[int]) -> dispatch.Plan:
+        """An entry's plan over nonempty[i] for i in sub (a subset of the list entry_all just checked)."""
+        return self.empty if entry is None else entry.plan_of([nonempty[i] for i in sub])
 
     def call(self, items: list, grads: bool, backend: Optional[str], foreach: Optional[bool]) -> Optional[Call]:
         pair = fastpath.grads_and_locals(items) if grads and self.specs is not None else None
@@ -626,17 +717,16 @@ class _Kept:
             found = [g for g in found if g is not None]
             local = None if local is None else [t for t in local if t is not None]
         if self.specs is not None:
-            if len(found) != len(self.grads) or not all(map(operator.is_, found, self.grads)):
-                # New gradient objects (set_to_none): they pass on the same placements (equal specs).
-                try:
-                    specs = [g._spec for g in found]
-                except AttributeError:  # a plain tensor or None where a DTensor was
+            try:
+                specs = list(map(_spec, found))
+            except AttributeError:  # a plain tensor or None where a DTensor was
+                return None
+            if len(specs) != len(self.specs):
+                return None
+            if not all(map(operator.is_, specs, self.specs)):
+                if specs != self.specs:  # new gradient objects (set_to_none) pass on equal placements
                     return None
-                if not all(map(operator.is_, specs, self.specs)):
-                    if specs != self.specs:
-                        return None
-                    self.specs = specs
-                self.grads = found
+                self.specs = specs
             if local is None or len(local) != len(found):
                 local = [g._local_tensor for g in found]  # (the fastpath check below proves where each one is)
         else:
@@ -647,11 +737,13 @@ class _Kept:
             return None
         plan_counted = plan_all
         if self.sub is not None:  # (the counted shards are among those just checked)
-            if self.entry_counted is None:
-                plan_counted = self.empty
-            else:
-                plan_counted = self.entry_counted.plan_of([nonempty[i] for i in self.sub])
-        return Call(self.layout, local, local, backend, foreach, plan_all, plan_counted)
+            plan_counted = self._plan_of(self.entry_counted, nonempty, self.sub)
+        spans = None if self.spans is None else functools.partial(self._span_plan, nonempty)
+        return Call(self.layout, local, local, backend, foreach, plan_all, plan_counted, spans)
+
+    def _span_plan(self, nonempty: list, k: int, counted: bool) -> dispatch.Plan:
+        entry, sub = self.spans[(k, counted)]  # type: ignore[index]
+        return self._plan_of(entry, nonempty, sub)
 
 
 _kept: OrderedDict[tuple, _Kept] = OrderedDict()
@@ -664,15 +756,26 @@ def find(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool
     same placement, with the same groups; None otherwise (the caller takes the general path). Outside tracing."""
     if not _kept or type(items) not in (list, tuple):
         return None
-    entry = _kept.get(_key(grads, backend, foreach, len(items), process_group, replicated))
+    key = _key(grads, backend, foreach, len(items), process_group, replicated)
+    entry = None if key is None else _kept.get(key)
     if entry is None:
         return None
-    call = entry.call(items, grads, backend, foreach)
+    call = entry.call(items, grads, backend, foreach) if entry.replicated_alive() else None
     if call is None:
         fastpath.stats.misses += 1
         return None
     fastpath.stats.hits += 1
     return call
+
+
+def _sub_entry(present: list[Tensor], sub: list[int], plan: dispatch.Plan, backend: Optional[str],
+               foreach: Optional[bool]) -> tuple[bool, Optional[fastpath.Entry]]:
+    """(whether it qualifies, a fastpath entry over present[i] for i in sub, made from `plan`: None where sub is
+    empty)."""
+    if not sub:
+        return True, None
+    entry = fastpath.make_entry([present[i] for i in sub], False, backend, foreach, plan)
+    return entry is not None, entry
 
 
 def _remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional[bool], process_group: GroupArg,
@@ -684,6 +787,9 @@ def _remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional
         return
     if not all(type(t) is Tensor or is_dtensor(t) for t in tensors):
         return
+    key = _key(grads, backend, foreach, len(items), process_group, replicated)
+    if key is None:
+        return
     local = call.norm_locals
     nonempty = [i for i, t in enumerate(local) if t.numel()]
     plan_all = call.plan_all()
@@ -693,20 +799,32 @@ def _remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional
     entry_all = fastpath.make_entry(present, False, backend, foreach, plan_all)
     if entry_all is None:
         return
+    where = {pos: k for k, pos in enumerate(nonempty)}
     entry_counted = sub = None
     if len(lay.counted) != lay.count:
-        where = {pos: k for k, pos in enumerate(nonempty)}
         sub = [where[i] for i in lay.counted if i in where]
-        if sub:  # (else nothing counts here: the kept call uses an empty plan)
-            entry_counted = fastpath.make_entry([present[k] for k in sub], False, backend, foreach, call.plan_counted())
-            if entry_counted is None:
-                return
+        ok, entry_counted = _sub_entry(present, sub, call.plan_counted(), backend, foreach)
+        if not ok:
+            return
+    spans: Optional[dict] = None
+    if lay.common_ is None and lay.spans:  # the per-span norms without a common group: entries made once
+        spans = {}
+        for k, s in enumerate(lay.spans):
+            for counted in (False, True):
+                if counted and len(s.counted) == len(s.positions):
+                    continue  # (every one counts: Call.span_plan asks for the whole span's plan)
+                span_sub = [where[i] for i in (s.counted if counted else s.positions) if i in where]
+                ok, entry = _sub_entry(present, span_sub, call.span_plan(k, counted), backend, foreach)
+                if not ok:
+                    return
+                spans[(k, counted)] = (entry, span_sub)
     absent = [g is None for g in ([p.grad for p in items] if grads else items)]
-    absent_list: Optional[list] = absent if any(absent) else None
-    key = _key(grads, backend, foreach, len(items), process_group, replicated)
+    rep_refs = None
+    if replicated is not None and not callable(replicated):
+        rep_refs = [weakref.ref(t) for t in ([replicated] if isinstance(replicated, Tensor) else replicated)]
     _kept[key] = _Kept(
-        lay, list(tensors), absent_list, None if len(nonempty) == len(local) else nonempty, sub, entry_all,
-        entry_counted,
+        lay, [t._spec for t in tensors] if lay.dtensor else None, absent if any(absent) else None,
+        None if len(nonempty) == len(local) else nonempty, sub, entry_all, entry_counted, spans, rep_refs,
     )
     _kept.move_to_end(key)
     while len(_kept) > KEPT:
@@ -718,10 +836,12 @@ def clear() -> None:
     _kept.clear()
 
 
-def prepare(items: Any, grads: bool, owners: list[Tensor], tensors: list[Tensor], backend: Optional[str],
-            foreach: Optional[bool], process_group: GroupArg, replicated: ReplicatedArg) -> Call:
-    """The general path's call: the layout worked out (errors raised here, before any collective or any gradient
-    is touched), then kept for the next calls over the same gradients."""
+def prepare(items: Any, grads: bool, tensors: list[Tensor], backend: Optional[str], foreach: Optional[bool],
+            process_group: GroupArg, replicated: ReplicatedArg) -> Call:
+    """The general path's call over `tensors` (the present gradients of the parameters `items` if `grads`, else
+    the tensors of `items`): the layout worked out (errors raised here, before any collective or any gradient is
+    touched), then kept for the next calls over the same gradients."""
+    owners = [q for q in items if q.grad is not None] if grads else tensors  # what replicated= names
     layout = make_layout(owners, tensors, process_group, replicated)
     if layout.dtensor:
         scale_locals = [t._local_tensor for t in tensors]
@@ -731,6 +851,14 @@ def prepare(items: Any, grads: bool, owners: list[Tensor], tensors: list[Tensor]
     call = Call(layout, norm_locals, scale_locals, backend, foreach)
     _remember(items, grads, backend, foreach, process_group, replicated, call, tensors)
     return call
+
+
+def find_or_prepare(items: Any, grads: bool, tensors: list[Tensor], backend: Optional[str], foreach: Optional[bool],
+                    process_group: GroupArg, replicated: ReplicatedArg) -> Call:
+    """The call over `items`: the kept one if find has it, else the general path's (see prepare). The clip functions
+    look before validating their other arguments (find), and prepare after."""
+    call = find(items, grads, backend, foreach, process_group, replicated)
+    return call if call is not None else prepare(items, grads, tensors, backend, foreach, process_group, replicated)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -758,7 +886,7 @@ def clip_grads_with_norm_(
     call = None
     if has_dtensor(grads) and all(map(is_dtensor, grads)) and all(map(_plain_placements, grads)):
         try:
-            call = prepare(items, True, grads, grads, backend, foreach, None, None)
+            call = prepare(items, True, grads, backend, foreach, None, None)
         except ValueError:  # meshes of several worlds: nothing to combine here, scale them as they are
             pass
     coef = clip_coef(total_value(total_norm, local[0].device), max_norm)

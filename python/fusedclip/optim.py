@@ -97,7 +97,8 @@ def clip_and_step(
         is NaN or inf. Sync-free for fused optimizers; other optimizers decide on the host (a sync on GPUs)
     backend : "cuda", "triton", "torch" or None (auto)
     process_group, replicated : as for ``clip_grad_norm_`` (DTensor gradients on any meshes need neither). The
-        skip decision then follows the global total, alike on every rank. DTensor parameters are clipped in place
+        skip decision then follows the global total and every rank's flags from torch's unscale_ (norm_type 0 and
+        -inf, or after your own ``scaler.unscale_``), alike on every rank. DTensor parameters are clipped in place
         and then stepped (the clip is not folded into a fused step: its ``grad_scale`` would be a plain tensor
         beside DTensor parameters)
 
@@ -121,7 +122,7 @@ def clip_and_step(
     use_scaler = amp.scaler_enabled(scaler)
     state = None
     inv_scale: Optional[Tensor] = None
-    prior_flags: dict[torch.device, Tensor] = {}
+    prior_flags: Optional[dict[torch.device, Tensor]] = None  # torch's unscale_ flags (this rank's own)
     if use_scaler:
         amp.check_scale_tracker(scaler, "step")
         state = amp.scaler_state(scaler, optimizer)
@@ -142,8 +143,12 @@ def clip_and_step(
 
     call = None
     if distributed.needed(grads, process_group, replicated):
-        # Every rank takes part in the collective, with gradients or without.
-        call, total, flags = amp.distributed_norm_and_flags(params, grads, p, backend, process_group, replicated)
+        # Every rank takes part in the collective, with gradients or without; the prior flags ride in it, so the
+        # flags come back global.
+        call, total, flags = amp.distributed_norm_and_flags(
+            params, grads, p, backend, process_group, replicated, (prior_flags or {}) if use_scaler else None
+        )
+        prior_flags = None
     elif not grads:
         if use_scaler:
             raise AssertionError("No inf checks were recorded for this optimizer.")  # torch's scaler.step
@@ -153,7 +158,7 @@ def clip_and_step(
         plan, total, flags = amp.norm_and_flags(grads, p, backend)
     if inv_scale is not None:
         total = amp.unscale_total(total, inv_scale, p)
-    for d, f in prior_flags.items():
+    for d, f in (prior_flags or {}).items():
         flags[d] = torch.maximum(flags[d], f.to(d)) if d in flags else f
     coef = clip_coef(total, max_norm)
     factor = coef if inv_scale is None else inv_scale.to(total.device) * coef
