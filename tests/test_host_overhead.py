@@ -435,7 +435,7 @@ def test_kept_plans_prepare_their_calls_per_stream(check, monkeypatch):
     assert set(entry.plans) == {"A", "B"} and fastpath.stats.hits == 5
     device_plan = entry.device_plan
     assert set(device_plan.scratches) == {"A", "B"}
-    assert device_plan.scratches["B"].ticket.data_ptr() != device_plan.ticket.data_ptr()
+    assert device_plan.scratches["B"].ticket.data_ptr() != device_plan.scratches["A"].ticket.data_ptr()
     assert waits == ["A", "B"]  # once per stream, at its first kept call
     assert isinstance(triton_backend.load(), triton_backend.TritonBackend)
 

@@ -83,7 +83,7 @@ class TritonBackend(UnitKernels):
         plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
         with on_device(plan.device):
             return _kernels.norm.multi_tensor_norm(
-                plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.scratch().ticket,
+                plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket(),
                 plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type,
                 per_tensor=per_tensor, max_norm=max_norm, block=self.block,
             )
