@@ -440,6 +440,37 @@ def test_kept_plans_prepare_their_calls_per_stream(check, monkeypatch):
     assert isinstance(triton_backend.load(), triton_backend.TritonBackend)
 
 
+@pytest.mark.skipif(not STAND_IN, reason="the cuda backend runs here: its own tests cover it")
+def test_kept_plans_of_the_cuda_backend_are_one_for_all_streams(check, monkeypatch):
+    """The cuda backend's prepared calls bind no stream's state (its ops allocate their scratch per call on the
+    current stream: prepares_per_stream False), so calls from several streams share one kept plan and its prepared
+    calls, keyed None; every kept call still makes its stream wait for the tables (before_use, which is a set test
+    on a stream that already did). Triton's are per stream (the test above). Ops and streams are stand-ins."""
+    from fusedclip.backends import plan as plan_module
+
+    ops = install_cuda_stand_in(monkeypatch)
+    stream = ["A"]
+    for module in (plan_module, fastpath):
+        monkeypatch.setattr(module, "stream_of", lambda device: stream[0])
+    waits = []
+    real_before_use = plan_module.PackedTables.before_use
+    monkeypatch.setattr(plan_module.PackedTables, "before_use", lambda packed: waits.append(stream[0]) or
+                        real_before_use(packed))
+    params = params_with_grads(new_grads(12, "cpu", seed=64))
+    gen = torch.Generator().manual_seed(65)
+    for name in ["A", "A", "B", "B", "A"]:
+        stream[0] = name
+        for p in params:
+            p.grad.copy_(torch.randn(p.grad.shape, generator=gen, dtype=torch.float64))
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="cuda"))
+    (entry,) = _kept_entries()
+    assert set(entry.plans) == {None} and fastpath.stats.hits == 4
+    assert ops.calls[-2:] == ["planned_norm", "planned_scale"]
+    assert entry.plans[None].steps and entry.device_plan.tickets == {} and entry.device_plan.scratches == {}
+    assert waits[-4:] == ["A", "B", "B", "A"]  # every kept call, from whichever stream
+    assert not backends.select("cuda", torch.device("cpu")).prepares_per_stream
+
+
 def test_a_kept_plan_of_a_backend_that_reads_tensors_waits_for_its_tables(check, monkeypatch):
     """A kept device plan handed to a backend that is called with the tensors (reads_plan_only False) is made ready
     for the current stream on every hit, as one found in the plan cache is (before_use: wait for the tables' copy

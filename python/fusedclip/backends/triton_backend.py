@@ -50,6 +50,7 @@ class TritonBackend(UnitKernels):
 
     name = "triton"
     reads_plan_only = True
+    prepares_per_stream = True  # prepared calls bind the preparing stream's scratch (DevicePlan.scratch)
 
     def __init__(self, chunk_size: Optional[int] = None, block: Optional[int] = None, cache_size: int = CACHE_SIZE):
         interp = _interpreting()
