@@ -108,11 +108,12 @@ bool any_float64(at::TensorList grads) {
 }
 
 // (total, per-tensor norms or an empty tensor, coef or an undefined tensor) of a checked table; f64: accumulate in
-// float64 (any tensor of the table is float64).
+// float64 (any tensor of the table is float64); max_norm is read (and checked) only when want_coef.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_of_table(const TensorTable& table, const at::Tensor& meta,
                                                              bool f64, double norm_type, bool per_tensor,
                                                              bool want_coef, double max_norm) {
   TORCH_CHECK(!std::isnan(norm_type), "fusedclip: norm_type is NaN");
+  TORCH_CHECK(!want_coef || max_norm >= 0.0, "fusedclip: max_norm must be >= 0, got ", max_norm);
   const c10::cuda::CUDAGuard guard(meta.device());
   const auto opts = meta.options().dtype(f64 ? at::kDouble : at::kFloat);
   at::Tensor total = at::empty({}, opts);
@@ -149,7 +150,6 @@ std::tuple<at::Tensor, at::Tensor> norm_and_coef_cuda(at::TensorList grads, cons
                                                       const at::Tensor& chunk_tensor, const at::Tensor& chunk_start,
                                                       const at::Tensor& tensor_chunks, int64_t chunk_size,
                                                       double norm_type, double max_norm) {
-  TORCH_CHECK(max_norm >= 0.0, "fusedclip: max_norm must be >= 0, got ", max_norm);
   auto r = run_norm(grads, meta, chunk_tensor, chunk_start, tensor_chunks, chunk_size, norm_type, false, true, max_norm);
   return {std::get<0>(r), std::get<2>(r)};
 }
@@ -218,7 +218,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> planned_norm_cuda(const at::Tenso
                                                                  const at::Tensor& tensor_chunks, int64_t chunk_size,
                                                                  bool acc_f64, double norm_type, bool per_tensor,
                                                                  std::optional<double> max_norm) {
-  TORCH_CHECK(!max_norm.has_value() || *max_norm >= 0.0, "fusedclip: max_norm must be >= 0, got ", *max_norm);
   const TensorTable table = table_of(meta, chunk_tensor, chunk_start, &tensor_chunks, chunk_size);
   auto r = norm_of_table(table, meta, acc_f64, norm_type, per_tensor, max_norm.has_value(), max_norm.value_or(0.0));
   at::Tensor coef = std::get<2>(r);

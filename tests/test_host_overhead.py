@@ -409,35 +409,59 @@ def _kept_entries() -> list:
     return [e for bucket in fastpath._buckets.values() for e in bucket]
 
 
-def test_kept_plans_prepare_their_calls_per_stream(check, monkeypatch):
-    """A kept plan's prepared calls bind scratch (ticket, partials, coefficient): calls from two streams get a plan
-    and prepared calls each, bound to that stream's scratch (DevicePlan.scratch), so that they never share a
-    ticket; each stream's first call waits for the tables (before_use), later ones do not ask again. Streams are
-    stand-ins (plan.stream_of replaced); the totals and gradients are checked."""
-    triton_backend = _triton_or_skip()
+def _clips_from_stand_in_streams(monkeypatch, backend: str, streams: list[str], seed: int) -> list[str]:
+    """One clip_grad_norm_ over the same parameters from each of `streams` in turn (stand-ins: plan.stream_of and
+    fastpath.stream_of replaced), new seeded gradient values each time, checked against torch; returns the stream
+    of every before_use (a wait for the tables)."""
     from fusedclip.backends import plan as plan_module
 
-    stream = ["A"]
+    stream = [streams[0]]
     for module in (plan_module, fastpath):
         monkeypatch.setattr(module, "stream_of", lambda device: stream[0])
     waits = []
     real_before_use = plan_module.PackedTables.before_use
     monkeypatch.setattr(plan_module.PackedTables, "before_use", lambda packed: waits.append(stream[0]) or
                         real_before_use(packed))
-    params = params_with_grads(new_grads(13, "cpu", seed=60))
-    gen = torch.Generator().manual_seed(61)
-    for step, name in enumerate(["A", "A", "B", "B", "A", "B"]):
+    params = params_with_grads(new_grads(13, "cpu", seed=seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name in streams:
         stream[0] = name
         for p in params:
             p.grad.copy_(torch.randn(p.grad.shape, generator=gen, dtype=torch.float64))
-        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend="triton"))
+        assert_clip_matches_torch(params, 0.5, lambda ps: fusedclip.clip_grad_norm_(ps, 0.5, backend=backend))
+    return waits
+
+
+def test_kept_plans_prepare_their_calls_per_stream(check, monkeypatch):
+    """A kept plan's prepared calls bind scratch (ticket, partials, coefficient): calls from two streams get a plan
+    and prepared calls each, bound to that stream's scratch (DevicePlan.scratch), so that they never share a
+    ticket; each stream's first call waits for the tables (before_use), later ones do not ask again. Streams are
+    stand-ins (plan.stream_of replaced); the totals and gradients are checked."""
+    triton_backend = _triton_or_skip()
+    waits = _clips_from_stand_in_streams(monkeypatch, "triton", ["A", "A", "B", "B", "A", "B"], seed=60)
     (entry,) = _kept_entries()
     assert set(entry.plans) == {"A", "B"} and fastpath.stats.hits == 5
     device_plan = entry.device_plan
     assert set(device_plan.scratches) == {"A", "B"}
-    assert device_plan.scratches["B"].ticket.data_ptr() != device_plan.ticket.data_ptr()
+    assert device_plan.scratches["B"].ticket.data_ptr() != device_plan.scratches["A"].ticket.data_ptr()
     assert waits == ["A", "B"]  # once per stream, at its first kept call
     assert isinstance(triton_backend.load(), triton_backend.TritonBackend)
+
+
+@pytest.mark.skipif(not STAND_IN, reason="the cuda backend runs here: its own tests cover it")
+def test_kept_plans_of_the_cuda_backend_are_one_for_all_streams(check, monkeypatch):
+    """The cuda backend's prepared calls bind no stream's state (its ops allocate their scratch per call on the
+    current stream: prepares_per_stream False), so calls from several streams share one kept plan and its prepared
+    calls, keyed None; every kept call still makes its stream wait for the tables (before_use, which is a set test
+    on a stream that already did). Triton's are per stream (the test above). Ops and streams are stand-ins."""
+    ops = install_cuda_stand_in(monkeypatch)
+    waits = _clips_from_stand_in_streams(monkeypatch, "cuda", ["A", "A", "B", "B", "A"], seed=64)
+    (entry,) = _kept_entries()
+    assert set(entry.plans) == {None} and fastpath.stats.hits == 4
+    assert ops.calls[-2:] == ["planned_norm", "planned_scale"]
+    assert entry.plans[None].steps and entry.device_plan.tickets == {} and entry.device_plan.scratches == {}
+    assert waits[-4:] == ["A", "B", "B", "A"]  # every kept call, from whichever stream
+    assert not backends.select("cuda", torch.device("cpu")).prepares_per_stream
 
 
 def test_a_kept_plan_of_a_backend_that_reads_tensors_waits_for_its_tables(check, monkeypatch):

@@ -24,7 +24,7 @@ from reference import (
     ref_total_norm,
 )
 
-TABLES = ("meta", "chunk_tensor", "chunk_start", "tensor_chunks", "ticket")
+TABLES = ("meta", "chunk_tensor", "chunk_start", "tensor_chunks")  # packed; the ticket is made per stream (ticket())
 
 
 def old_tables(addresses: list[int], numels: list[int], codes: list[int], chunk_size: int) -> dict:
@@ -61,8 +61,7 @@ def seeded_list(seed: int, device="cpu") -> list[torch.Tensor]:
 
 
 def assert_layout(p: plan.DevicePlan, want: dict) -> None:
-    for name in TABLES:
-        got = getattr(p, name)
+    for name, got in [(name, getattr(p, name)) for name in TABLES] + [("ticket", p.ticket())]:
         assert got.dtype == want[name].dtype and got.shape == want[name].shape, name
         assert got.is_contiguous(), name
         assert torch.equal(got.cpu(), want[name]), name
@@ -70,12 +69,15 @@ def assert_layout(p: plan.DevicePlan, want: dict) -> None:
 
 
 def assert_one_buffer(p: plan.DevicePlan) -> None:
-    """Every table is a view of the plan's one packed buffer, 16-byte aligned within it."""
+    """Every table is a view of the plan's one packed buffer, 16-byte aligned within it, and the buffer holds the
+    tables alone: no ticket or norm scratch (made on the device, per stream, by the backends that use them)."""
     base = p.packed.device.data_ptr()
     for name in TABLES:
         t = getattr(p, name)
         assert t.untyped_storage().data_ptr() == p.packed.device.untyped_storage().data_ptr(), name
         assert (t.data_ptr() - base) % 16 == 0, name
+    ends = [getattr(p, name).data_ptr() - base + getattr(p, name).nbytes for name in TABLES]
+    assert p.packed.device.numel() == max(ends), "the packed buffer holds more than the tables"
 
 
 # ---- layout and packing ------------------------------------------------------------------------------------------
@@ -248,19 +250,32 @@ def test_a_plan_built_while_capturing_serves_that_call_only(monkeypatch):
 
 
 def test_captured_builds_keep_no_device_memory_and_take_pinned_buffers_from_the_reserve(monkeypatch):
-    """The CUDA branch on the meta device. An eager build sets pinned buffers aside (PinnedReserve); a build while
-    capturing takes one instead of asking for pinned memory (cudaHostAlloc is not allowed in a capture), keeps it
-    for good, and keeps no reference to its device buffer once the call is done. An empty reserve falls back to
-    torch's pinned allocation, counted."""
+    """The CUDA branch on the meta device. A process that never captured sets no pinned memory aside; a capture's
+    first build finds no reserve (torch's allocator, counted) and sizes it, and the next eager build sets that many
+    bytes aside (PinnedReserve); a build while capturing then takes a buffer instead of asking for pinned memory
+    (cudaHostAlloc is kept out of a capture), keeps it for good, and keeps no reference to its device buffer once
+    the call is done. An empty reserve falls back to torch's pinned allocation, counted."""
     cap = Capture(monkeypatch)
     requests = pin_requests(monkeypatch)
     monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)
     meta = torch.device("meta")
     cache = IndexCache()
-    cache.get(meta, [3, 1, 2])
+    for k in range(3):
+        cache.get(meta, [3, 1, 2, k])
+    assert [r[0] for r in requests if r[2]] == ["zeros"] * 3, "pinned memory set aside by a process that never captured"
+    assert plan.reserve.buffers == [] and plan.reserve.size == 0
+
+    requests.clear()
+    cap.on = True
+    cache.get(meta, [3, 1, 2])  # the first capture of the process that builds: no reserve yet
+    assert plan.reserve.misses == 1 and [r[0] for r in requests if r[2]] == ["zeros"]
+    cap.on = False
+    requests.clear()
+    cache.get(meta, [4, 1, 2])  # an eager build after it sets the reserve aside, sized to what the capture used
     pinned = [r for r in requests if r[2]]
     assert [r[0] for r in pinned] == ["empty"] * plan.PinnedReserve.COUNT + ["zeros"]
     assert len(plan.reserve.buffers) == plan.PinnedReserve.COUNT
+    assert all(b.numel() == plan.PinnedReserve.MIN_BYTES for b in plan.reserve.buffers)
 
     requests.clear()
     cap.on = True
@@ -272,45 +287,104 @@ def test_captured_builds_keep_no_device_memory_and_take_pinned_buffers_from_the_
         gc.collect()
         assert device_buffer() is None, "a device buffer built while capturing was kept"
     assert not [r for r in requests if r[2]], "a pinned allocation while capturing"
-    assert plan.reserve.buffers == [] and plan.reserve.misses == 0 and len(cache._graph_sources) == 4
+    assert plan.reserve.buffers == [] and plan.reserve.misses == 1 and len(cache._graph_sources) == 5
     cache.get(meta, [9])  # the reserve is empty: torch's allocator, counted
-    assert plan.reserve.misses == 1 and [r[0] for r in requests if r[2]] == ["zeros"]
+    assert plan.reserve.misses == 2 and [r[0] for r in requests if r[2]] == ["zeros"]
 
+    cache.get(meta, list(range(2000)))  # a larger capture-time build: counted, and it sizes the reserve
     cap.on = False
     requests.clear()
-    cache.get(meta, list(range(2000)))  # a larger eager build: larger buffers replace the smaller ones
+    cache.get(meta, [5])  # the next eager build: larger buffers replace the smaller ones
     assert len(plan.reserve.buffers) == plan.PinnedReserve.COUNT
     assert all(b.numel() >= 2000 * 8 for b in plan.reserve.buffers)
+    assert [r[0] for r in requests if r[2]] == ["empty"] * plan.PinnedReserve.COUNT + ["zeros"]
+
+
+def test_the_pinned_reserve_is_sized_by_captures_graph_tree_warm_ups_or_an_opt_in_and_bounded(monkeypatch):
+    """What sizes PinnedReserve besides a capture's build (previous test): tables a capture looked up (a later
+    capture may build such tables), a build while CUDA-graph trees warm a function up (the recording follows: set
+    aside at once), every build after arm(); eager builds of a process that never captured do not (an AGC plan of a
+    7B model, ~67 MB of tables, would have set 4 x 128 MB aside). At most MAX_BYTES in all: fewer buffers of larger
+    tables, none for tables larger than MAX_BYTES (their capture-time builds are misses)."""
+    cap = Capture(monkeypatch)
+    requests = pin_requests(monkeypatch)
+    monkeypatch.setattr(plan, "_pinned_staging", lambda device: True)
+    warming = [False]
+    monkeypatch.setattr(plan, "warming_up_graphs", lambda device: warming[0])
+    monkeypatch.setattr(plan.PinnedReserve, "MAX_BYTES", 64 * 4096)
+    meta = torch.device("meta")
+    reserve, cache = plan.reserve, IndexCache()
+
+    cache.get(meta, list(range(3000)))  # eager, ~24 KB of tables: nothing set aside
+    assert reserve.size == 0 and reserve.buffers == []
+    cap.on = True
+    cache.get(meta, list(range(3000)))  # a capture uses it: sized, not filled while capturing
+    cap.on = False
+    assert reserve.size == 32768 and reserve.buffers == [] and cache.builds == 1
+    cache.get(meta, [1])
+    assert [b.numel() for b in reserve.buffers] == [32768] * plan.PinnedReserve.COUNT
+
+    monkeypatch.setattr(plan, "reserve", plan.PinnedReserve())
+    requests.clear()
+    warming[0] = True
+    cache.get(meta, list(range(1000)))  # a graph tree's warm-up: set aside now
+    assert [b.numel() for b in plan.reserve.buffers] == [8192] * plan.PinnedReserve.COUNT
+    warming[0] = False
+    cap.on = True
+    cache.get(meta, list(range(1000, 2000)))  # its recording builds from the reserve
+    assert plan.reserve.misses == 0 and len(plan.reserve.buffers) == plan.PinnedReserve.COUNT - 1
+    assert [r[0] for r in requests if r[2]] == ["empty"] * plan.PinnedReserve.COUNT + ["zeros"]
+    cap.on = False
+
+    monkeypatch.setattr(plan, "reserve", plan.PinnedReserve())
+    plan.reserve.arm()
+    cache.get(meta, list(range(4000)))  # opted in: every build sizes the reserve (fills it, outside capture)
+    assert [b.numel() for b in plan.reserve.buffers] == [32768] * plan.PinnedReserve.COUNT
+    cache.get(meta, list(range(12000)))  # 96 KB: 128 KB buffers, two of them within MAX_BYTES (256 KB)
+    assert [b.numel() for b in plan.reserve.buffers] == [131072] * 2
+    cache.get(meta, list(range(40000)))  # 320 KB: larger than MAX_BYTES, never reserved
+    assert [b.numel() for b in plan.reserve.buffers] == [131072] * 2
+    cap.on = True
+    cache.get(meta, list(range(40001)))
+    assert plan.reserve.misses == 1 and len(plan.reserve.buffers) == 2
 
 
 def test_scratch_is_per_stream_and_fresh_for_each_captured_call(monkeypatch):
-    """DevicePlan.scratch: the stream that built the plan uses the scratch in its packed buffer, every other stream
-    one of its own (zeroed, kept with the plan), a call being captured or run in a CUDA-graph tree's warm-up a new
-    one each time (never kept). Streams are stand-ins here (stream_of replaced)."""
+    """DevicePlan.ticket and DevicePlan.scratch: nothing is made with the plan; every stream gets its own ticket
+    (zeroed, kept with the plan) at its first use, and its own scratch (with that ticket) at the first use of a
+    prepared call; a call being captured or run in a CUDA-graph tree's warm-up a new one each time (never kept).
+    Streams are stand-ins here (stream_of replaced)."""
     cap = Capture(monkeypatch)
     stream = ["A"]
     warming = [False]
     monkeypatch.setattr(plan, "stream_of", lambda device: stream[0])
     monkeypatch.setattr(plan, "warming_up_graphs", lambda device: warming[0])
     p = PlanCache(16).get(random_grads(4, seed=5))
+    assert p.tickets == {} and p.scratches == {}
+    ticket = p.ticket()
+    assert p.ticket() is ticket and int(ticket) == 0 and p.scratches == {}  # the ticket alone: no scratch
     home = p.scratch()
-    assert home.ticket is p.ticket and home.partials is p.partials and home.coef is p.coef
+    assert home.ticket is ticket and p.scratch() is home
+    assert home.partials.shape == (p.num_chunks,) and home.tensor_vals.shape == (p.num_tensors,)
+    assert home.coef.shape == (1,) and home.partials.dtype == home.coef.dtype == p.acc_dtype
     stream[0] = "B"
     other = p.scratch()
-    assert other.ticket.data_ptr() != p.ticket.data_ptr() and int(other.ticket) == 0
-    assert other.partials.shape == p.partials.shape and other.tensor_vals.shape == p.tensor_vals.shape
-    assert p.scratch() is other and set(p.scratches) == {"A", "B"}
+    assert other.ticket.data_ptr() != ticket.data_ptr() and int(other.ticket) == 0
+    assert other.partials.shape == home.partials.shape and other.tensor_vals.shape == home.tensor_vals.shape
+    assert p.scratch() is other and set(p.scratches) == {"A", "B"} and p.ticket() is other.ticket
     for mode in ("capture", "warm-up"):
         cap.on, warming[0] = mode == "capture", mode == "warm-up"
         stream[0] = "C"
         first, second = p.scratch(), p.scratch()
         assert first is not second and first.ticket.data_ptr() != second.ticket.data_ptr()
-        assert int(first.ticket) == 0 and "C" not in p.scratches
+        assert p.ticket().data_ptr() not in (first.ticket.data_ptr(), second.ticket.data_ptr())
+        assert int(first.ticket) == 0 and "C" not in p.scratches and "C" not in p.tickets
         stream[0] = "A"
         if cap.on:
             assert p.scratch() is not home  # captured even on the building stream: a graph may replay anywhere
+            assert p.ticket() is not ticket
     cap.on = warming[0] = False
-    assert p.scratch() is home
+    assert p.scratch() is home and p.ticket() is ticket
 
 
 def test_an_eager_plan_used_while_capturing_is_kept_and_stays_shared(monkeypatch):
@@ -505,12 +579,15 @@ def test_gpu_cold_plan_and_index_builds_do_not_sync():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend):
+def test_gpu_plan_built_in_capture_replays_after_100_other_plans(backend, monkeypatch):
     """A cache miss inside torch.cuda.graph capture: the plan's copy is a node of the graph. After 100 other
     plans went through the cache (more than its capacity), the graph still replays correctly, and an eager call
-    made before the first replay does not read the captured plan's still-unfilled tables."""
+    made before the first replay does not read the captured plan's still-unfilled tables. The pinned reserve is
+    armed before the warm-up (the opt-in a first capture that builds needs: PinnedReserve)."""
     if backend not in _kernel_backends():
         pytest.skip(f"backend {backend!r} is not available")
+    monkeypatch.setattr(plan, "reserve", plan.PinnedReserve())
+    plan.reserve.arm()
     dtypes = (torch.float32, torch.bfloat16)
     grads = random_grads(40, dtypes, "cuda", seed=81, max_numel=5000)
     params = params_with_grads(grads)
@@ -611,3 +688,5 @@ def test_gpu_two_streams_and_a_graph_replay_on_one_kept_plan(backend):
         assert abs(t.item() - ref) <= 1e-5 * ref, (i, t.item(), ref)
     device_plan = fusedclip.backends.select(backend, grads[0].device).cache.get(grads)  # type: ignore[attr-defined]
     assert all(int(s.ticket) == 0 for s in device_plan.scratches.values())
+    assert all(int(t) == 0 for t in device_plan.tickets.values())
+    assert bool(device_plan.tickets) == (backend == "triton")  # the cuda ops make their own: the plan makes none

@@ -863,10 +863,10 @@ class Launches:
 
 def test_each_stream_launches_with_its_own_ticket_and_scratch(tb, monkeypatch):
     """Two streams launching over one plan at once would interleave one ticket's atomics (a total finalized early,
-    or never, and the ticket left non-zero): so a launch from the stream that built the plan uses the plan's own
-    ticket, one from any other stream that stream's, and a call being captured a fresh one; prepared calls bind the
-    scratch of the stream they were prepared on. Streams and capture are stand-ins (the race needs a GPU: see
-    tests/test_plan.py's gpu tests); every result is still checked against float64."""
+    or never, and the ticket left non-zero): so a launch from each stream uses that stream's ticket (made at its first
+    use, alone: the general path needs no norm scratch), and a call being captured a fresh one; prepared calls bind the
+    scratch of the stream they were prepared on, with that stream's ticket. Streams and capture are stand-ins (the
+    race needs a GPU: see tests/test_plan.py's gpu tests); every result is still checked against float64."""
     rec = Launches(monkeypatch)
     stream, capture = ["A"], [False]
     monkeypatch.setattr(rec.plan, "stream_of", lambda device: stream[0])
@@ -881,23 +881,26 @@ def test_each_stream_launches_with_its_own_ticket_and_scratch(tb, monkeypatch):
         assert_total_close(total, ref, torch.float32, what=f"total from stream {name}")
         return rec.tickets[-1]
 
-    assert total_from("A") is plan.ticket
+    a = total_from("A")
+    assert a is plan.tickets["A"] and not plan.scratches  # the ticket alone
     b = total_from("B")
-    assert b is plan.scratches["B"].ticket and b.data_ptr() != plan.ticket.data_ptr()
-    assert total_from("B") is b and total_from("A") is plan.ticket
+    assert b is plan.tickets["B"] and b.data_ptr() != a.data_ptr()
+    assert total_from("B") is b and total_from("A") is a
     capture[0] = True
     captured = [total_from("A"), total_from("A")]
-    assert all(t.data_ptr() not in (plan.ticket.data_ptr(), b.data_ptr()) for t in captured)
+    assert all(t.data_ptr() not in (a.data_ptr(), b.data_ptr()) for t in captured)
     assert captured[0] is not captured[1]
     capture[0] = False
-    assert all(int(t) == 0 for t in (plan.ticket, b, *captured))  # every launch left its ticket at zero
+    assert all(int(t) == 0 for t in (a, b, *captured))  # every launch left its ticket at zero
+    assert not plan.scratches
 
     for name in ("A", "B"):
         stream[0] = name
-        mine = plan.scratches[name]
         for g, o in zip(grads, originals := [g.clone() for g in grads]):
             g.copy_(o)
         total = tb.prepare_clip_norm(plan, 2.0, 0.5)()
+        mine = plan.scratches[name]
+        assert mine.ticket is plan.tickets[name]
         assert rec.tickets[-1] is mine.ticket and rec.scratch[-1] == (mine.partials, mine.tensor_vals, mine.coef)
         want = ref_total_norm(originals, 2.0)
         assert_total_close(total, want, torch.float32, what=f"prepared clip from stream {name}")
@@ -934,6 +937,7 @@ def test_launches_run_on_the_plans_device_whichever_device_is_current(tb, monkey
     grads = grads_of_sizes([7, CHUNK + 1], (torch.float32,), seed=22)
     originals = [g.clone() for g in grads]
     on_cpu = tb.plan(grads)
+    on_cpu.scratch()  # the ticket and scratch made here, on this CPU: the copies below share them (stand-in devices)
     for index in (1, 0):
         p = dataclasses.replace(on_cpu, device=torch.device("cuda", index))
         rec.devices.clear()

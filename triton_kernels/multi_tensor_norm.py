@@ -327,7 +327,7 @@ def prepare_norm(
     device = meta.device
     total = torch.empty((), dtype=acc_dtype, device=device)  # the first call's total, to key the launch with
     # The slabs' values over their slabs' first partials (no per-tensor norms here), p = 0's tile counts in tensor_vals.
-    slabs, stride = (tensor_vals, 1) if norm_kind(norm_type) == 4 else (partials, block)
+    slabs, stride = (tensor_vals, 1) if norm_kind(norm_type) == NORM_ZERO.value else (partials, block)
     (reduce_grid, reduce_args), (finalize_grid, finalize_args) = _launches(
         meta, chunk_tensor, chunk_start, tensor_chunks, ticket, num_tensors, num_chunks, chunk_size, acc_dtype,
         norm_type, partials, slabs, stride, tensor_vals, total, coef if max_norm is not None else total, False,
@@ -365,8 +365,9 @@ def _launches(
     """(grid, arguments) of the reduce launch and of the finalize launch."""
     acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     kind = norm_kind(norm_type)
-    neutral = float("inf") if kind == 3 else 0.0  # identity of the combine: min for -inf, else max or sum
-    pb = f64_bits(norm_type if kind == 5 else 1.0)
+    # The identity of the combine: min for -inf, else max or sum.
+    neutral = float("inf") if kind == NORM_NEG_INF.value else 0.0
+    pb = f64_bits(norm_type if kind == NORM_P.value else 1.0)
     # Constexprs positional, in the kernel's order: NORM, CHUNK, BLOCK, ACC.
     reduce = (meta, chunk_tensor, chunk_start, partials, num_tensors, pb, kind, chunk_size, block, acc)
     # per_tensor / has_coef are run-time flags (not specialised), and an absent max_norm passes 1.0's bits (a 64-bit
@@ -379,8 +380,8 @@ def _launches(
     )
     # A program per slab (p = 0: none), or per tile where per-tensor values are wanted, whichever are more; one at
     # least, to write the total.
-    tiles = -(-num_tensors // FINALIZE_TILE) if per_tensor or kind == 4 else 0
-    programs = max(1, 0 if kind == 4 else -(-num_chunks // block), tiles)
+    tiles = -(-num_tensors // FINALIZE_TILE) if per_tensor or kind == NORM_ZERO.value else 0
+    programs = max(1, 0 if kind == NORM_ZERO.value else -(-num_chunks // block), tiles)
     return ((num_chunks,), reduce), ((programs,), finalize)
 
 

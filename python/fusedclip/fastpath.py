@@ -9,10 +9,13 @@ contiguity. The next call over a list of the same length (`find`) compares every
 when the extension fusedclip._host is built (one type check, one .grad read and a few integer compares per element),
 in Python otherwise (same decisions, column by column: about 0.8 us per element against 35 ns in C++). If all match,
 the kept plan is used: no validation, no grouping, no plan lookup. For a kernel backend that reads only its device plan
-(Triton) the kept plan is one Plan object, made once, that also keeps the backend's prepared calls
-(Backend.prepare_*, by what they do and their norm type, max_norm or clip value): launches keyed once, the kernels'
-scratch and clip coefficient in the plan's own buffer, so that a steady-state call allocates only the total it
-returns. With cold caches (fresh gradients) each torch call and Python layer costs tens of us: that is what this
+(Backend.reads_plan_only: Triton, and the cuda backend where its extension has the planned_* ops) the kept plan is a
+Plan object without tensors, made once, that also keeps the backend's prepared calls (Backend.prepare_*, by what they
+do and their norm type, max_norm or clip value): launches keyed (Triton) or arguments bound (cuda) once, so that a
+steady-state call allocates only the total it returns and what the backend allocates per call (the cuda ops: their
+scratch). Where prepared calls bind the scratch of a stream (Backend.prepares_per_stream: Triton's kernels' ticket,
+partials and clip coefficient, kept with the device plan per stream, DevicePlan.scratch), that Plan is made once per
+stream. With cold caches (fresh gradients) each torch call and Python layer costs tens of us: that is what this
 saves. Anything else (a gradient moved, resized, re-typed, made non-contiguous, set to None or newly there, an
 element added, removed or replaced by another kind of object, a different backend chosen) fails the check and the
 call takes the general path, which validates, warns and builds as it always does, then keeps the new state. A kept
@@ -285,7 +288,9 @@ def uses_extension() -> bool:
 class Entry:
     """A kept plan: what a call over the list needs besides its tensors, and the signatures that say it still holds."""
 
-    __slots__ = ("sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "plans")
+    __slots__ = (
+        "sigs", "name", "foreach", "backend", "device", "dtype", "count", "device_plan", "plans", "per_stream",
+    )
 
     def __init__(self, sigs: Any, name: Optional[str], foreach: Optional[bool], group: Group, plan: Plan) -> None:
         self.sigs = sigs
@@ -297,10 +302,12 @@ class Entry:
         self.count = plan.count
         self.device_plan = group.device_plan()
         # A backend that reads only its device plan is called without a tensor list, so every call's plan is the
-        # same: made once per stream (stream_of; None on CPU), with the backend's prepared calls, which bind that
-        # stream's scratch (DevicePlan.scratch). Other backends get a plan with the call's tensors.
+        # same: made once, with the backend's prepared calls; once per stream (stream_of; None on CPU) where they
+        # bind that stream's scratch (Backend.prepares_per_stream), else once for all (key None). Other backends
+        # get a plan with the call's tensors.
         reads_plan_only = self.device_plan is not None and group.backend.reads_plan_only
         self.plans: Optional[dict] = {} if reads_plan_only else None
+        self.per_stream = reads_plan_only and group.backend.prepares_per_stream
 
     def _plan(self, tensors: Optional[list[Tensor]], steps: Optional[dict]) -> Plan:
         group = Group(self.backend, tensors, range(self.count), self.device, self.device_plan)
@@ -309,16 +316,22 @@ class Entry:
     def plan_of(self, tensors: Optional[list[Tensor]]) -> Plan:
         """The kept plan over `tensors`, which the caller has checked itself (fusedclip.distributed: a subset of a
         list another entry just checked), for a call from the current stream. A backend that reads its plan only
-        ignores them: its plan is made once per stream (stream_of; None on CPU), with its prepared calls."""
+        ignores them: its plan is made once (per stream where its prepared calls bind the stream's scratch), with its
+        prepared calls."""
+        if self.per_stream:
+            stream = stream_of(self.device)
+            plan = self.plans.get(stream)
+            if plan is None:  # the first call from this stream
+                self.device_plan.packed.before_use()  # type: ignore[union-attr]  (wait for the tables)
+                plan = self.plans[stream] = self._plan(None, {})
+            return plan
+        if isinstance(self.device_plan, DevicePlan):
+            self.device_plan.packed.before_use()  # a new stream waits for the tables (a known one: a set test)
         if self.plans is None:
-            if isinstance(self.device_plan, DevicePlan):
-                self.device_plan.packed.before_use()  # another stream: wait for the tables
             return self._plan(tensors, None)
-        stream = stream_of(self.device)
-        plan = self.plans.get(stream)
-        if plan is None:  # the first call from this stream
-            self.device_plan.packed.before_use()  # type: ignore[union-attr]  (wait for the tables)
-            plan = self.plans[stream] = self._plan(None, {})
+        plan = self.plans.get(None)
+        if plan is None:
+            plan = self.plans[None] = self._plan(None, {})
         return plan
 
     def backend_now(self) -> bool:

@@ -43,6 +43,9 @@ class Backend:
 
     name: str = ""
     reads_plan_only = False  # its methods need only the plan of the tensors, not the tensors (given a plan)
+    # Its prepared calls (below) bind state of the stream they were prepared on (scratch, a ticket): a kept plan then
+    # prepares them once per stream. False: a prepared call serves every stream.
+    prepares_per_stream = False
 
     def runs_on(self, device: torch.device) -> bool:
         raise NotImplementedError
@@ -84,8 +87,9 @@ class Backend:
 
     # Prepared calls (the steady-state fast path, fusedclip.fastpath): a kept plan calls the same method with the same
     # arguments every step, so a backend may prepare that call once (its launches keyed, its scratch bound) and
-    # return it; None: no prepared form, the caller calls the method above each time. A prepared call may keep its
-    # scratch (the clip coefficient) in the plan: it serves one caller at a time, as the plan's ticket does.
+    # return it; None: no prepared form, the caller calls the method above each time. A prepared call may bind
+    # scratch it reuses (the clip coefficient, a ticket: DevicePlan.scratch) only if it serves one stream
+    # (prepares_per_stream); it never returns that scratch (a returned total may outlive the next call).
 
     def prepare_norm(self, plan: object, norm_type: float) -> Optional[Callable[[], Tensor]]:
         """norms(None, norm_type, False, plan)[0], prepared: returns a new total at each call."""

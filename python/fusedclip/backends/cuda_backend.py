@@ -7,7 +7,8 @@ other backends carry on.
 
 A kept plan's calls (fusedclip.fastpath) go to the planned_* ops, which take the plan's tables alone: the backend then
 reads its plan only (no tensor list to build or convert per call) and prepares its calls as the Triton backend does.
-Each call allocates its own scratch on the current stream (the ops do), so streams never share one.
+Each call allocates its own scratch on the current stream (the ops do), so streams never share one, and a prepared
+call serves every stream (prepares_per_stream is False: a kept plan prepares its calls once for all streams).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ for plans a CUDA graph reads: see TableCache.
 
 Building a plan never waits on the device: the tables are packed into one pinned host buffer and copied with
 one non-blocking copy (pack_tables), so a cache miss is as sync-free as a hit and may happen inside CUDA-graph
-capture (its pinned buffer then comes from a reserve set aside before: see PinnedReserve).
+capture (its pinned buffer then comes from a reserve, where a capture was foreseen: see PinnedReserve).
 
 Memory a CUDA graph's pool owns is never cached: a plan built while the current stream captures, or while
 torch.compile's CUDA-graph trees (mode="reduce-overhead") warm a function up in their pool, serves that one call
@@ -23,12 +23,15 @@ Tables (all on the plan's device, views of one buffer: DevicePlan.packed):
   chunk_tensor int32 [C]: the tensor each chunk belongs to (chunks are in tensor order)
   chunk_start  int64 [C]: the chunk's first element within its tensor
   tensor_chunks int32 [T + 1]: tensor t owns chunks tensor_chunks[t] .. tensor_chunks[t + 1] - 1
+What a launch writes besides its results is not in the plan's buffer: the plan makes it on the device at its first
+use, per stream (DevicePlan.ticket, DevicePlan.scratch), and only the backends that use it (the cuda ops allocate
+their own per call):
   ticket       int32 [1]: zero between calls; a kernel's "last program done" counter, reset by that program
   partials, tensor_vals, coef  accumulation dtype [C], [T], [1]: the norm kernels' scratch and clip coefficient
                for the steady-state calls of a kept plan (fusedclip.fastpath), which allocate only what they return
                (other calls allocate their own: their results may outlive the next call)
-The ticket and the scratch serve the stream that built the plan; every other stream gets its own set, and a call
-being captured into a CUDA graph a fresh one (DevicePlan.scratch): two streams never share a ticket.
+Two streams never share a ticket or scratch: each stream gets its own set, and a call being captured into a CUDA
+graph a fresh one.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 KERNEL_DTYPES = frozenset(DTYPE_CODES)
 _dtype = attrgetter("dtype")
 CACHE_SIZE = 64
+V = TypeVar("V")
 
 
 def flat_ok(t: Tensor) -> bool:
@@ -67,7 +71,8 @@ def kernel_coef(coef: Tensor, device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class Scratch:
-    """What a Triton norm launch writes besides its results: its ticket (zero between launches) and scratch."""
+    """What a prepared Triton norm launch writes besides its results: its ticket (zero between launches) and
+    scratch."""
 
     ticket: Tensor
     partials: Tensor
@@ -86,37 +91,45 @@ class DevicePlan:
     chunk_tensor: Tensor
     chunk_start: Tensor
     tensor_chunks: Tensor
-    ticket: Tensor
-    partials: Tensor
-    tensor_vals: Tensor
-    coef: Tensor
     # The one buffer the tables above are views of, with its host source (kept: see PackedTables).
     packed: PackedTables = field(repr=False, compare=False)
     aliased: bool  # some tensor is listed twice: an in-place kernel would race on it, so scaling goes to torch
-    # The scratch of each stream that used the plan (stream_of; None for a CPU plan): the ticket, partials,
-    # tensor_vals and coef above for the stream that built it.
+    # Each stream's ticket and scratch (by stream_of; None for a CPU plan), made at its first use: see ticket().
+    tickets: dict = field(default_factory=dict, repr=False, compare=False)
     scratches: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def ticket(self) -> Tensor:
+        """The ticket for a launch from the current stream (int32 [1], zero between launches). Launches on two
+        streams may overlap, and a ticket two launches increment at once ends wrong (a total finalized early, or
+        never): so each stream has its own, made at its first use (zeroed on the device, on that stream, so ordered
+        before its launches) and kept with the plan. A call being captured gets a new one every time (a temporary of
+        the graph, zeroed by the graph at each replay): a graph may replay on any stream, beside eager calls or other
+        graphs over the same plan. So does a call in a CUDA-graph tree's warm-up (see warming_up_graphs), whose
+        allocations the tree's pool owns."""
+        return self._per_stream(self.tickets, self._new_ticket)
+
     def scratch(self) -> Scratch:
-        """The ticket and scratch for a launch from the current stream. Launches on two streams may overlap, and a
-        ticket two launches increment at once ends wrong (a total finalized early, or never): so each stream has its
-        own set, made at its first use (zeroed on that stream, so ordered before its launches) and kept with the
-        plan. A call being captured gets a new set every time (a temporary of the graph, zeroed by the graph at each
-        replay): a graph may replay on any stream, beside eager calls or other graphs over the same plan. So does a
-        call in a CUDA-graph tree's warm-up (see warming_up_graphs), whose allocations the tree's pool owns."""
-        stream = stream_of(self.device)
+        """The ticket and norm scratch for a prepared launch from the current stream: made and kept per stream as
+        ticket() is (and with the stream's ticket), fresh for a call being captured or in a graph tree's warm-up."""
+        return self._per_stream(self.scratches, self._new_scratch)
+
+    def _per_stream(self, kept: dict, make: Callable[[], V]) -> V:
         if not capturing(self.device):
-            mine = self.scratches.get(stream)
+            stream = stream_of(self.device)
+            mine = kept.get(stream)
             if mine is not None:
                 return mine
             if not warming_up_graphs(self.device):
-                mine = self.scratches[stream] = self._new_scratch()
+                mine = kept[stream] = make()
                 return mine
-        return self._new_scratch()
+        return make()
+
+    def _new_ticket(self) -> Tensor:
+        return torch.zeros(1, dtype=torch.int32, device=self.device)  # a fill on the device: no host copy
 
     def _new_scratch(self) -> Scratch:
         return Scratch(
-            torch.zeros(1, dtype=torch.int32, device=self.device),
+            self.ticket(),
             torch.empty(self.num_chunks, dtype=self.acc_dtype, device=self.device),
             torch.empty(self.num_tensors, dtype=self.acc_dtype, device=self.device),
             torch.empty(1, dtype=self.acc_dtype, device=self.device),
@@ -190,34 +203,63 @@ def _pinned_staging(device: torch.device) -> bool:
 
 
 class PinnedReserve:
-    """Pinned host buffers set aside outside capture for the tables of plans first built while capturing.
+    """Pinned host buffers set aside outside capture for the tables of plans built while capturing, in a process
+    that captures.
 
     A pinned allocation that torch's caching host allocator cannot serve from its cache calls cudaHostAlloc, which
-    a stream capture does not permit. So every plan built outside capture for a CUDA device makes sure that `COUNT`
-    buffers at least as large as its tables are set aside (once per new largest size: a power of two), and a build
-    while capturing takes one of them (the graph keeps it: see PackedTables). Taking from an empty reserve (no plan
-    of that size was built before the capture: torch's recipes warm up first) falls back to torch's allocator,
-    counted in `misses`."""
+    fusedclip keeps out of a capture where it can: a build while capturing takes one of these buffers instead (the
+    graph keeps it: see PackedTables). A process that never captures sets nothing aside. The reserve is sized
+    (`size`, bytes per buffer: a power of two) by the tables of
+    - every plan or index looked up or built while capturing (TableCache, pack_tables), so later captures are served;
+    - every plan built while torch.compile's CUDA-graph trees warm a function up (mode="reduce-overhead"), so the
+      recording that follows is served, the first one included;
+    - after arm() (an explicit opt-in: call it before the warm-up of a first capture), every plan built.
+    It is filled outside capture, at the next build: COUNT buffers, MAX_BYTES in all at most (fewer of larger ones;
+    tables larger than MAX_BYTES are never reserved).
+
+    What remains: a build while capturing that finds no buffer asks torch's allocator, counted in `misses` (torch
+    2.11's host allocator then allocates into a private pool of the graph, as for any pinned allocation in a
+    capture). That is the first capture of a process that builds a plan in it (as torch's whole-step recipe does:
+    its gradients are allocated in the graph's pool, at new addresses) unless arm() was called or a graph tree's
+    warm-up came first; more than COUNT builds in one capture, or before a build outside capture refilled the
+    reserve; tables larger than MAX_BYTES."""
 
     COUNT = 4  # builds in one capture before the reserve runs dry (a compiled clip looks its plan up twice)
     MIN_BYTES = 4096
+    MAX_BYTES = 64 << 20  # pinned bytes set aside in all, at most
 
     def __init__(self) -> None:
-        self.buffers: list[Tensor] = []  # all of one size, the largest needed so far
+        self.buffers: list[Tensor] = []  # all of `size` bytes
+        self.size = 0  # bytes per buffer wanted: 0 until a capture is foreseen (nothing is set aside)
+        self.armed = False  # arm(): every build sizes the reserve, not only those of captures
         self.misses = 0
 
-    def ensure(self, nbytes: int) -> None:
-        """Outside capture: set aside what a capture-time build of `nbytes` of tables would take."""
-        if self.buffers and self.buffers[0].numel() < nbytes:
+    def arm(self) -> None:
+        """Opt in: from now on every plan built sizes the reserve (and fills it, outside capture), so that even the
+        first capture of the process finds buffers for tables as large as the plans built before it (its warm-up's)."""
+        self.armed = True
+
+    def note(self, nbytes: int) -> None:
+        """Tables of `nbytes` are used by a capture, or will be (may be called while capturing: records only)."""
+        size = max(self.MIN_BYTES, 1 << max(0, nbytes - 1).bit_length())
+        if self.size < size <= self.MAX_BYTES:
+            self.size = size
+
+    def ensure(self) -> None:
+        """Outside capture: set aside what the captures foreseen may take (nothing when none is)."""
+        if not self.size:
+            return
+        if self.buffers and self.buffers[0].numel() < self.size:
             self.buffers = []  # too small for the tables seen now: larger ones replace them
-        if len(self.buffers) < self.COUNT:
-            size = max(self.MIN_BYTES, 1 << max(0, nbytes - 1).bit_length())
-            size = max(size, self.buffers[0].numel()) if self.buffers else size
-            self.buffers += [torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                             for _ in range(self.COUNT - len(self.buffers))]
+        count = min(self.COUNT, self.MAX_BYTES // self.size)
+        if len(self.buffers) < count:
+            self.buffers += [torch.empty(self.size, dtype=torch.uint8, pin_memory=True)
+                             for _ in range(count - len(self.buffers))]
 
     def take(self, nbytes: int) -> Optional[Tensor]:
-        """While capturing: a zeroed pinned buffer of `nbytes` bytes from the reserve, or None (counted)."""
+        """While capturing: a zeroed pinned buffer of `nbytes` bytes from the reserve, or None (counted). Either way
+        the size is noted, so that later captures are served."""
+        self.note(nbytes)
         if not self.buffers or self.buffers[-1].numel() < nbytes:
             self.misses += 1
             return None
@@ -242,7 +284,9 @@ def pack_tables(device: torch.device, tables: Sequence[Tensor]) -> tuple[PackedT
     if pinned and capturing(device):
         host = reserve.take(max(nbytes, 1))  # no pinned allocation while capturing (see PinnedReserve)
     elif pinned:
-        reserve.ensure(max(nbytes, 1))
+        if reserve.armed or warming_up_graphs(device):  # opted in, or a graph tree's recording follows
+            reserve.note(max(nbytes, 1))
+        reserve.ensure()
     if host is None:
         host = torch.zeros(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
 
@@ -274,12 +318,10 @@ def _tables(
     num_chunks = int(tensor_chunks[-1])
     chunk_tensor = torch.repeat_interleave(torch.arange(count, dtype=torch.int64), counts)
     chunk_start = (torch.arange(num_chunks, dtype=torch.int64) - tensor_chunks[chunk_tensor]) * chunk_size
-    ticket = torch.zeros(1, dtype=torch.int32)
-    scratch = [torch.zeros(n, dtype=acc) for n in (num_chunks, count, 1)]
-    packed, (meta_d, chunk_tensor_d, chunk_start_d, tensor_chunks_d, ticket_d, *scratch_d) = pack_tables(
-        device, [meta, chunk_tensor.to(torch.int32), chunk_start, tensor_chunks.to(torch.int32), ticket, *scratch]
+    packed, (meta_d, chunk_tensor_d, chunk_start_d, tensor_chunks_d) = pack_tables(
+        device, [meta, chunk_tensor.to(torch.int32), chunk_start, tensor_chunks.to(torch.int32)]
     )
-    plan = DevicePlan(
+    return DevicePlan(
         device=device,
         num_tensors=count,
         num_chunks=num_chunks,
@@ -289,15 +331,9 @@ def _tables(
         chunk_tensor=chunk_tensor_d,
         chunk_start=chunk_start_d,
         tensor_chunks=tensor_chunks_d,
-        ticket=ticket_d,
-        partials=scratch_d[0],
-        tensor_vals=scratch_d[1],
-        coef=scratch_d[2],
         aliased=aliased,
         packed=packed,
     )
-    plan.scratches[stream_of(device)] = Scratch(ticket_d, *scratch_d)  # the building stream's: see scratch()
-    return plan
 
 
 def _build(tensors: list[Tensor], chunk_size: int) -> DevicePlan:
@@ -382,9 +418,6 @@ def warming_up_graphs(device: torch.device) -> bool:
     return manager is not None and torch.cuda.current_stream(device) == manager.stream
 
 
-V = TypeVar("V")
-
-
 class TableCache(Generic[V]):
     """Bounded cache of values that read packed device tables (plans, index tensors), safe under CUDA graphs.
 
@@ -415,6 +448,8 @@ class TableCache(Generic[V]):
             if in_capture:
                 del self._lru[key]
                 self._kept[key] = entry
+                if entry[1].pinned:  # this process captures: a later capture may build tables of this size
+                    reserve.note(entry[1].device.numel())
             else:
                 self._lru.move_to_end(key)
             entry[1].before_use()

@@ -50,6 +50,7 @@ class TritonBackend(UnitKernels):
 
     name = "triton"
     reads_plan_only = True
+    prepares_per_stream = True  # prepared calls bind the preparing stream's scratch (DevicePlan.scratch)
 
     def __init__(self, chunk_size: Optional[int] = None, block: Optional[int] = None, cache_size: int = CACHE_SIZE):
         interp = _interpreting()
@@ -83,7 +84,7 @@ class TritonBackend(UnitKernels):
         plan = plan if plan is not None else self.cache.get(tensors)  # type: ignore[arg-type]
         with on_device(plan.device):
             return _kernels.norm.multi_tensor_norm(
-                plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.scratch().ticket,
+                plan.meta, plan.chunk_tensor, plan.chunk_start, plan.tensor_chunks, plan.ticket(),
                 plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.acc_dtype, norm_type,
                 per_tensor=per_tensor, max_norm=max_norm, block=self.block,
             )
