@@ -145,7 +145,9 @@ class GroupedExperts(nn.Module):
         w1, w2, w3 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w2, self.w3))
         # Zero terms keep every weight and the dispatched tokens in the graph, as a grouped GEMM does: a rank with no
         # expert (or no token) still gets (empty or zero) gradients and runs the dispatch's backward collectives.
-        out = x * 0.0 + (w1.sum() + w2.sum() + w3.sum()) * 0.0
+        # (w * 0.0).sum(), not w.sum() * 0.0: the latter's gradient is an expanded view (stride 0), and torch 2.11's
+        # DTensor then all-gathers it in backward on that rank alone, which deadlocks the other ranks.
+        out = x * 0.0 + sum((w * 0.0).sum() for w in (w1, w2, w3))
         for e in range(w1.shape[0]):
             hit = idx == first + e  # [n, k]
             rows = hit.any(1)
