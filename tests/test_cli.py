@@ -377,11 +377,14 @@ def test_busy_processes_end_when_the_benchmark_is_killed():
 def test_bench_under_contention_writes_what_it_measured(tmp_path, capsys):
     out = tmp_path / "busy.json"
     args = ["bench", "--preset", "tiny", "--device", "cpu", "--reps", "2", "--case", "noclip", "--busy", "1"]
-    assert cli.main(args + ["--busy-limit", "120", "--impl", "fusedclip torch", "--out", str(out)]) == 0
+    impls = ["--impl", "torch foreach", "--impl", "fusedclip torch"]
+    assert cli.main(args + ["--busy-limit", "120", *impls, "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["busy"]["processes"] == 1 and record["busy"]["alive_until_end"] is True
     assert record["busy"]["limit_s"] == 120 and "spin" in record["busy"]["what"]
     assert len(record["load_average_at_start"]) == 3 and all(r["matched"] for r in record["results"])
+    assert capsys.readouterr().out.splitlines()[0].endswith(", 1 busy process")  # the table says so, and the README's:
+    assert cli.main(["table", str(out)]) == 0 and ", 1 busy process |" in capsys.readouterr().out
     if Path("/proc").exists():
         assert _spinners() == []
     quiet = tmp_path / "quiet.json"

@@ -490,6 +490,12 @@ def _case_label(rows: list[dict], case: str) -> str:
     return case
 
 
+def _busy_label(record: dict) -> str:
+    """', N busy processes' for a record timed under contention (bench --busy), else ''."""
+    n = (record.get("busy") or {}).get("processes", 0)
+    return f", {n} busy process{'es' if n > 1 else ''}" if n else ""
+
+
 def format_table(record: dict) -> str:
     head = ["case", "implementation", "median ms", "min-max ms", "vs torch", "GB/s", "% copy bw", "total err", "exact"]
     rows = []
@@ -525,6 +531,7 @@ def format_table(record: dict) -> str:
         f"copy bandwidth {record['copy_bandwidth_GBps']:.1f} GB/s"
         + (f" (last-level cache {cache / 2**20:.0f} MiB)" if cache else "")
         + f"; torch {env['torch']}"
+        + _busy_label(record)
     )
     notes = []
     if record.get("fits_in_cache"):
@@ -544,6 +551,7 @@ def markdown_table(records: list[tuple[str, dict]]) -> str:
     for path, rec in records:
         env, p = rec["environment"], rec["preset"]
         machine = f"{env['device_name']} ({env['device']}, {env.get('cpu_count')} cores), torch {env['torch']}"
+        machine += _busy_label(rec)
         for case in dict.fromkeys(r["case"] for r in rec["results"]):
             rows = [r for r in rec["results"] if r["case"] == case]
             stock = next(r for r in rows if r["impl"] == "torch foreach")
