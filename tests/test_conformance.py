@@ -408,6 +408,44 @@ def test_equal_values_stay_exact_on_cpu(value, norm_type):
         assert_total_close(total, ref_total_norm([g], norm_type), torch.float32, f"{g.dtype} x {g.numel()}")
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_rows_run_on_one_thread_unless_each_thread_has_long_work(two_threads, monkeypatch):
+    # A parallel region waits for a descheduled thread (milliseconds on a busy machine): long tensors' rows are
+    # reduced on one thread, except a tensor of PARALLEL_MIN elements per thread or more; the caller's count stays.
+    from fusedclip.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "PARALLEL_MIN", torch_backend.LONG)
+    seen = []
+    real = torch_backend._row_norms
+
+    def spy(flat, norm_type, parts):
+        seen.append((flat.numel(), torch.get_num_threads()))
+        return real(flat, norm_type, parts)
+
+    monkeypatch.setattr(torch_backend, "_row_norms", spy)
+    gen = torch.Generator().manual_seed(436)
+    sizes = [torch_backend.LONG + 1, 2 * torch_backend.LONG + 3, 99]
+    grads = [random_tensor((n,), gen=gen, scale=1.0 + i) for i, n in enumerate(sizes)]
+    total = fusedclip.get_total_norm(grads, backend="torch")
+    assert sorted(seen) == [(sizes[0], 1), (sizes[1], 2)] and torch.get_num_threads() == 2
+    assert_total_close(total, ref_total_norm(grads, 2.0), torch.float32)
+
+    def broken(flat, norm_type, parts):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(torch_backend, "_row_norms", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fusedclip.get_total_norm(grads[:1], backend="torch")
+    assert torch.get_num_threads() == 2
+
+
 def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):
     # torch counts a gradient listed twice twice in the norm and multiplies it twice; a kernel must not race on it.
     backend, device = backend_device

@@ -6,9 +6,10 @@ gradients. On CPU the scale pass is skipped when no clipping is needed: the host
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -102,29 +103,67 @@ def _fused_row_norms(rows: Tensor) -> Optional[Tensor]:
         return None
 
 
+# Intra-op threads. torch runs an op over more than 32768 elements as an OpenMP parallel region: each thread takes
+# an equal share and all wait for the last at its end. When other processes want the cores too (data-loading
+# workers, a second job), a thread descheduled mid-region holds the others until the scheduler runs it again, for
+# milliseconds: with two busy processes on 2 cores a 4M-element row norm took 23 ms on 2 threads, 0.6 ms on one
+# (0.23 and 0.45 ms on quiet cores). Stock torch's norm never opens such a region (its full reductions run on one
+# thread); the row path opened one per long tensor. So rows are reduced on one thread, except a tensor so long
+# that each thread's share (PARALLEL_MIN elements or more) outweighs a wait for a descheduled thread.
+PARALLEL_MIN = 1 << 24
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op thread count set to 1 for the block (the calling thread's; restored after it)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def norms_by_rows(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     """Each tensor's norm (float32; float64 for float64) from its row norms, combined in float64 for all of
-    them at once. bf16/fp16 rows: fused (p = 2) or converted a BLOCK at a time into one reused float32 buffer."""
-    parts: list[Tensor] = []
-    counts = []
+    them at once. bf16/fp16 rows: fused (p = 2) or converted a BLOCK at a time into one reused float32 buffer.
+    On one thread, except the rows of a tensor of PARALLEL_MIN elements per thread or more, reduced in one region
+    (float32/float64, or fused: the blocked conversion's regions are a block each)."""
     blocked = _BlockedConversion(tensors, norm_type)
     fuse = _fused_wanted(tensors, norm_type)
-    for t in tensors:
-        flat = t.view(-1)
-        if t.dtype not in _LOWP:
-            counts.append(_row_norms(flat, norm_type, parts))
-            continue
-        whole = flat.numel() // ROW * ROW
-        fused = _fused_row_norms(flat[:whole].view(-1, ROW)) if fuse and whole >= 2 * ROW else None
-        if fused is None:
-            counts.append(blocked.row_norms(flat, parts))
-            continue
-        parts.append(fused)
-        if whole < flat.numel():
-            parts.append(torch.linalg.vector_norm(flat[whole:], dtype=torch.float32).reshape(1))
-        counts.append(whole // ROW + (whole < flat.numel()))
-    combined = torch.cat(parts).double().split(counts)
-    return [n.to(acc_dtype([t.dtype])) for t, n in zip(tensors, torch._foreach_norm(combined, norm_type))]
+    wide = PARALLEL_MIN * torch.get_num_threads()
+    rows: dict[int, tuple[list[Tensor], int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() >= wide and (fuse or t.dtype not in _LOWP):
+            rows[i] = _tensor_row_norms(t, norm_type, fuse, blocked)
+    with one_thread():
+        for i, t in enumerate(tensors):
+            if i not in rows:
+                rows[i] = _tensor_row_norms(t, norm_type, fuse, blocked)
+        parts = [p for i in range(len(tensors)) for p in rows[i][0]]
+        combined = torch.cat(parts).double().split([rows[i][1] for i in range(len(tensors))])
+        return [n.to(acc_dtype([t.dtype])) for t, n in zip(tensors, torch._foreach_norm(combined, norm_type))]
+
+
+def _tensor_row_norms(
+    t: Tensor, norm_type: float, fuse: bool, blocked: _BlockedConversion
+) -> tuple[list[Tensor], int]:
+    """The norms of `t`'s rows (and of its tail), and how many."""
+    parts: list[Tensor] = []
+    flat = t.view(-1)
+    if t.dtype not in _LOWP:
+        return parts, _row_norms(flat, norm_type, parts)
+    whole = flat.numel() // ROW * ROW
+    fused = _fused_row_norms(flat[:whole].view(-1, ROW)) if fuse and whole >= 2 * ROW else None
+    if fused is None:
+        return parts, blocked.row_norms(flat, parts)
+    parts.append(fused)
+    if whole < flat.numel():
+        parts.append(torch.linalg.vector_norm(flat[whole:], dtype=torch.float32).reshape(1))
+    return parts, whole // ROW + (whole < flat.numel())
 
 
 class _BlockedConversion:
