@@ -166,8 +166,12 @@ def _host_extension():
 
     # torch.__version__ as one bare token (see arch_token): the loader refuses a build for another torch.
     version = "-DFUSEDCLIP_TORCH_VERSION=" + arch_token(torch.__version__)
+    # -fopenmp: cpu_passes.cpp's parallel region is torch's at::parallel_for, in the OpenMP runtime torch loads.
     return CppExtension(
-        name=HOST_EXT, sources=[os.path.join("csrc", "host", "signatures.cpp")], extra_compile_args=["-O3", version]
+        name=HOST_EXT,
+        sources=[os.path.join("csrc", "host", name) for name in ("signatures.cpp", "cpu_passes.cpp")],
+        extra_compile_args=["-O3", "-fopenmp", version],
+        extra_link_args=["-fopenmp"],
     )
 
 
