@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -455,9 +456,9 @@ def one_region(two_threads, monkeypatch):
     from fusedclip.backends import torch_backend
 
     if torch_backend.cpu_passes is None:
-        if fusedclip.fastpath.CppSignatures is not None:
-            pytest.fail("fusedclip._host is loaded but has no CPU passes: rebuild it (pip install --no-build-isolation .)")
-        pytest.skip("fusedclip._host is not built here")
+        if fusedclip.fastpath.CppSignatures is not None and sys.platform.startswith("linux"):
+            pytest.fail("fusedclip._host is loaded without its CPU passes: rebuild it (pip install --no-build-isolation .)")
+        pytest.skip("fusedclip._host's CPU passes are not built here (no extension, or no OpenMP)")
     calls: list[str] = []
     passes = torch_backend.cpu_passes
 

@@ -9,7 +9,8 @@
 // others. Each piece is a torch op (in the region, torch runs it on the calling thread): the same arithmetic as the
 // op on the whole tensor, elementwise for the scale, row by row for the norms.
 //
-// Built with -fopenmp: the region is torch's at::parallel_for, in the OpenMP runtime torch loaded (libgomp.so.1).
+// Built with -fopenmp (on Linux): the region is torch's at::parallel_for, in the OpenMP runtime torch loaded
+// (libgomp.so.1). Without OpenMP it would run on one thread: CPU_PASSES_PARALLEL says so, and Python does not use it.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -103,4 +104,9 @@ void add_cpu_passes(pybind11::module_& m) {
   m.def("row_norms", &row_norms, pybind11::arg("tensors"), pybind11::arg("outs"), pybind11::arg("p"),
         pybind11::arg("row"), pybind11::arg("piece_rows"),
         "the p-norms of each tensor's rows (and of its tail) into outs, all in one parallel region");
+#ifdef _OPENMP
+  m.attr("CPU_PASSES_PARALLEL") = true;
+#else
+  m.attr("CPU_PASSES_PARALLEL") = false;  // built without OpenMP: the region would run on one thread
+#endif
 }

@@ -145,7 +145,8 @@ def _load_cpu_passes() -> Optional[object]:
     except (ImportError, OSError):
         return None
     built = re.sub(r"[^0-9A-Za-z.+]+", "_", torch.__version__.strip())  # as setup.py hands it to the build
-    return _host if getattr(_host, "TORCH_VERSION", None) == built and hasattr(_host, "row_norms") else None
+    ok = getattr(_host, "TORCH_VERSION", None) == built and getattr(_host, "CPU_PASSES_PARALLEL", False)
+    return _host if ok else None
 
 
 cpu_passes = _load_cpu_passes()  # tests set it to None for the per-op path
