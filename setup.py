@@ -2,8 +2,9 @@
 fusedclip.triton_kernels). The optional CUDA extension fusedclip._C (csrc/) is built when torch has CUDA and a CUDA
 toolkit is found (CUDA_HOME, CUDA_PATH, the nvcc on PATH, /usr/local/cuda: see find_cuda_home); no GPU needs to be
 visible. The optional host extension fusedclip._host (csrc/host/, C++ only: the steady-state fast path's per-call
-check) is built whenever torch is importable and a C++ compiler is found; if its build fails, the install goes on
-without it (fusedclip then checks in Python, more slowly) and says why. Environment:
+check, and the torch backend's CPU passes in one OpenMP region) is built whenever torch is importable and a C++
+compiler is found; if its build fails, the install goes on without it (fusedclip then checks in Python, more slowly,
+and the torch backend runs its per-op CPU path) and says why. Environment:
   FUSEDCLIP_FORCE_CUDA=1   build the extension even when the checks say no (fails loudly if it cannot)
   FUSEDCLIP_SKIP_CUDA=1    never build it (pure Python install)
   FUSEDCLIP_SKIP_HOST_EXT=1  never build fusedclip._host
@@ -166,8 +167,14 @@ def _host_extension():
 
     # torch.__version__ as one bare token (see arch_token): the loader refuses a build for another torch.
     version = "-DFUSEDCLIP_TORCH_VERSION=" + arch_token(torch.__version__)
+    # -fopenmp: cpu_passes.cpp's parallel region is torch's at::parallel_for, in the OpenMP runtime torch loads (Linux;
+    # elsewhere, e.g. Apple's clang without it, the extension builds without the region and the per-op path runs).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     return CppExtension(
-        name=HOST_EXT, sources=[os.path.join("csrc", "host", "signatures.cpp")], extra_compile_args=["-O3", version]
+        name=HOST_EXT,
+        sources=[os.path.join("csrc", "host", name) for name in ("signatures.cpp", "cpu_passes.cpp")],
+        extra_compile_args=["-O3", *openmp, version],
+        extra_link_args=openmp,
     )
 
 

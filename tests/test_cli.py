@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +285,113 @@ def test_the_probe_kernel_assembles_for_sm90():
         run = subprocess.run([ptxas, "-arch=sm_90", src, "-o", os.path.join(tmp, "probe.cubin")],
                              capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+def _spinners() -> list[int]:
+    """Pids of this process's children that run bench's busy loop (read from /proc)."""
+    me, found = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat, cmdline = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me and b"spinning" in cmdline:
+            found.append(int(d.name))
+    return found
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+
+
+@needs_proc
+def test_busy_processes_spin_and_end_with_the_block_even_on_an_exception():
+    from fusedclip.bench import busy_processes
+
+    with busy_processes(2, limit_s=60) as state:
+        pids = _spinners()
+        assert len(pids) == 2
+        ticks = {p: _cpu_ticks(p) for p in pids}
+        assert _until(lambda: all(_cpu_ticks(p) > ticks[p] for p in pids)), "the busy processes do not spin"
+    assert state["processes"] == 2 and state["alive_until_end"] is True
+    assert _spinners() == [] and all(_gone(p) for p in pids)
+    with pytest.raises(KeyboardInterrupt), busy_processes(1, limit_s=60):  # Ctrl-C during the timing
+        pids = _spinners()
+        assert len(pids) == 1
+        raise KeyboardInterrupt
+    assert _spinners() == [] and _gone(pids[0])
+    with busy_processes(0) as state:
+        assert _spinners() == []
+    assert state == {"processes": 0}
+
+
+@needs_proc
+def test_busy_processes_end_by_themselves_at_their_deadline(capsys):
+    from fusedclip.bench import busy_processes
+
+    with busy_processes(1, limit_s=0.2) as state:
+        (pid,) = _spinners()
+        assert _until(lambda: _gone(pid)), "a busy process outlived its deadline"
+    assert state["alive_until_end"] is False and "reached its 0.2 s limit" in capsys.readouterr().err
+
+
+@needs_proc
+def test_busy_processes_end_when_the_benchmark_is_killed():
+    # os._exit: no finally, no context manager exit (as SIGKILL): the busy process sees its parent gone and ends.
+    script = (
+        "import os, sys\nsys.path.insert(0, sys.argv[1])\nfrom test_cli import _spinners\n"
+        "from fusedclip.bench import busy_processes\n"
+        "busy = busy_processes(1, limit_s=60)\nbusy.__enter__()\nprint(*_spinners(), flush=True)\nos._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 1, out.stderr
+    assert _until(lambda: _gone(pids[0])), "a busy process outlived the benchmark"
+
+
+def test_bench_under_contention_writes_what_it_measured(tmp_path, capsys):
+    out = tmp_path / "busy.json"
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--reps", "2", "--case", "noclip", "--busy", "1"]
+    impls = ["--impl", "torch foreach", "--impl", "fusedclip torch"]
+    assert cli.main(args + ["--busy-limit", "120", *impls, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["busy"]["processes"] == 1 and record["busy"]["alive_until_end"] is True
+    assert record["busy"]["limit_s"] == 120 and "spin" in record["busy"]["what"]
+    assert len(record["load_average_at_start"]) == 3 and all(r["matched"] for r in record["results"])
+    assert capsys.readouterr().out.splitlines()[0].endswith(", 1 busy process")  # the table says so, and the README's:
+    assert cli.main(["table", str(out)]) == 0 and ", 1 busy process |" in capsys.readouterr().out
+    if Path("/proc").exists():
+        assert _spinners() == []
+    quiet = tmp_path / "quiet.json"
+    assert cli.main(args[:-2] + ["--impl", "fusedclip torch", "--out", str(quiet)]) == 0
+    assert json.loads(quiet.read_text())["busy"] == {"processes": 0}
+    capsys.readouterr()
+    for bad in (["--busy", "-1"], ["--busy", "1", "--busy-limit", "0"], ["--host", "--busy", "1"]):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--preset", "tiny", "--device", "cpu", *bad])
+        assert "--busy" in capsys.readouterr().err

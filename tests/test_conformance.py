@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -406,6 +407,110 @@ def test_equal_values_stay_exact_on_cpu(value, norm_type):
     for g in grads:
         total = fusedclip.get_total_norm([g], norm_type, backend="torch")
         assert_total_close(total, ref_total_norm([g], norm_type), torch.float32, f"{g.dtype} x {g.numel()}")
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_rows_run_on_one_thread_unless_each_thread_has_long_work(two_threads, monkeypatch):
+    # A parallel region waits for a descheduled thread (milliseconds on a busy machine): long tensors' rows are
+    # reduced on one thread, except a tensor of PARALLEL_MIN elements per thread or more; the caller's count stays.
+    from fusedclip.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "cpu_passes", None)  # the per-op path (fusedclip._host's region: below)
+    monkeypatch.setattr(torch_backend, "PARALLEL_MIN", torch_backend.LONG)
+    seen = []
+    real = torch_backend._row_norms
+
+    def spy(flat, norm_type, parts):
+        seen.append((flat.numel(), torch.get_num_threads()))
+        return real(flat, norm_type, parts)
+
+    monkeypatch.setattr(torch_backend, "_row_norms", spy)
+    gen = torch.Generator().manual_seed(436)
+    sizes = [torch_backend.LONG + 1, 2 * torch_backend.LONG + 3, 99]
+    grads = [random_tensor((n,), gen=gen, scale=1.0 + i) for i, n in enumerate(sizes)]
+    total = fusedclip.get_total_norm(grads, backend="torch")
+    assert sorted(seen) == [(sizes[0], 1), (sizes[1], 2)] and torch.get_num_threads() == 2
+    assert_total_close(total, ref_total_norm(grads, 2.0), torch.float32)
+
+    def broken(flat, norm_type, parts):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(torch_backend, "_row_norms", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fusedclip.get_total_norm(grads[:1], backend="torch")
+    assert torch.get_num_threads() == 2
+
+
+@pytest.fixture
+def one_region(two_threads, monkeypatch):
+    """fusedclip._host's CPU passes (one parallel region per pass), in small pieces so that the lists below span many;
+    the calls they get, recorded."""
+    import fusedclip.fastpath
+    from fusedclip.backends import torch_backend
+
+    if torch_backend.cpu_passes is None:
+        if fusedclip.fastpath.CppSignatures is not None and sys.platform.startswith("linux"):
+            pytest.fail("fusedclip._host is loaded without its CPU passes: rebuild it (`pip install --no-build-isolation"
+                        " .`)")
+        pytest.skip("fusedclip._host's CPU passes are not built here (no extension, or no OpenMP)")
+    calls: list[str] = []
+    passes = torch_backend.cpu_passes
+
+    class Recorded:
+        def scale_(self, *args):
+            calls.append("scale_")
+            return passes.scale_(*args)
+
+        def row_norms(self, *args):
+            calls.append("row_norms")
+            return passes.row_norms(*args)
+
+    monkeypatch.setattr(torch_backend, "cpu_passes", Recorded())
+    monkeypatch.setattr(torch_backend, "PIECE", 4099)  # pieces end mid-row, and several rows share one
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_passes_in_one_region_match_torch_and_float64(one_region, dtype):
+    # The long tensors' scale and row norms in one region: the scale bit for bit stock torch's (each piece is torch's
+    # op on a part of the tensor), the total within 3e-6 of float64 (the rows are the per-op path's rows).
+    gen = torch.Generator().manual_seed(917)
+    sizes = [300_001, 40_000, 7, 2 * 2048 * 70 + 5, 33_000]
+    grads = [random_tensor((n,), gen=gen, scale=10.0 ** (i - 2)).to(dtype) for i, n in enumerate(sizes)]
+    stock = [g.clone() for g in grads]
+    ref = ref_total_norm(grads, 2.0)
+    total = fusedclip.get_total_norm(grads, backend="torch")
+    assert_total_close(total, ref, acc_dtype({dtype}))
+    ours = [g.clone() for g in grads]
+    fusedclip.clip_grads_with_norm_(_params_of(ours), 0.5, total, backend="torch")
+    torch.nn.utils.clip_grads_with_norm_(_params_of(stock), 0.5, total)
+    for o, t, g in zip(ours, stock, grads):
+        assert torch.equal(o, t) and not torch.equal(o, g), (dtype, o.numel())
+    assert "scale_" in one_region and ("row_norms" in one_region or dtype in (torch.bfloat16, torch.float16))
+
+
+def test_cpu_passes_leave_overlapping_tensors_to_torch(one_region):
+    # A long tensor listed twice is scaled twice, as torch does, and never by two threads of one region at once.
+    gen = torch.Generator().manual_seed(918)
+    g = random_tensor((100_003,), gen=gen, scale=1.0)
+    expected = g.clone()
+    torch.nn.utils.clip_grads_with_norm_(_params_of([expected]) * 2, 1.0, torch.tensor(4.0))
+    fusedclip.clip_grads_with_norm_(_params_of([g]) * 2, 1.0, torch.tensor(4.0), backend="torch")
+    assert torch.equal(g, expected) and "scale_" not in one_region
+
+
+def _params_of(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params
 
 
 def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):

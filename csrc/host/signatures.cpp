@@ -278,8 +278,11 @@ py::object grads_and_locals(py::handle items) {
 
 }  // namespace
 
+void add_cpu_passes(py::module_& m);  // cpu_passes.cpp
+
 PYBIND11_MODULE(_host, m) {
-  m.doc() = "fusedclip's host fast path: the per-call check that a list's tensors are where a kept plan says";
+  m.doc() = "fusedclip's host fast path (the per-call check that a list's tensors are where a kept plan says) and the "
+            "torch backend's CPU passes in one parallel region";
   py::class_<Signatures>(m, "Signatures")
       .def(py::init<py::handle, bool>(), py::arg("items"), py::arg("grads"))
       .def_property_readonly("eligible", &Signatures::eligible)
@@ -292,4 +295,5 @@ PYBIND11_MODULE(_host, m) {
         "each parameter's .grad and that gradient's _local_tensor (None where absent), or None for an element that "
         "is not a tensor or a non-leaf without retained gradient");
   m.attr("TORCH_VERSION") = FUSEDCLIP_STR(FUSEDCLIP_TORCH_VERSION);
+  add_cpu_passes(m);
 }

@@ -9,7 +9,7 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .bench import DTYPES, HOST_SIZES, BenchError
+    from .bench import BUSY_LIMIT_S, DTYPES, HOST_SIZES, BenchError
     from .presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fusedclip", description=__doc__)
@@ -52,6 +52,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         default=None,
         help="only this implementation (repeatable), e.g. 'torch foreach' or 'fusedclip torch' (default: all that "
         "run here; the Triton interpreter only when named)",
+    )
+    b.add_argument(
+        "--busy", type=int, default=0, metavar="N",
+        help="time the comparison while N other processes spin on the CPU (contention, as data-loading workers or a "
+        "second job make it); they are ended when the timing ends",
+    )
+    b.add_argument(
+        "--busy-limit", type=float, default=BUSY_LIMIT_S, metavar="SECONDS",
+        help="hard deadline of each busy process (it ends by itself then, whatever the benchmark does)",
     )
     b.add_argument("--out", default=None, help="write the JSON record here")
     b.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
@@ -158,6 +167,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if (args.reps is not None and args.reps < 1) or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
     if args.host:
+        if args.busy:
+            parser.error("--busy applies to the clip comparison, not to --host")
         try:
             sizes = tuple(int(x) for x in args.tensors.split(","))
         except ValueError:
@@ -177,9 +188,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _emit(record, args, format_host_table)
     if args.max_norm is not None and not args.max_norm >= 0:
         parser.error("--max-norm must be >= 0")
+    if args.busy < 0 or not args.busy_limit > 0:
+        parser.error("--busy must be >= 0 and --busy-limit > 0")
     cases = ("clip", "noclip") if args.case == "both" else (args.case,)
     reps = args.reps if args.reps is not None else 10
-    record = run(args.preset, args.dtype, args.device, args.max_norm, reps, args.warmup, cases, args.cold, args.impl)
+    record = run(
+        args.preset, args.dtype, args.device, args.max_norm, reps, args.warmup, cases, args.cold, args.impl,
+        busy=args.busy, busy_limit=args.busy_limit,
+    )
     _emit(record, args, format_table)
     for r in record["results"]:
         if not r["matched"] and not r["impl"].startswith("fusedclip"):

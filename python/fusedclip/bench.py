@@ -12,6 +12,7 @@ in that cache gets no such percentage (its speed is the cache's). The median is 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -214,6 +215,62 @@ def check(impl: Impl, master: list[Tensor], work: list[Tensor], params: list, ma
     }
 
 
+# ---- contention: `bench --busy N` ------------------------------------------------------------------------------------
+#
+# Training on CPU rarely has the cores to itself (data-loading workers, a second job). --busy N times the comparison
+# while N other processes each spin on a core: pure Python loops, no memory traffic, so what they take away is CPU
+# time, which shows how each implementation's threads cope with a core that is taken from them mid-call. They are
+# started after the copy bandwidth is measured and before the checks, and killed by pid when the timing ends (or on
+# an exception or Ctrl-C). Each also ends by itself at a hard deadline, or as soon as the benchmark's process is
+# gone (its parent changes), so none outlives a benchmark that was killed outright.
+BUSY_LIMIT_S = 600.0
+_BUSY_LOOP = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C in the terminal: end quietly, with the benchmark
+end, parent = time.monotonic() + float(sys.argv[1]), os.getppid()
+sys.stdout.write("spinning\\n")
+sys.stdout.close()
+while time.monotonic() < end and os.getppid() == parent:
+    for _ in range(20000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy_processes(count: int, limit_s: float = BUSY_LIMIT_S) -> Iterator[dict]:
+    """`count` processes spinning on the CPU while the block runs (none for 0); yields what the record says of
+    them, `alive_until_end` filled in when the block ends (False: one ran out of time before the benchmark did)."""
+    state: dict = {"processes": count}
+    if count == 0:
+        yield state
+        return
+    state.update(
+        limit_s=limit_s,
+        what="pure-Python spin loops (CPU time only, no memory traffic), one process each, ordinary priority",
+    )
+    spinners: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            spinners.append(subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BUSY_LOOP, str(limit_s)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            ))
+        for p in spinners:  # each says once it spins: the timing starts under the load asked for
+            if p.stdout is None or not p.stdout.readline():
+                raise BenchError(f"--busy: a busy process ended before it started spinning (exit status {p.wait()})")
+        yield state
+        state["alive_until_end"] = all(p.poll() is None for p in spinners)
+        if not state["alive_until_end"]:
+            warn(f"--busy: a busy process reached its {limit_s:g} s limit before the timing ended; raise --busy-limit")
+    finally:
+        for p in spinners:
+            p.kill()  # by pid; a no-op for one that has ended
+        for p in spinners:
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+
+
 SPREAD_WARN = 0.10  # (max - min) / median above which the timings of one implementation disagree
 
 
@@ -232,7 +289,12 @@ def run(
     cold: bool = False,
     only: Optional[list[str]] = None,
     seed: int = 0,
+    busy: int = 0,
+    busy_limit: float = BUSY_LIMIT_S,
 ) -> dict:
+    """The comparison of every implementation on one preset; `busy` other processes spin on the CPU while it is
+    timed (see busy_processes)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None  # before anything of ours runs
     preset = PRESETS[preset_name]
     dtype = DTYPES[dtype_name]
     device = parse_device(device_name)
@@ -267,68 +329,70 @@ def run(
     flush = _L2Flush(device) if cold else (lambda: None)
 
     results = []
-    for case in cases:
-        base = ref * 0.5 if max_norm is None else max_norm
-        if case == "noclip":
-            base = ref * 1e6
-        rows = []
-        for impl in impls:
-            progress(f"  {case:6s} check  {impl.name} against float64 ...")
-            rows.append({"case": case, "impl": impl.name, **check(impl, master, work, params, base, ref)})
-        # Round robin over the implementations on one working set, so that drift in the machine's state (other
-        # load, clocks, caches) falls on all of them alike. In the clip case max_norm follows the norm down.
-        for w, m in zip(work, master):
-            w.copy_(m)
-        norm_now = ref
-        times: list[list[float]] = [[] for _ in impls]
-        clipped: list[int] = [0 for _ in impls]
-        for k in range(warmup + reps):
-            progress(f"  {case:6s} round {k + 1}/{warmup + reps}" + (" (warm-up)" if k < warmup else ""))
-            for i, impl in enumerate(impls):
-                m = base if (case == "noclip" or max_norm is not None) else norm_now * DECAY
-                flush()
-                out: list[Tensor] = []
-                t = timed(lambda: out.append(impl.fn(params, work, m)), device)
-                total = float(out[0])  # read after the timed region: did this call clip?
-                if case == "clip" and max_norm is None:
-                    norm_now = m  # the clip left the norm at (just under) m
-                if k >= warmup:
-                    times[i].append(t)
-                    clipped[i] += m / (total + 1e-6) < 1
-        torch_med = None
-        for row, ts, n_clipped in zip(rows, times, clipped):
-            med = statistics.median(ts)
-            if row["impl"] == "torch foreach":
-                torch_med = med
-            # The bytes a call must move: 3B when it clips (read; read + write), B when it need not.
-            moved = (n_clipped * 3 * nbytes + (len(ts) - n_clipped) * nbytes) / len(ts)
-            spread = (max(ts) - min(ts)) / med
-            row.update(
-                median_ms=med * 1e3,
-                min_ms=min(ts) * 1e3,
-                max_ms=max(ts) * 1e3,
-                spread=spread,
-                clipped_calls=n_clipped,
-                timed_calls=len(ts),
-                bytes_moved=moved,
-                GBps=moved / med / 1e9,
-                pct_of_copy_bandwidth=None if in_cache else 100 * moved / med / 1e9 / bandwidth,
-            )
-            if spread > SPREAD_WARN:
-                warn(
-                    f"{case} {row['impl']}: timings range {row['min_ms']:.3f}-{row['max_ms']:.3f} ms around a median "
-                    f"of {row['median_ms']:.3f} ms ({spread:.0%} apart): the machine may be busy; rerun or add --reps"
+    with busy_processes(busy, busy_limit) as contention:
+        for case in cases:
+            base = ref * 0.5 if max_norm is None else max_norm
+            if case == "noclip":
+                base = ref * 1e6
+            rows = []
+            for impl in impls:
+                progress(f"  {case:6s} check  {impl.name} against float64 ...")
+                rows.append({"case": case, "impl": impl.name, **check(impl, master, work, params, base, ref)})
+            # Round robin over the implementations on one working set, so that drift in the machine's state (other
+            # load, clocks, caches) falls on all of them alike. In the clip case max_norm follows the norm down.
+            for w, m in zip(work, master):
+                w.copy_(m)
+            norm_now = ref
+            times: list[list[float]] = [[] for _ in impls]
+            clipped: list[int] = [0 for _ in impls]
+            for k in range(warmup + reps):
+                progress(f"  {case:6s} round {k + 1}/{warmup + reps}" + (" (warm-up)" if k < warmup else ""))
+                for i, impl in enumerate(impls):
+                    m = base if (case == "noclip" or max_norm is not None) else norm_now * DECAY
+                    flush()
+                    out: list[Tensor] = []
+                    t = timed(lambda: out.append(impl.fn(params, work, m)), device)
+                    total = float(out[0])  # read after the timed region: did this call clip?
+                    if case == "clip" and max_norm is None:
+                        norm_now = m  # the clip left the norm at (just under) m
+                    if k >= warmup:
+                        times[i].append(t)
+                        clipped[i] += m / (total + 1e-6) < 1
+            torch_med = None
+            for row, ts, n_clipped in zip(rows, times, clipped):
+                med = statistics.median(ts)
+                if row["impl"] == "torch foreach":
+                    torch_med = med
+                # The bytes a call must move: 3B when it clips (read; read + write), B when it need not.
+                moved = (n_clipped * 3 * nbytes + (len(ts) - n_clipped) * nbytes) / len(ts)
+                spread = (max(ts) - min(ts)) / med
+                row.update(
+                    median_ms=med * 1e3,
+                    min_ms=min(ts) * 1e3,
+                    max_ms=max(ts) * 1e3,
+                    spread=spread,
+                    clipped_calls=n_clipped,
+                    timed_calls=len(ts),
+                    bytes_moved=moved,
+                    GBps=moved / med / 1e9,
+                    pct_of_copy_bandwidth=None if in_cache else 100 * moved / med / 1e9 / bandwidth,
                 )
-        for row in rows:
-            row["speedup_vs_torch_foreach"] = torch_med / (row["median_ms"] / 1e3) if torch_med else None
-        if case == "clip" and any(r["clipped_calls"] < r["timed_calls"] for r in rows):
-            counts = ", ".join(f"{r['impl']} {r['clipped_calls']}/{r['timed_calls']}" for r in rows)
-            why = f" (--max-norm {max_norm:g}, total norm {ref:.4g})" if max_norm is not None else ""
-            warn(
-                f"--case clip: not every timed call clipped{why}: {counts}. The bytes counted follow what happened; "
-                "leave --max-norm out to have every call clip"
-            )
-        results += rows
+                if spread > SPREAD_WARN:
+                    warn(
+                        f"{case} {row['impl']}: timings range {row['min_ms']:.3f}-{row['max_ms']:.3f} ms around a "
+                        f"median of {row['median_ms']:.3f} ms ({spread:.0%} apart): the machine may be busy; rerun or "
+                        "add --reps"
+                    )
+            for row in rows:
+                row["speedup_vs_torch_foreach"] = torch_med / (row["median_ms"] / 1e3) if torch_med else None
+            if case == "clip" and any(r["clipped_calls"] < r["timed_calls"] for r in rows):
+                counts = ", ".join(f"{r['impl']} {r['clipped_calls']}/{r['timed_calls']}" for r in rows)
+                why = f" (--max-norm {max_norm:g}, total norm {ref:.4g})" if max_norm is not None else ""
+                warn(
+                    f"--case clip: not every timed call clipped{why}: {counts}. The bytes counted follow what "
+                    "happened; leave --max-norm out to have every call clip"
+                )
+            results += rows
 
     return {
         "schema": 2,
@@ -352,6 +416,8 @@ def run(
             "timing": "cuda events around the Python call" if device.type == "cuda" else "perf_counter",
             "statistic": "median",
         },
+        "load_average_at_start": list(load) if load is not None else None,
+        "busy": contention,
         "copy_bandwidth_GBps": bandwidth,
         "copy_bytes": copy_bytes,
         "last_level_cache_bytes": cache,
@@ -424,6 +490,12 @@ def _case_label(rows: list[dict], case: str) -> str:
     return case
 
 
+def _busy_label(record: dict) -> str:
+    """', N busy processes' for a record timed under contention (bench --busy), else ''."""
+    n = (record.get("busy") or {}).get("processes", 0)
+    return f", {n} busy process{'es' if n > 1 else ''}" if n else ""
+
+
 def format_table(record: dict) -> str:
     head = ["case", "implementation", "median ms", "min-max ms", "vs torch", "GB/s", "% copy bw", "total err", "exact"]
     rows = []
@@ -459,6 +531,7 @@ def format_table(record: dict) -> str:
         f"copy bandwidth {record['copy_bandwidth_GBps']:.1f} GB/s"
         + (f" (last-level cache {cache / 2**20:.0f} MiB)" if cache else "")
         + f"; torch {env['torch']}"
+        + _busy_label(record)
     )
     notes = []
     if record.get("fits_in_cache"):
@@ -478,6 +551,7 @@ def markdown_table(records: list[tuple[str, dict]]) -> str:
     for path, rec in records:
         env, p = rec["environment"], rec["preset"]
         machine = f"{env['device_name']} ({env['device']}, {env.get('cpu_count')} cores), torch {env['torch']}"
+        machine += _busy_label(rec)
         for case in dict.fromkeys(r["case"] for r in rec["results"]):
             rows = [r for r in rec["results"] if r["case"] == case]
             stock = next(r for r in rows if r["impl"] == "torch foreach")

@@ -6,9 +6,11 @@ gradients. On CPU the scale pass is skipped when no clipping is needed: the host
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -102,29 +104,126 @@ def _fused_row_norms(rows: Tensor) -> Optional[Tensor]:
         return None
 
 
+# Intra-op threads. torch runs an op over more than 32768 elements as an OpenMP parallel region: each thread takes
+# an equal share and all wait for the last at its end. When other processes want the cores too (data-loading
+# workers, a second job), a thread descheduled mid-region holds the others until the scheduler runs it again, for
+# milliseconds: with two busy processes on 2 cores a 4M-element row norm took 23 ms on 2 threads, 0.6 ms on one
+# (0.23 and 0.45 ms on quiet cores). Stock torch's norm never opens such a region (its full reductions run on one
+# thread); the row path opened one per long tensor. So rows are reduced on one thread, except a tensor so long
+# that each thread's share (PARALLEL_MIN elements or more) outweighs a wait for a descheduled thread.
+PARALLEL_MIN = 1 << 24
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op thread count set to 1 for the block (the calling thread's; restored after it)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# One parallel region for a whole pass: fusedclip._host's CPU passes (csrc/host/cpu_passes.cpp) cut every long
+# tensor of the call into pieces of about PIECE elements that torch's intra-op threads take as they come, so a
+# descheduled thread costs one wait per pass instead of one per tensor, and holds up only its own piece. Used for
+# CPU tensors of more than REGION_MIN elements (torch would open a region for each) where the extension is built for
+# this torch; None otherwise (FUSEDCLIP_NO_HOST_EXT=1 too), and the per-op path below runs.
+PIECE = 1 << 20
+REGION_MIN = 1 << 15
+
+
+def _load_cpu_passes() -> Optional[object]:
+    if os.environ.get("FUSEDCLIP_NO_HOST_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from .. import _host  # type: ignore[attr-defined]
+    except (ImportError, OSError):
+        return None
+    built = re.sub(r"[^0-9A-Za-z.+]+", "_", torch.__version__.strip())  # as setup.py hands it to the build
+    ok = getattr(_host, "TORCH_VERSION", None) == built and getattr(_host, "CPU_PASSES_PARALLEL", False)
+    return _host if ok else None
+
+
+cpu_passes = _load_cpu_passes()  # tests set it to None for the per-op path
+
+
+def _in_one_region(tensors: list[Tensor]) -> bool:
+    """Whether the pass over `tensors` (CPU, strided, contiguous) may run in cpu_passes' region: plain tensors
+    outside autograd, no dispatch mode that would miss the ops its threads run, more than one thread."""
+    return (
+        cpu_passes is not None
+        and torch.get_num_threads() > 1
+        and not torch._C._len_torch_dispatch_stack()
+        and all(type(t) is Tensor and not t.requires_grad for t in tensors)
+    )
+
+
+def _disjoint(tensors: list[Tensor]) -> bool:
+    """No two of `tensors` share memory (the region's threads would write one element at once)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
 def norms_by_rows(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     """Each tensor's norm (float32; float64 for float64) from its row norms, combined in float64 for all of
-    them at once. bf16/fp16 rows: fused (p = 2) or converted a BLOCK at a time into one reused float32 buffer."""
-    parts: list[Tensor] = []
-    counts = []
-    blocked = _BlockedConversion(tensors, norm_type)
+    them at once. In one parallel region where cpu_passes runs (bf16/fp16 rows converted a piece at a time), except
+    bf16/fp16 tensors the fused conversion takes (p = 2: one read, faster than a conversion per piece)."""
     fuse = _fused_wanted(tensors, norm_type)
-    for t in tensors:
-        flat = t.view(-1)
-        if t.dtype not in _LOWP:
-            counts.append(_row_norms(flat, norm_type, parts))
-            continue
-        whole = flat.numel() // ROW * ROW
-        fused = _fused_row_norms(flat[:whole].view(-1, ROW)) if fuse and whole >= 2 * ROW else None
-        if fused is None:
-            counts.append(blocked.row_norms(flat, parts))
-            continue
-        parts.append(fused)
-        if whole < flat.numel():
-            parts.append(torch.linalg.vector_norm(flat[whole:], dtype=torch.float32).reshape(1))
-        counts.append(whole // ROW + (whole < flat.numel()))
-    combined = torch.cat(parts).double().split(counts)
-    return [n.to(acc_dtype([t.dtype])) for t, n in zip(tensors, torch._foreach_norm(combined, norm_type))]
+    fused = [fuse and t.dtype in _LOWP for t in tensors]
+    mine = [t for t, f in zip(tensors, fused) if not f]
+    if not mine or not _in_one_region(mine):
+        return _norms_by_rows_per_op(tensors, norm_type, fuse)
+    row = _row_length(norm_type)
+    outs = [torch.empty(-(-t.numel() // row), dtype=acc_dtype([t.dtype])) for t in mine]
+    cpu_passes.row_norms(mine, outs, norm_type, row, max(1, PIECE // row))  # type: ignore[union-attr]
+    combined = torch.cat(outs).double().split([o.numel() for o in outs])
+    norms = iter([n.to(o.dtype) for o, n in zip(outs, torch._foreach_norm(combined, norm_type))])
+    if len(mine) == len(tensors):
+        return list(norms)
+    others = iter(_norms_by_rows_per_op([t for t, f in zip(tensors, fused) if f], norm_type, fuse))
+    return [next(others) if f else next(norms) for f in fused]
+
+
+def _norms_by_rows_per_op(tensors: list[Tensor], norm_type: float, fuse: bool) -> list[Tensor]:
+    """norms_by_rows without cpu_passes. bf16/fp16 rows: fused (p = 2) or converted a BLOCK at a time into one
+    reused float32 buffer. On one thread, except the rows of a tensor of PARALLEL_MIN elements per thread or more,
+    reduced in one region (float32/float64, or fused: the blocked conversion's regions are a block each)."""
+    blocked = _BlockedConversion(tensors, norm_type)
+    wide = PARALLEL_MIN * torch.get_num_threads()
+    rows: dict[int, tuple[list[Tensor], int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() >= wide and (fuse or t.dtype not in _LOWP):
+            rows[i] = _tensor_row_norms(t, norm_type, fuse, blocked)
+    with one_thread():
+        for i, t in enumerate(tensors):
+            if i not in rows:
+                rows[i] = _tensor_row_norms(t, norm_type, fuse, blocked)
+        parts = [p for i in range(len(tensors)) for p in rows[i][0]]
+        combined = torch.cat(parts).double().split([rows[i][1] for i in range(len(tensors))])
+        return [n.to(acc_dtype([t.dtype])) for t, n in zip(tensors, torch._foreach_norm(combined, norm_type))]
+
+
+def _tensor_row_norms(
+    t: Tensor, norm_type: float, fuse: bool, blocked: _BlockedConversion
+) -> tuple[list[Tensor], int]:
+    """The norms of `t`'s rows (and of its tail), and how many."""
+    parts: list[Tensor] = []
+    flat = t.view(-1)
+    if t.dtype not in _LOWP:
+        return parts, _row_norms(flat, norm_type, parts)
+    whole = flat.numel() // ROW * ROW
+    fused = _fused_row_norms(flat[:whole].view(-1, ROW)) if fuse and whole >= 2 * ROW else None
+    if fused is None:
+        return parts, blocked.row_norms(flat, parts)
+    parts.append(fused)
+    if whole < flat.numel():
+        parts.append(torch.linalg.vector_norm(flat[whole:], dtype=torch.float32).reshape(1))
+    return parts, whole // ROW + (whole < flat.numel())
 
 
 class _BlockedConversion:
@@ -264,13 +363,29 @@ class TorchBackend(Backend):
         for idx in self._by_dtype(tensors):
             group = [tensors[i] for i in idx]
             if self._use_foreach(group):
-                torch._foreach_mul_(group, coef)
+                group = self._scale_in_one_region(group, coef)
+                if group:
+                    torch._foreach_mul_(group, coef)
                 continue
             for t in group:
                 if t.is_sparse:
                     t._values().mul_(coef)
                 else:
                     t.mul_(coef)
+
+    @staticmethod
+    def _scale_in_one_region(group: list[Tensor], coef: Tensor) -> list[Tensor]:
+        """Scale `group`'s long CPU tensors by cpu_passes in one region where it may; return the others."""
+        if cpu_passes is None or not _host_reads(coef):
+            return group
+        long = [t.numel() > REGION_MIN and _on_host(t) and t.is_contiguous() for t in group]
+        if not any(long):
+            return group
+        big = [t for t, is_long in zip(group, long) if is_long]
+        if not (_in_one_region(big) and _disjoint(big)):
+            return group
+        cpu_passes.scale_(big, coef, PIECE)
+        return [t for t, is_long in zip(group, long) if not is_long]
 
     def scale_per_tensor_(self, tensors: list[Tensor], coefs: Tensor, plan: Optional[object] = None) -> None:
         if _host_reads(coefs):
