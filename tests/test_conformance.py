@@ -457,8 +457,8 @@ def one_region(two_threads, monkeypatch):
 
     if torch_backend.cpu_passes is None:
         if fusedclip.fastpath.CppSignatures is not None and sys.platform.startswith("linux"):
-            pytest.fail("fusedclip._host is loaded without its CPU passes: rebuild it (`pip install --no-build-isolation"
-                        " .`)")
+            pytest.fail("fusedclip._host is loaded without its CPU passes: rebuild it "
+                        "(`pip install --no-build-isolation .`)")
         pytest.skip("fusedclip._host's CPU passes are not built here (no extension, or no OpenMP)")
     calls: list[str] = []
     passes = torch_backend.cpu_passes
