@@ -38,8 +38,6 @@ FUSEDCLIP_NO_HOST_EXT=1 (read at import) makes the check run in Python even wher
 from __future__ import annotations
 
 import importlib
-import os
-import re
 from collections import OrderedDict
 from operator import attrgetter
 from typing import Any, Optional
@@ -52,7 +50,7 @@ from .backends import torch_backend
 from .backends.plan import KERNEL_DTYPES, DevicePlan, capturing, stream_of
 from .dispatch import Group, Plan
 
-ENV_NO_EXT = "FUSEDCLIP_NO_HOST_EXT"
+ENV_NO_EXT = backends.ENV_NO_HOST_EXT
 BUCKETS = 64  # distinct (kind, backend, foreach, length) keys kept, least recently used first out
 PER_BUCKET = 4  # lists of one length kept side by side (gradients and weights of one model, say)
 
@@ -226,33 +224,10 @@ class PySignatures:
         return type(t) in _PLAIN_SET and t.layout == torch.strided and t.data_ptr() != self.columns[0][0]
 
 
-def _version_token(version: str) -> str:
-    """torch.__version__ as setup.py hands it to the extension's build (see setup.arch_token)."""
-    return re.sub(r"[^0-9A-Za-z.+]+", "_", version.strip()) or "none"
-
-
 def _load_extension() -> tuple[Optional[type], str]:
     """(fusedclip._host's Signatures or None, which check runs and, if it is the Python one, why)."""
-    if os.environ.get(ENV_NO_EXT, "").strip().lower() in ("1", "true", "yes", "on"):
-        return None, f"Python ({ENV_NO_EXT}=1 is set)"
-    try:
-        module = importlib.import_module("fusedclip._host")
-    except ModuleNotFoundError as e:
-        if e.name != "fusedclip._host":
-            return None, f"Python (fusedclip._host failed to import: {e})"
-        return None, (
-            "Python (the host extension fusedclip._host is not built: `pip install --no-build-isolation .` builds it "
-            "when a C++ compiler is found)"
-        )
-    except (ImportError, OSError) as e:  # a build for another torch: undefined symbols
-        return None, f"Python (fusedclip._host failed to load: {type(e).__name__}: {e}; rebuild it against this torch)"
-    built = getattr(module, "TORCH_VERSION", "unknown")
-    if built != _version_token(torch.__version__):
-        return None, (
-            f"Python (fusedclip._host was built against torch {built}, this is torch {torch.__version__}: rebuild it "
-            "with `pip install --no-build-isolation .`)"
-        )
-    return module.Signatures, "C++ (fusedclip._host)"
+    module, how = backends.load_host_extension()
+    return (module.Signatures if module is not None else None), how
 
 
 CppSignatures, _how = _load_extension()

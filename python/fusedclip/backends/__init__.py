@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable, Iterable
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -24,6 +25,37 @@ _MODULES = {
     "triton": "fusedclip.backends.triton_backend",
     "torch": "fusedclip.backends.torch_backend",
 }
+
+
+# The optional host extension fusedclip._host (csrc/host/): the fast path's per-call check (fusedclip.fastpath) and
+# the torch backend's CPU passes (torch_backend.cpu_passes). FUSEDCLIP_NO_HOST_EXT=1 (read at import) leaves it unused.
+ENV_NO_HOST_EXT = "FUSEDCLIP_NO_HOST_EXT"
+
+
+def load_host_extension() -> tuple[Optional[Any], str]:
+    """(fusedclip._host, or None where it is not to be used; which per-call check runs and, if it is the Python one,
+    why)."""
+    if os.environ.get(ENV_NO_HOST_EXT, "").strip().lower() in ("1", "true", "yes", "on"):
+        return None, f"Python ({ENV_NO_HOST_EXT}=1 is set)"
+    try:
+        module = importlib.import_module("fusedclip._host")
+    except ModuleNotFoundError as e:
+        if e.name != "fusedclip._host":
+            return None, f"Python (fusedclip._host failed to import: {e})"
+        return None, (
+            "Python (the host extension fusedclip._host is not built: `pip install --no-build-isolation .` builds it "
+            "when a C++ compiler is found)"
+        )
+    except (ImportError, OSError) as e:  # a build for another torch: undefined symbols
+        return None, f"Python (fusedclip._host failed to load: {type(e).__name__}: {e}; rebuild it against this torch)"
+    built = getattr(module, "TORCH_VERSION", "unknown")
+    # torch.__version__ as setup.py hands it to the extension's build (see setup.arch_token).
+    if built != (re.sub(r"[^0-9A-Za-z.+]+", "_", torch.__version__.strip()) or "none"):
+        return None, (
+            f"Python (fusedclip._host was built against torch {built}, this is torch {torch.__version__}: rebuild it "
+            "with `pip install --no-build-isolation .`)"
+        )
+    return module, "C++ (fusedclip._host)"
 
 
 class BackendUnavailable(RuntimeError):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from . import Backend, acc_dtype, norm_dtype
+from . import Backend, acc_dtype, load_host_extension, norm_dtype
 
 
 # torch's CPU norm of one long vector drifts: its accumulators each sum a share of every element. For p = 2 it
@@ -137,16 +136,9 @@ PIECE = 1 << 20
 REGION_MIN = 1 << 15
 
 
-def _load_cpu_passes() -> Optional[object]:
-    if os.environ.get("FUSEDCLIP_NO_HOST_EXT", "").strip().lower() in ("1", "true", "yes", "on"):
-        return None
-    try:
-        from .. import _host  # type: ignore[attr-defined]
-    except (ImportError, OSError):
-        return None
-    built = re.sub(r"[^0-9A-Za-z.+]+", "_", torch.__version__.strip())  # as setup.py hands it to the build
-    ok = getattr(_host, "TORCH_VERSION", None) == built and getattr(_host, "CPU_PASSES_PARALLEL", False)
-    return _host if ok else None
+def _load_cpu_passes() -> Optional[Any]:
+    module, _ = load_host_extension()
+    return module if module is not None and getattr(module, "CPU_PASSES_PARALLEL", False) else None
 
 
 cpu_passes = _load_cpu_passes()  # tests set it to None for the per-op path
