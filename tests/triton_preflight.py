@@ -33,7 +33,8 @@ KERNEL_PACKAGE = "fusedclip.triton_kernels"
 
 
 def our_kernels() -> dict[str, Any]:
-    """Every Triton kernel defined in fusedclip.triton_kernels, by "module:name"."""
+    """Every Triton kernel defined in fusedclip.triton_kernels, by "module:name": the jit functions named *_kernel (the
+    others are helpers the kernels call, compiled into theirs)."""
     import importlib
     import pkgutil
 
@@ -43,7 +44,8 @@ def our_kernels() -> dict[str, Any]:
         module = importlib.import_module(f"{KERNEL_PACKAGE}.{info.name}")
         for name, obj in vars(module).items():
             fn = getattr(obj, "fn", None)
-            if type(obj).__name__ in ("JITFunction", "InterpretedFunction") and fn.__module__ == module.__name__:
+            jit = type(obj).__name__ in ("JITFunction", "InterpretedFunction")
+            if jit and fn.__module__ == module.__name__ and name.endswith("_kernel"):
                 found[f"{module.__name__}:{name}"] = obj
     return found
 

@@ -47,6 +47,49 @@ from .addressing import (
 from .launch import Launcher
 
 
+@triton.jit
+def _fold(acc, nan, v, NORM: tl.constexpr):
+    """acc combined with v elementwise: max / min (NaN noted in `nan`, as tl.maximum may drop it), else a sum."""
+    if NORM == NORM_INF:
+        acc = tl.maximum(acc, v)
+        nan |= (v != v).to(tl.int32)
+    elif NORM == NORM_NEG_INF:
+        acc = tl.minimum(acc, v)
+        nan |= (v != v).to(tl.int32)
+    else:
+        acc += v
+    return acc, nan
+
+
+@triton.jit
+def _settle(acc, nan, AXIS: tl.constexpr, NORM: tl.constexpr):
+    """acc reduced along AXIS as _fold combines: max / min (NaN where `nan` is set anywhere along it), else a sum."""
+    if NORM == NORM_INF:
+        out = tl.where(tl.max(nan, AXIS) > 0, float("nan"), tl.max(acc, AXIS))
+    elif NORM == NORM_NEG_INF:
+        out = tl.where(tl.max(nan, AXIS) > 0, float("nan"), tl.min(acc, AXIS))
+    else:
+        out = tl.sum(acc, AXIS)
+    return out
+
+
+@triton.jit
+def _root(vals, p, NORM: tl.constexpr, ACC: tl.constexpr):
+    """The norm from its accumulated value: the square root (L2, correctly rounded), the 1/p-th root in float64
+    (p-norms; 0 stays 0), else the value itself."""
+    if NORM == NORM_L2:
+        if ACC == tl.float32:
+            out = tl.sqrt_rn(vals)  # tl.sqrt may be approximate
+        else:
+            out = tl.sqrt(vals)
+    elif NORM == NORM_P:
+        root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals).to(tl.float64)) / p)
+        out = tl.where(vals == 0, 0.0, root).to(ACC)
+    else:
+        out = vals
+    return out
+
+
 @triton.jit(do_not_specialize=["num_tensors", "p_bits"])
 def _reduce_kernel(
     meta_ptr,
@@ -109,21 +152,10 @@ def _reduce_kernel(
                     # kept out of log2 (gives 0). NaN and inf propagate.
                     w = tl.exp2(p * tl.log2(tl.where(x == 0, 1.0, x).to(tl.float64)))
                     acc += tl.where(x == 0, 0.0, w).to(ACC)
-                elif NORM == NORM_INF:
-                    acc = tl.maximum(acc, x)
-                    nan |= (x != x).to(tl.int32)
-                elif NORM == NORM_NEG_INF:
-                    acc = tl.minimum(acc, x)
-                    nan |= (x != x).to(tl.int32)
-                else:  # L1
-                    acc += x
+                else:  # L1, inf, -inf
+                    acc, nan = _fold(acc, nan, x, NORM)
                 i += 1
-            if NORM == NORM_INF:
-                part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(acc, 0)).to(ACC)
-            elif NORM == NORM_NEG_INF:
-                part = tl.where(tl.max(nan, 0) > 0, float("nan"), tl.min(acc, 0)).to(ACC)
-            else:
-                part = tl.sum(acc, 0).to(ACC)
+            part = _settle(acc, nan, 0, NORM).to(ACC)
     tl.store(partial_ptr + c, part)
 
 
@@ -159,13 +191,7 @@ def _finalize_kernel(
         if g * SLAB < num_chunks:
             s = g * SLAB + tl.arange(0, SLAB)
             v = tl.load(partial_ptr + s, mask=s < num_chunks, other=NEUTRAL)
-            if NORM == NORM_INF:
-                part = tl.where(tl.max((v != v).to(tl.int32), 0) > 0, float("nan"), tl.max(v, 0))
-            elif NORM == NORM_NEG_INF:
-                part = tl.where(tl.max((v != v).to(tl.int32), 0) > 0, float("nan"), tl.min(v, 0))
-            else:
-                part = tl.sum(v, 0)
-            tl.store(slab_ptr + g * slab_stride, part.to(ACC))
+            tl.store(slab_ptr + g * slab_stride, _settle(v, (v != v).to(tl.int32), 0, NORM).to(ACC))
     # Per-tensor values of tile g: its tensors' partials are contiguous, [lo, hi); each BLOCK_W-wide step of them
     # is masked per tensor (row), so a step serves every tensor it covers.
     if (per_tensor != 0 or NORM == NORM_ZERO) and g * BLOCK_T < num_tensors:
@@ -182,33 +208,11 @@ def _finalize_kernel(
             s = j + tl.arange(0, BLOCK_W)
             m = (s[None, :] >= first[:, None]) & (s[None, :] < end[:, None])
             v = tl.load(partial_ptr + s[None, :], mask=m, other=NEUTRAL)
-            if NORM == NORM_INF:
-                acc = tl.maximum(acc, v)
-                nan |= (v != v).to(tl.int32)
-            elif NORM == NORM_NEG_INF:
-                acc = tl.minimum(acc, v)
-                nan |= (v != v).to(tl.int32)
-            else:
-                acc += v
+            acc, nan = _fold(acc, nan, v, NORM)
             j += BLOCK_W
-        if NORM == NORM_INF:
-            vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.max(acc, 1))
-        elif NORM == NORM_NEG_INF:
-            vals = tl.where(tl.max(nan, 1) > 0, float("nan"), tl.min(acc, 1))
-        else:
-            vals = tl.sum(acc, 1)
-        vals = vals.to(ACC)
+        vals = _settle(acc, nan, 1, NORM).to(ACC)
         if per_tensor != 0:
-            if NORM == NORM_L2:
-                if ACC == tl.float32:
-                    tl.store(norms_ptr + ids, tl.sqrt_rn(vals), mask=tmask)  # tl.sqrt may be approximate
-                else:
-                    tl.store(norms_ptr + ids, tl.sqrt(vals), mask=tmask)
-            elif NORM == NORM_P:  # the root in float64, as the terms
-                root = tl.exp2(tl.log2(tl.where(vals == 0, 1.0, vals).to(tl.float64)) / p)
-                tl.store(norms_ptr + ids, tl.where(vals == 0, 0.0, root).to(ACC), mask=tmask)
-            else:
-                tl.store(norms_ptr + ids, vals, mask=tmask)
+            tl.store(norms_ptr + ids, _root(vals, p, NORM, ACC), mask=tmask)
         if NORM == NORM_ZERO:  # torch: the number of tensors with a non-zero entry (NaN counts)
             tl.store(slab_ptr + g * slab_stride, tl.sum((tmask & (vals != 0)).to(ACC), 0))
     # Last program in: every slab (or tile count) is written; reduce them in a fixed order.
@@ -225,30 +229,9 @@ def _finalize_kernel(
         while i < parts:
             r = i + tl.arange(0, SLAB)
             v = tl.load(slab_ptr + r * slab_stride, mask=r < parts, other=NEUTRAL, cache_modifier=".cg")
-            if NORM == NORM_INF:
-                tacc = tl.maximum(tacc, v)
-                tnan |= (v != v).to(tl.int32)
-            elif NORM == NORM_NEG_INF:
-                tacc = tl.minimum(tacc, v)
-                tnan |= (v != v).to(tl.int32)
-            else:
-                tacc += v
+            tacc, tnan = _fold(tacc, tnan, v, NORM)
             i += SLAB
-        if NORM == NORM_INF:
-            total = tl.where(tl.max(tnan, 0) > 0, float("nan"), tl.max(tacc, 0))
-        elif NORM == NORM_NEG_INF:
-            total = tl.where(tl.max(tnan, 0) > 0, float("nan"), tl.min(tacc, 0))
-        else:
-            total = tl.sum(tacc, 0)
-        total = total.to(ACC)
-        if NORM == NORM_L2:
-            if ACC == tl.float32:
-                total = tl.sqrt_rn(total)
-            else:
-                total = tl.sqrt(total)
-        elif NORM == NORM_P:
-            root = tl.exp2(tl.log2(tl.where(total == 0, 1.0, total).to(tl.float64)) / p)
-            total = tl.where(total == 0, 0.0, root).to(ACC)
+        total = _root(_settle(tacc, tnan, 0, NORM).to(ACC), p, NORM, ACC)
         tl.store(total_ptr, total)
         if has_coef != 0:
             # torch: clamp(max_norm / (total + 1e-6), max=1), evaluated as torch does: reciprocal, then times.
