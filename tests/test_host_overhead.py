@@ -771,27 +771,27 @@ def test_the_cpp_and_python_checks_decide_alike():
 
 
 def test_the_loader_says_why_the_extension_is_not_used(monkeypatch):
-    real = fastpath.importlib.import_module
+    real = backends.importlib.import_module
 
     def missing(name, *args):
         if name == "fusedclip._host":
             raise ModuleNotFoundError("No module named 'fusedclip._host'", name=name)
         return real(name, *args)
 
-    monkeypatch.delenv(fastpath.ENV_NO_EXT, raising=False)
-    monkeypatch.setattr(fastpath.importlib, "import_module", missing)
-    sigs, why = fastpath._load_extension()
-    assert sigs is None and why.startswith("Python (the host extension fusedclip._host is not built")
+    monkeypatch.delenv(backends.ENV_NO_HOST_EXT, raising=False)
+    monkeypatch.setattr(backends.importlib, "import_module", missing)
+    module, why = backends.load_host_extension()
+    assert module is None and why.startswith("Python (the host extension fusedclip._host is not built")
 
     class OtherTorch:
         TORCH_VERSION = "1.0.0"
         Signatures = object
 
-    monkeypatch.setattr(fastpath.importlib, "import_module", lambda name, *a: OtherTorch)
-    sigs, why = fastpath._load_extension()
-    assert sigs is None and "built against torch 1.0.0" in why
-    monkeypatch.setenv(fastpath.ENV_NO_EXT, "1")
-    assert fastpath._load_extension() == (None, "Python (FUSEDCLIP_NO_HOST_EXT=1 is set)")
+    monkeypatch.setattr(backends.importlib, "import_module", lambda name, *a: OtherTorch)
+    module, why = backends.load_host_extension()
+    assert module is None and "built against torch 1.0.0" in why
+    monkeypatch.setenv(backends.ENV_NO_HOST_EXT, "1")
+    assert backends.load_host_extension() == (None, "Python (FUSEDCLIP_NO_HOST_EXT=1 is set)")
 
 
 def test_the_fast_path_runs_with_the_extension_disabled():

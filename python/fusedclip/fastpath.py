@@ -37,7 +37,6 @@ FUSEDCLIP_NO_HOST_EXT=1 (read at import) makes the check run in Python even wher
 
 from __future__ import annotations
 
-import importlib
 from collections import OrderedDict
 from operator import attrgetter
 from typing import Any, Optional
@@ -50,7 +49,6 @@ from .backends import torch_backend
 from .backends.plan import KERNEL_DTYPES, DevicePlan, capturing, stream_of
 from .dispatch import Group, Plan
 
-ENV_NO_EXT = backends.ENV_NO_HOST_EXT
 BUCKETS = 64  # distinct (kind, backend, foreach, length) keys kept, least recently used first out
 PER_BUCKET = 4  # lists of one length kept side by side (gradients and weights of one model, say)
 
@@ -224,18 +222,12 @@ class PySignatures:
         return type(t) in _PLAIN_SET and t.layout == torch.strided and t.data_ptr() != self.columns[0][0]
 
 
-def _load_extension() -> tuple[Optional[type], str]:
-    """(fusedclip._host's Signatures or None, which check runs and, if it is the Python one, why)."""
-    module, how = backends.load_host_extension()
-    return (module.Signatures if module is not None else None), how
-
-
-CppSignatures, _how = _load_extension()
+_host, _how = backends.load_host_extension()  # fusedclip._host or None; which check runs, and why
+CppSignatures: Optional[type] = _host.Signatures if _host is not None else None
 Signatures: Any = CppSignatures or PySignatures  # the check new plans get (tests switch it)
 # fusedclip.distributed's kept calls read DTensor parameters' gradients and local shards through this (C++), where the
 # extension is used; None: in Python.
-_host_grads_and_locals = getattr(importlib.import_module("fusedclip._host"), "grads_and_locals", None) if (
-    CppSignatures is not None) else None
+_host_grads_and_locals = getattr(_host, "grads_and_locals", None)
 
 
 def grads_and_locals(items: Any) -> Optional[tuple[list, list]]:
