@@ -287,6 +287,11 @@ def test_the_probe_kernel_assembles_for_sm90():
     assert run.returncode == 0, run.stderr
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...; the name may hold spaces and parentheses)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _spinners() -> list[int]:
     """Pids of this process's children that run bench's busy loop (read from /proc)."""
     me, found = os.getpid(), []
@@ -294,22 +299,22 @@ def _spinners() -> list[int]:
         if not d.name.isdigit():
             continue
         try:
-            stat, cmdline = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+            ppid, cmdline = int(_stat(int(d.name))[1]), (d / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == me and b"spinning" in cmdline:
+        if ppid == me and b"spinning" in cmdline:
             found.append(int(d.name))
     return found
 
 
 def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def _gone(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        return _stat(pid)[0] in ("Z", "X")
     except OSError:
         return True
 

@@ -489,8 +489,8 @@ def test_cpu_passes_in_one_region_match_torch_and_float64(one_region, dtype):
     total = fusedclip.get_total_norm(grads, backend="torch")
     assert_total_close(total, ref, acc_dtype({dtype}))
     ours = [g.clone() for g in grads]
-    fusedclip.clip_grads_with_norm_(_params_of(ours), 0.5, total, backend="torch")
-    torch.nn.utils.clip_grads_with_norm_(_params_of(stock), 0.5, total)
+    fusedclip.clip_grads_with_norm_(params_with_grads(ours), 0.5, total, backend="torch")
+    torch.nn.utils.clip_grads_with_norm_(params_with_grads(stock), 0.5, total)
     for o, t, g in zip(ours, stock, grads):
         assert torch.equal(o, t) and not torch.equal(o, g), (dtype, o.numel())
     assert "scale_" in one_region and ("row_norms" in one_region or dtype in (torch.bfloat16, torch.float16))
@@ -501,16 +501,9 @@ def test_cpu_passes_leave_overlapping_tensors_to_torch(one_region):
     gen = torch.Generator().manual_seed(918)
     g = random_tensor((100_003,), gen=gen, scale=1.0)
     expected = g.clone()
-    torch.nn.utils.clip_grads_with_norm_(_params_of([expected]) * 2, 1.0, torch.tensor(4.0))
-    fusedclip.clip_grads_with_norm_(_params_of([g]) * 2, 1.0, torch.tensor(4.0), backend="torch")
+    torch.nn.utils.clip_grads_with_norm_(params_with_grads([expected]) * 2, 1.0, torch.tensor(4.0))
+    fusedclip.clip_grads_with_norm_(params_with_grads([g]) * 2, 1.0, torch.tensor(4.0), backend="torch")
     assert torch.equal(g, expected) and "scale_" not in one_region
-
-
-def _params_of(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
-    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g
-    return params
 
 
 def test_tensor_listed_twice_is_scaled_twice_like_torch(backend_device):
