@@ -249,6 +249,11 @@ class _Span:
             self._groups = [one_d[0].get_group()] if one_d else _mesh_groups(self.meshes[0])
         return self._groups
 
+    def plan_kind(self, counted: bool) -> bool:
+        """Which of the span's plans a norm over its counted (or all) positions reads: counted only where some
+        position does not count here (else both are the plan over all of them)."""
+        return counted and len(self.counted) != len(self.positions)
+
 
 @dataclass
 class Layout:
@@ -441,7 +446,7 @@ class Call:
         """The plan over span k's non-empty locals (its counted ones if `counted`), for the per-span norms of a
         layout without a common group: a kept call's, from its kept entries; else made at first use."""
         span = self.layout.spans[k]
-        counted = counted and len(span.counted) != len(span.positions)  # (every one counts: the same plan)
+        counted = span.plan_kind(counted)
         plan = self._span_plans.get((k, counted))
         if plan is None:
             if self._span_source is not None:
@@ -472,15 +477,13 @@ class Call:
             op = dist.ReduceOp.MAX if p > 0 else dist.ReduceOp.MIN
             slot = slot if slot is None or p > 0 else -slot  # (MIN-reduced: the flag as -flag)
             if lay.common is not None or not lay.spans:
-                plan = self.plan_all()
-                payload = _with(self._inf_payload(self._norm(plan, p), plan.count > 0, p), slot)
+                payload = _with(self._inf_payload(self.plan_all(), p), slot)
                 combined = _reduce(payload, op, lay.common if lay.common is not None else [])
             else:
-                parts = []
-                for k, s in enumerate(lay.spans):
-                    plan = self.span_plan(k, False)
-                    parts.append(_reduce(_with(self._inf_payload(self._norm(plan, p), plan.count > 0, p), slot), op,
-                                         s.groups))
+                parts = [
+                    _reduce(_with(self._inf_payload(self.span_plan(k, False), p), slot), op, s.groups)
+                    for k, s in enumerate(lay.spans)
+                ]
                 combined = torch.stack(parts).amax(0) if p > 0 else torch.stack(parts).amin(0)
             if lay.common is None:
                 combined = _reduce(combined, op, lay.extra)
@@ -502,9 +505,11 @@ class Call:
         value, found = _split(payload, slot)
         return value[0].pow(1.0 / p), found
 
-    def _inf_payload(self, local: Tensor, has: bool, p: float) -> Tensor:
-        """[max, nan] for +inf; [min, -nan, -has] for -inf (MIN-reduced: has < 0 where some rank holds elements)."""
+    def _inf_payload(self, plan: dispatch.Plan, p: float) -> Tensor:
+        """The inf norm of `plan`'s locals as a payload: [max, nan] for +inf; [min, -nan, -has] for -inf (MIN-reduced:
+        has < 0 where some rank holds elements)."""
         lay = self.layout
+        local, has = self._norm(plan, p), plan.count > 0
         nan = local.isnan().to(lay.dtype)
         if p > 0:
             return torch.stack([torch.where(nan > 0, torch.zeros_like(local), local), nan])
@@ -810,9 +815,7 @@ def _remember(items: Any, grads: bool, backend: Optional[str], foreach: Optional
     if lay.common_ is None and lay.spans:  # the per-span norms without a common group: entries made once
         spans = {}
         for k, s in enumerate(lay.spans):
-            for counted in (False, True):
-                if counted and len(s.counted) == len(s.positions):
-                    continue  # (every one counts: Call.span_plan asks for the whole span's plan)
+            for counted in {s.plan_kind(False), s.plan_kind(True)}:  # the plans Call.span_plan asks for
                 span_sub = [where[i] for i in (s.counted if counted else s.positions) if i in where]
                 ok, entry = _sub_entry(present, span_sub, call.span_plan(k, counted), backend, foreach)
                 if not ok:
