@@ -415,9 +415,15 @@ class Call:
 
     # -- plans (made at first use in a call that was not kept)
 
+    def _plan_over(self, positions: Iterable[int]) -> dispatch.Plan:
+        """A plan over the locals at `positions`, empty ones left out (the kept entries of _remember are made over
+        the same non-empty ones)."""
+        mine = (self.norm_locals[i] for i in positions)
+        return dispatch.make_plan([t for t in mine if t.numel()], self.backend, self.foreach)
+
     def plan_all(self) -> dispatch.Plan:
         if self._plan_all is None:
-            self._plan_all = dispatch.make_plan([t for t in self.norm_locals if t.numel()], self.backend, self.foreach)
+            self._plan_all = self._plan_over(range(len(self.norm_locals)))
         return self._plan_all
 
     def plan_counted(self) -> dispatch.Plan:
@@ -426,8 +432,7 @@ class Call:
             if len(lay.counted) == lay.count:
                 self._plan_counted = self.plan_all()
             else:
-                mine = [self.norm_locals[i] for i in lay.counted]
-                self._plan_counted = dispatch.make_plan([t for t in mine if t.numel()], self.backend, self.foreach)
+                self._plan_counted = self._plan_over(lay.counted)
         return self._plan_counted
 
     def scale_plan(self) -> dispatch.Plan:
@@ -452,8 +457,7 @@ class Call:
             if self._span_source is not None:
                 plan = self._span_source(k, counted)
             else:
-                mine = [self.norm_locals[i] for i in (span.counted if counted else span.positions)]
-                plan = dispatch.make_plan([t for t in mine if t.numel()], self.backend, self.foreach)
+                plan = self._plan_over(span.counted if counted else span.positions)
             self._span_plans[(k, counted)] = plan
         return plan
 
